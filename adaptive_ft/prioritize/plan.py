@@ -1,0 +1,184 @@
+"""``plan.json``: what to fine-tune and why. Written by ``prioritize``, read by ``train``, ``evaluate`` and ``report``.
+
+The plan is the contract between the stages; a hand-written one is valid too. Its shape::
+
+    {
+      "version": 1,
+      "created": "2026-11-26T14:00:00Z",
+      "domains": [                       # sorted by priority, highest first
+        {"domain": "cards", "priority": 0.31, "demand": 0.42, "failure": 0.27, "share": 0.25,
+         "segments": [{"segment": "free", "contribution": 0.2}], "why": "free users ask it most and 27% fail"}
+      ],
+      "examples": [{"example_id": "e1", "domain": "cards", "weight": 0.004}],   # sampling weights, sum 1
+      "examples_file": null,             # or "plan.examples.parquet" beside plan.json when large
+      "layers": {"selected": [12, 13], "rank_pattern": {"12": 16},
+                 "scores": [{"layer": 12, "score": 0.8, "measured": true}], "spearman_vs_full": null},
+      "recommender": {...},              # ranking metrics, overall and per segment, beside popularity
+      "segments": [{"segment": "free", "weight": 0.5, "traffic_share": 0.5}],
+      "inputs": {"store": "sha256...", "config": "sha256...", "seed": 0}
+    }
+
+Only ``domains`` is required; ``examples`` empty means "uniform over the plan's domains" and ``layers``
+null means "all layers".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from adaptive_ft.errors import PlanError
+
+PLAN_VERSION = 1
+EXAMPLES_INLINE_MAX = 5_000  # more example weights than this go to a Parquet file beside plan.json
+
+
+@dataclass
+class DomainScore:
+    domain: str
+    priority: float
+    demand: float = 0.0
+    failure: float = 0.0
+    share: float = 0.0
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    why: str = ""
+
+
+@dataclass
+class LayerPlan:
+    selected: list[int]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    spearman_vs_full: float | None = None
+
+
+@dataclass
+class Plan:
+    domains: list[DomainScore]
+    examples: pl.DataFrame | None = None  # columns example_id, domain, weight
+    layers: LayerPlan | None = None
+    recommender: dict[str, Any] = field(default_factory=dict)
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.domain for d in self.domains]
+
+    def example_weights(self) -> pl.DataFrame:
+        """example_id, domain, weight (sums to 1); empty frame when the plan gives no example weights."""
+        if self.examples is None:
+            return pl.DataFrame(schema={"example_id": pl.Utf8, "domain": pl.Utf8, "weight": pl.Float64})
+        return self.examples
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {
+            "version": PLAN_VERSION,
+            "created": self.created,
+            "domains": [asdict(d) for d in self.domains],
+            "examples": [],
+            "examples_file": None,
+            "layers": asdict(self.layers) if self.layers else None,
+            "recommender": self.recommender,
+            "segments": self.segments,
+            "inputs": self.inputs,
+            **self.extra,
+        }
+        ex = self.example_weights()
+        if ex.height > EXAMPLES_INLINE_MAX:
+            side = path.with_suffix(".examples.parquet")
+            ex.write_parquet(side)
+            doc["examples_file"] = side.name
+        else:
+            doc["examples"] = ex.to_dicts()
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan not found: {path}. Write one with `adaptive-ft prioritize --out {path}`.")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(doc, base_dir=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base_dir: Path = Path("."), source: str = "plan") -> "Plan":
+        problems = []
+        if not isinstance(doc, dict):
+            raise PlanError(f"{source}: top level must be an object")
+        raw_domains = doc.get("domains")
+        if not isinstance(raw_domains, list) or not raw_domains:
+            problems.append("'domains' must be a non-empty list")
+            raw_domains = []
+        domains = []
+        for i, d in enumerate(raw_domains):
+            if isinstance(d, str):
+                d = {"domain": d, "priority": 1.0}
+            if not isinstance(d, dict) or "domain" not in d:
+                problems.append(f"domains[{i}]: needs at least a 'domain' name")
+                continue
+            known = {k: d[k] for k in DomainScore.__dataclass_fields__ if k in d}
+            known.setdefault("priority", 1.0)
+            domains.append(DomainScore(**known))
+        examples = None
+        if doc.get("examples_file"):
+            side = base_dir / doc["examples_file"]
+            if not side.is_file():
+                problems.append(f"examples_file {side} not found")
+            else:
+                examples = pl.read_parquet(side)
+        elif doc.get("examples"):
+            examples = pl.DataFrame(doc["examples"])
+        if examples is not None:
+            missing = {"example_id", "weight"} - set(examples.columns)
+            if missing:
+                problems.append(f"examples: missing columns {sorted(missing)}")
+            elif (examples["weight"] < 0).any() or examples["weight"].is_nan().any():
+                problems.append("examples: weights must be finite and >= 0")
+        layers = None
+        if doc.get("layers"):
+            lay = doc["layers"]
+            sel = lay.get("selected")
+            if not isinstance(sel, list) or not all(isinstance(x, int) and x >= 0 for x in sel):
+                problems.append("layers.selected must be a list of layer indices (integers >= 0)")
+            else:
+                layers = LayerPlan(
+                    selected=sorted(set(sel)),
+                    rank_pattern={str(k): int(v) for k, v in (lay.get("rank_pattern") or {}).items()},
+                    scores=lay.get("scores") or [],
+                    spearman_vs_full=lay.get("spearman_vs_full"),
+                )
+        if problems:
+            raise PlanError(f"{source}: " + "; ".join(problems))
+        known_keys = {"version", "created", "domains", "examples", "examples_file", "layers",
+                      "recommender", "segments", "inputs"}
+        return cls(
+            domains=domains, examples=examples, layers=layers,
+            recommender=doc.get("recommender") or {}, segments=doc.get("segments") or [],
+            inputs=doc.get("inputs") or {}, created=doc.get("created", ""),
+            extra={k: v for k, v in doc.items() if k not in known_keys},
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (the plan hash a run records, the input hashes a plan records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
