@@ -42,9 +42,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from adaptive_ft.cli import data_cmds, demo_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds
+    from adaptive_ft.cli import data_cmds, demo_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds, sim_cmds
 
-    for module in (data_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, demo_cmds):
+    for module in (data_cmds, sim_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, demo_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

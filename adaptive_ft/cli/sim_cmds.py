@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the stage that owns these commands."""
+
+COMMANDS: list = []
