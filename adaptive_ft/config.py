@@ -53,6 +53,17 @@ class SimulateConfig:
     days: int = _f(30, "length of the simulated time window in days")
     popularity_skew: float = _f(1.1, "Zipf exponent of example popularity within a domain")
     noise: float = _f(0.05, "probability that a feedback signal is flipped")
+    segment_shares: list[float] = _f([], "share of users per segment (empty = proportional to 1, 1/2, 1/3...)")
+    preference_concentration: float = _f(0.8, "Dirichlet alpha of each segment's domain mix (lower = segments differ more)")
+    user_concentration: float = _f(30.0, "how closely a user's domain mix follows the segment's (higher = closer)")
+    activity_skew: float = _f(1.0, "sigma of the log-normal per-user activity (0 = every user equally active)")
+    base_failure: float = _f(0.12, "typical failure rate of the simulated model outside the planted bad cells")
+    bad_cells: int = _f(3, "segment x domain cells planted with a high failure rate")
+    bad_failure: float = _f(0.6, "failure rate of the planted bad cells")
+    difficulty_spread: float = _f(0.8, "sd of the per-example difficulty on the logit scale (0 = all alike)")
+    feedback_rate: float = _f(0.6, "probability that a query gets feedback beyond its impression")
+    start: str = _f("2025-01-01", "first day (UTC) of the simulated time window, YYYY-MM-DD")
+    model_version: str = _f("sim-v1", "model_version written on every event (name the responder's model here)")
 
 
 @dataclass
@@ -78,7 +89,25 @@ class PrioritizeConfig:
     layers_k: int = _f(8, "number of adapter layers the plan selects")
     probe_fraction: float = _f(0.5, "fraction of domain x layer cells measured; the rest is completed")
     probe_examples: int = _f(8, "examples per domain used by a layer probe")
-    threads: int = _f(1, "BLAS / implicit threads (1 avoids implicit's OpenBLAS slowdown warning)")
+    threads: int = _f(0, "implicit's threads (0 = all cores); BLAS is always held to 1 thread while fitting")
+    alpha: float = _f(1.0, "ALS confidence scale applied to the matrix (C = alpha x weight)")
+    negative_events: list[str] = _f(
+        ["thumbs_down", "regenerate", "edit", "escalate"], "event types that count as a negative signal")
+    low_rating: float = _f(2.0, "a rating or review value <= this is a negative signal")
+    no_feedback: str = _f("error", "when the log has no negative signal at all: error | demand (plan by demand)")
+    segment_weights: dict[str, float] = _f({}, "explicit weight per segment (overrides segment_weighting)")
+    prior_strength: float = _f(10.0, "Beta prior strength on failure, in pseudo-interactions")
+    neighbours: int = _f(20, "look-alike examples (item-factor kNN) a failure prior is borrowed from")
+    duplicate_threshold: float = _f(0.98, "item-factor cosine at or above which examples are near-duplicates")
+    duplicate_min_exposures: int = _f(5, "interactions both examples need before factor similarity can merge them")
+    refit_iterations: int = _f(3, "ALS iterations on the full log after the hold-out fit (warm start)")
+    eval_users: int = _f(20_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
+    layer_domains: int = _f(6, "top domains whose layer sensitivity is probed")
+    probe_steps: int = _f(3, "optimizer steps of a layer probe's trial LoRA")
+    probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")
+    completion_rank: int = _f(1, "rank of the matrix factorization that completes unprobed cells")
+    layer_cost_weight: float = _f(0.0, "score traded per unit of backward-pass depth when choosing layers")
+    rank_by_score: bool = _f(False, "scale each selected layer's LoRA rank by its score (rank_pattern)")
 
 
 @dataclass
@@ -126,6 +155,8 @@ class ExportConfig:
     variants: list[str] = _f(["merged", "int8", "nf4", "gguf"], "variants to write")
     gguf_types: list[str] = _f(["q8_0", "f16"], "GGUF tensor types")
     probe_prompts: int = _f(32, "prompts in the agreement / latency probe set")
+    latency_prompts: int = _f(4, "probe prompts timed for CPU ms per generated token")
+    latency_tokens: int = _f(16, "greedy tokens generated per timed prompt")
 
 
 @dataclass
@@ -247,6 +278,19 @@ def _validate(cfg: Config) -> list[str]:
     for ev in pr.event_weights:
         if ev not in EVENT_TYPES:
             p.append(f"prioritize.event_weights.{ev}: unknown event type (known: {', '.join(EVENT_TYPES)})")
+    for ev in pr.negative_events:
+        if ev not in EVENT_TYPES:
+            p.append(f"prioritize.negative_events: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})")
+    if pr.no_feedback not in ("error", "demand"):
+        p.append(f"prioritize.no_feedback: {pr.no_feedback!r} is not one of error, demand")
+    for name in ("factors", "iterations", "k", "layers_k", "probe_examples", "probe_steps", "probe_rank",
+                 "completion_rank", "eval_users"):
+        if getattr(pr, name) <= 0:
+            p.append(f"prioritize.{name}: {getattr(pr, name)} must be > 0")
+    if not 0 <= pr.domain_floor < 1 or not 0 < pr.example_cap <= 1:
+        p.append("prioritize.domain_floor must be in [0, 1) and prioritize.example_cap in (0, 1]")
+    if any(v < 0 for v in pr.segment_weights.values()):
+        p.append("prioritize.segment_weights: weights must be >= 0")
     if tr.scheduler not in ("cosine", "linear", "constant"):
         p.append(f"train.scheduler: {tr.scheduler!r} is not one of cosine, linear, constant")
     if tr.quantize_base not in ("none", "nf4"):

@@ -1,0 +1,447 @@
+"""Demand and failure from the interaction log, scored by collaborative filtering.
+
+The pipeline of this module, top to bottom:
+
+1. :func:`load_interactions` aggregates the store's events into one row per (user, example) pair with
+   SQL (``GROUP BY user_id, example_id`` inside DuckDB, never a Python loop): a confidence weight (sum of
+   the configured per-event weights), whether the pair drew a negative signal, and when it started.
+2. :func:`fit_factors` factorizes the user x example confidence matrix with ``implicit`` (ALS, BPR or
+   logistic MF), BLAS pinned to one thread and the random state fixed, so the same input gives the same
+   factors.
+3. :func:`segment_demand`: predicted affinity averaged over a segment's users, normalized per segment to a
+   distribution over examples -- the share of that segment's attention each example is expected to get,
+   including examples the segment never touched.
+4. :func:`example_failure`: the share of an example's interactions that drew a negative signal, smoothed
+   by a Beta prior whose mean comes from the example's nearest neighbours in item-factor space, so an
+   example with little feedback inherits from its look-alikes.
+5. :func:`priorities` = sum over segments of segment weight x demand x failure: the expected unmet need.
+6. :func:`sampling_weights`: priorities ** (1 / temperature), a floor per domain and a cap per cluster of
+   near-duplicate examples.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
+
+from adaptive_ft.config import EVENT_TYPES, PrioritizeConfig
+from adaptive_ft.errors import InputError, PlanError
+
+EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------- reading the store
+
+
+@dataclass
+class Interactions:
+    """The aggregated log: index tables and one row per (user, example) pair.
+
+    ``users`` has columns uix, user_id, segment; ``items`` has iix, example_id, domain, prompt.
+    ``pairs`` has uix, iix, conf (float32), neg (0/1: the pair drew a negative signal), t0 (epoch
+    seconds of the pair's first event). Row ``uix`` of every matrix built from it is user ``uix``.
+    """
+
+    users: pl.DataFrame
+    items: pl.DataFrame
+    pairs: pl.DataFrame
+    source: str = "store"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.users.height, self.items.height
+
+    def matrix(self, mask: np.ndarray | None = None) -> sp.csr_matrix:
+        """users x examples confidence matrix (float32 CSR), optionally only the pairs where ``mask``."""
+        p = self.pairs if mask is None else self.pairs.filter(pl.Series(mask))
+        m = sp.csr_matrix(
+            (p["conf"].to_numpy().astype(np.float32), (p["uix"].to_numpy(), p["iix"].to_numpy())),
+            shape=self.shape,
+        )
+        m.sort_indices()
+        return m
+
+
+def _negative_sql(cfg: PrioritizeConfig) -> str:
+    """SQL predicate for 'this event is a negative signal' (events listed in the config, or a low rating)."""
+    events = ", ".join(f"'{e}'" for e in cfg.negative_events)
+    return (f"(e.event IN ({events}) OR (e.event IN ('rating', 'review') AND e.value IS NOT NULL "
+            f"AND e.value <= {float(cfg.low_rating)}))")
+
+
+def pairs_sql(cfg: PrioritizeConfig) -> str:
+    """The one aggregation over ``events``: (uix, iix, conf, neg, t0), indices in sorted-id order."""
+    # Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
+    weights = ", ".join(f"('{e}', {float(w)!r})" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
+    # round(): the sum's float order varies between DuckDB threads; rounding keeps the matrix bit-identical.
+    return f"""
+    WITH w(event, weight) AS (VALUES {weights}),
+    pairs AS (
+        SELECT e.user_id, e.example_id,
+               round(sum(coalesce(w.weight, 0.0)), 6) AS conf,
+               max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END) AS neg,
+               epoch(min(e.ts)) AS t0
+        FROM events e LEFT JOIN w ON e.event = w.event
+        GROUP BY e.user_id, e.example_id),
+    u AS (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS uix
+          FROM (SELECT DISTINCT user_id FROM pairs)),
+    i AS (SELECT example_id, (row_number() OVER (ORDER BY example_id) - 1)::INTEGER AS iix
+          FROM (SELECT DISTINCT example_id FROM pairs))
+    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.t0::DOUBLE AS t0
+    FROM pairs p JOIN u ON p.user_id = u.user_id JOIN i ON p.example_id = i.example_id
+    """
+
+
+USERS_SQL = """
+WITH s AS (
+    SELECT e.user_id, coalesce(e.segment, us.segment, 'unknown') AS segment, count(*) AS n
+    FROM events e LEFT JOIN users us ON e.user_id = us.user_id GROUP BY ALL)
+SELECT user_id, first(segment ORDER BY n DESC, segment) AS segment
+FROM s GROUP BY user_id ORDER BY user_id
+"""
+
+ITEMS_SQL = """
+WITH ed AS (SELECT example_id, domain, count(*) AS n FROM events WHERE domain IS NOT NULL GROUP BY ALL),
+em AS (SELECT example_id, first(domain ORDER BY n DESC, domain) AS ev_domain FROM ed GROUP BY example_id),
+ids AS (SELECT DISTINCT example_id FROM events)
+SELECT ids.example_id, coalesce(x.domain, em.ev_domain) AS domain, x.prompt
+FROM ids LEFT JOIN examples x ON ids.example_id = x.example_id
+         LEFT JOIN em ON ids.example_id = em.example_id
+ORDER BY ids.example_id
+"""
+
+# A segment that has users but no events: reported, never silently given a weight.
+SILENT_SEGMENTS_SQL = """
+SELECT DISTINCT us.segment FROM users us
+WHERE us.segment IS NOT NULL AND us.segment NOT IN (
+    SELECT DISTINCT coalesce(e.segment, u2.segment, 'unknown')
+    FROM events e LEFT JOIN users u2 ON e.user_id = u2.user_id)
+ORDER BY 1
+"""
+
+
+def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> Interactions:
+    """Aggregate the store's events (``store`` is an open :class:`adaptive_ft.store.Store`)."""
+    pairs = store.sql(pairs_sql(cfg))
+    if pairs.height == 0:
+        raise InputError(f"{source}: the store has no events. Ingest logs first: "
+                         "`adaptive-ft ingest logs.jsonl` (or `adaptive-ft simulate --out logs.jsonl`).")
+    users = store.sql(USERS_SQL).with_row_index("uix").with_columns(pl.col("uix").cast(pl.Int32))
+    items = store.sql(ITEMS_SQL).with_row_index("iix").with_columns(pl.col("iix").cast(pl.Int32))
+    return check_interactions(Interactions(users, items, pairs, source))
+
+
+def check_interactions(inter: Interactions) -> Interactions:
+    """Refuse inputs collaborative filtering cannot use, saying what is wrong and what to do."""
+    if inter.pairs.height == 0:
+        raise InputError(f"{inter.source}: no events to prioritize from; ingest logs first (`adaptive-ft ingest`).")
+    if inter.users.height < 2:
+        raise InputError(
+            f"{inter.source}: all events come from one user ({inter.users['user_id'][0]!r}); collaborative "
+            "filtering needs at least 2 users to tell demand apart. Ingest logs from more users.")
+    no_domain = inter.items.filter(pl.col("domain").is_null())
+    if no_domain.height:
+        ids = ", ".join(no_domain["example_id"].head(5).to_list())
+        raise InputError(
+            f"{inter.source}: {no_domain.height} example(s) have no domain (e.g. {ids}); every example needs "
+            "one to be planned. Give the events a `domain` field or ingest an examples file that sets it.")
+    return inter
+
+
+# --------------------------------------------------------------------------------------------- factorizing
+
+
+@dataclass
+class Factors:
+    """User and item factors (float32) and how a raw score becomes an affinity in [0, 1]-ish."""
+
+    user: np.ndarray  # (U, F)
+    item: np.ndarray  # (I, F)
+    algorithm: str
+    model: object = field(default=None, repr=False)
+
+    def affinity(self, scores: np.ndarray) -> np.ndarray:
+        """ALS predicts a preference near 1 for liked items: clip at 0. BPR/LMF give logits: a sigmoid."""
+        if self.algorithm == "als":
+            return np.clip(scores, 0.0, None)
+        return 1.0 / (1.0 + np.exp(-np.clip(scores, -30, 30)))
+
+
+def make_model(cfg: PrioritizeConfig, seed: int, iterations: int | None = None):
+    """The configured ``implicit`` model, seeded and with an explicit thread count."""
+    import implicit
+
+    its = cfg.iterations if iterations is None else iterations
+    common = dict(factors=cfg.factors, regularization=cfg.regularization, iterations=its,
+                  random_state=seed, num_threads=cfg.threads)
+    if cfg.algorithm == "als":
+        return implicit.als.AlternatingLeastSquares(alpha=cfg.alpha, **common)
+    if cfg.algorithm == "bpr":
+        return implicit.bpr.BayesianPersonalizedRanking(**common)
+    return implicit.lmf.LogisticMatrixFactorization(**common)
+
+
+def fit_factors(matrix: sp.csr_matrix, cfg: PrioritizeConfig, seed: int, model=None,
+                iterations: int | None = None, progress: bool = False) -> Factors:
+    """Fit (or, for ALS given a fitted ``model``, continue fitting) on the users x items ``matrix``.
+
+    BLAS is limited to one thread while fitting: implicit's own threads do the parallel work, and a
+    multi-threaded OpenBLAS underneath it is both ~10x slower and a source of run-to-run differences.
+    """
+    with threadpool_limits(1, "blas"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*threads.*", category=RuntimeWarning)
+        if model is None:
+            model = make_model(cfg, seed, iterations)
+        elif iterations is not None:
+            model.iterations = iterations
+        model.fit(matrix, show_progress=progress)
+    return Factors(np.asarray(model.user_factors), np.asarray(model.item_factors), cfg.algorithm, model)
+
+
+# ---------------------------------------------------------------------------------------- demand, failure
+
+
+def segment_index(users: pl.DataFrame) -> tuple[list[str], np.ndarray]:
+    """Sorted segment names and each user's segment index."""
+    names = sorted(users["segment"].unique().to_list())
+    lookup = {s: i for i, s in enumerate(names)}
+    return names, np.array([lookup[s] for s in users["segment"].to_list()], dtype=np.int64)
+
+
+def segment_demand(factors: Factors, user_segment: np.ndarray, n_segments: int) -> np.ndarray:
+    """(S, I): each segment's expected share of attention per example; each row sums to 1.
+
+    The mean affinity of a segment's users is (mean user factor) . (item factor) for ALS, whose score is
+    linear; for BPR/LMF the sigmoid is applied to the mean score (an approximation, stated).
+    """
+    counts = np.bincount(user_segment, minlength=n_segments).astype(np.float64)
+    sums = np.zeros((n_segments, factors.user.shape[1]))
+    np.add.at(sums, user_segment, factors.user.astype(np.float64))
+    mean_user = sums / np.maximum(counts, 1)[:, None]
+    aff = factors.affinity(mean_user @ factors.item.astype(np.float64).T) + EPS
+    return aff / aff.sum(axis=1, keepdims=True)
+
+
+def item_neighbours(item: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most cosine-similar other items of each item: (indices (I, k), similarities (I, k)).
+
+    Computed in blocks of rows so memory stays at block x I; items with an all-zero factor get
+    similarity 0 to everything.
+    """
+    n = item.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
+    norms = np.linalg.norm(item, axis=1)
+    unit = (item / np.maximum(norms, EPS)[:, None]).astype(np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, block):
+        s = unit[start:start + block] @ unit.T  # (B, I)
+        rows = np.arange(s.shape[0])
+        s[rows, start + rows] = -np.inf  # never one's own neighbour
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        ps = np.take_along_axis(s, part, axis=1)
+        order = np.lexsort((part, -ps), axis=1)  # by similarity, ties by index: deterministic
+        idx[start:start + block] = np.take_along_axis(part, order, axis=1)
+        sim[start:start + block] = np.take_along_axis(ps, order, axis=1)
+    return idx, sim.astype(np.float64)
+
+
+@dataclass
+class Failure:
+    """Per-example failure estimate and what it came from."""
+
+    rate: np.ndarray        # (I,) posterior mean failure
+    exposures: np.ndarray   # (I,) interactions (user, example pairs)
+    negatives: np.ndarray   # (I,) interactions with a negative signal
+    prior: np.ndarray       # (I,) the Beta prior mean each example was shrunk toward
+    global_rate: float
+
+
+def example_failure(exposures: np.ndarray, negatives: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray],
+                    strength: float) -> Failure:
+    """Beta-smoothed failure, with the prior mean borrowed from look-alike examples.
+
+    Step 1: every example's rate shrunk to the global rate with ``strength`` pseudo-interactions:
+    r_i = (neg_i + s * g) / (exp_i + s). Step 2: the prior mean of example i is the similarity-weighted
+    mean of its neighbours' r_j (positive similarities only; the global rate where there are none), and
+    the posterior is f_i = (neg_i + s * prior_i) / (exp_i + s). An example seen 3 times mostly inherits
+    its neighbours' failure; one seen 300 times mostly keeps its own.
+    """
+    exposures = exposures.astype(np.float64)
+    negatives = negatives.astype(np.float64)
+    g = float(negatives.sum() / max(exposures.sum(), 1.0))
+    global_smoothed = (negatives + strength * g) / (exposures + strength)
+    idx, sim = neighbours
+    prior = np.full(exposures.shape, g)
+    if idx.shape[1]:
+        wts = np.clip(sim, 0.0, None)
+        mass = wts.sum(axis=1)
+        has = mass > EPS
+        prior[has] = (wts[has] * global_smoothed[idx[has]]).sum(axis=1) / mass[has]
+    rate = (negatives + strength * prior) / (exposures + strength)
+    return Failure(rate, exposures, negatives, prior, g)
+
+
+def segment_weights(names: list[str], traffic: np.ndarray, seg_failure: np.ndarray,
+                    cfg: PrioritizeConfig) -> np.ndarray:
+    """Weights per segment, summing to 1: traffic share, uniform, under-served (traffic x failure), or explicit.
+
+    ``traffic`` is the interactions per segment, ``seg_failure`` each segment's smoothed failure rate.
+    """
+    share = traffic / traffic.sum()
+    if cfg.segment_weights:
+        unknown = sorted(set(cfg.segment_weights) - set(names))
+        silent = [s for s in names if cfg.segment_weights.get(s, 0) > 0 and traffic[names.index(s)] == 0]
+        if unknown or silent:
+            raise InputError(
+                f"prioritize.segment_weights names segment(s) with no events: {unknown + silent} "
+                f"(segments with events: {names}). Remove them or ingest their logs.")
+        w = np.array([float(cfg.segment_weights.get(s, 0.0)) for s in names])
+    elif cfg.segment_weighting == "uniform":
+        w = (traffic > 0).astype(np.float64)
+    elif cfg.segment_weighting == "underserved":
+        # up-weight segments that fail more than average: traffic share x failure-rate ratio
+        w = share * seg_failure / max(float((share * seg_failure).sum()), EPS)
+    else:
+        w = share.copy()
+    if w.sum() <= 0:
+        raise InputError("prioritize.segment_weights: every weight is 0; give at least one segment a weight > 0.")
+    return w / w.sum()
+
+
+def priorities(demand: np.ndarray, failure: np.ndarray, seg_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(priority per example (I,), contribution per segment and example (S, I)).
+
+    contribution[s, i] = w_s x demand[s, i] x failure[i]; priority = its column sum: the expected share
+    of all (weighted) traffic that lands on example i and fails.
+    """
+    contrib = seg_w[:, None] * demand * failure[None, :]
+    return contrib.sum(axis=0), contrib
+
+
+# ------------------------------------------------------------------------------------------ sampling weights
+
+
+def _normalize_prompt(text: str | None) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", (text or "").lower()).strip()
+
+
+def duplicate_clusters(items: pl.DataFrame, neighbours: tuple[np.ndarray, np.ndarray], exposures: np.ndarray,
+                       threshold: float, min_exposures: int) -> np.ndarray:
+    """Cluster id per example: examples with the same normalized prompt, or item factors with cosine
+    >= ``threshold`` where both have >= ``min_exposures`` interactions (well-estimated factors only:
+    cold items all sit near the origin and would look alike), are one cluster of near-duplicates."""
+    n = items.height
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    if "prompt" in items.columns:
+        keys = [_normalize_prompt(p) for p in items["prompt"].to_list()]
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key:
+                rows.append(np.array([i]))
+                cols.append(np.array([first.setdefault(key, i)]))
+    idx, sim = neighbours
+    if idx.shape[1]:
+        ok = (sim >= threshold) & (exposures[:, None] >= min_exposures) & (exposures[idx] >= min_exposures)
+        r, c = np.nonzero(ok)
+        rows.append(r)
+        cols.append(idx[r, c])
+    if not rows:
+        return np.arange(n)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _cap_groups(w: np.ndarray, groups: np.ndarray, cap: float, frozen: np.ndarray | None = None) -> np.ndarray:
+    """Water-filling: no group's total above ``cap``; the excess goes to the others pro rata."""
+    w = w.copy()
+    for _ in range(100):
+        tot = np.bincount(groups, weights=w)
+        over = tot > cap * (1 + 1e-9)
+        if not over.any():
+            break
+        scale = np.where(over, cap / np.maximum(tot, EPS), 1.0)
+        capped = over[groups]
+        excess = (w[capped] * (1 - scale[groups][capped])).sum()
+        w[capped] *= scale[groups][capped]
+        free = ~capped & (tot[groups] < cap * (1 - 1e-9))
+        if frozen is not None:
+            free &= ~frozen
+        if w[free].sum() <= EPS:
+            break
+        w[free] += excess * w[free] / w[free].sum()
+    return w
+
+
+def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarray,
+                     cfg: PrioritizeConfig) -> tuple[np.ndarray, list[str]]:
+    """Training sampling weights (sum 1) from priorities, and notes on any constraint that had to give.
+
+    w_i ∝ priority_i ** (1 / temperature); then, alternately until both hold, each domain gets at least
+    ``domain_floor`` of the mass (taken pro rata from the domains above the floor) and no cluster of
+    near-duplicates (a singleton cluster is one example) gets more than ``example_cap``.
+    """
+    notes: list[str] = []
+    n_dom = int(domain_ix.max()) + 1
+    n_clu = int(clusters.max()) + 1
+    floor, cap = cfg.domain_floor, cfg.example_cap
+    if floor * n_dom > 1:
+        floor = 1.0 / n_dom
+        notes.append(f"domain_floor {cfg.domain_floor} x {n_dom} domains > 1: lowered to {floor:.4g}")
+    if cap * n_clu < 1:
+        cap = 1.0 / n_clu
+        notes.append(f"example_cap {cfg.example_cap} x {n_clu} clusters < 1: raised to {cap:.4g}")
+    w = np.power(np.maximum(prio, EPS) / max(prio.max(), EPS), 1.0 / cfg.temperature)
+    w /= w.sum()
+    for _ in range(50):
+        w = _apply_floor(w, domain_ix, n_dom, floor)
+        w = _cap_groups(w, clusters, cap)
+        dom = np.bincount(domain_ix, weights=w, minlength=n_dom)
+        clu = np.bincount(clusters, weights=w, minlength=n_clu)
+        if dom.min() >= floor * (1 - 1e-6) and clu.max() <= cap * (1 + 1e-6):
+            break
+    else:
+        notes.append("domain floor and example cap could not both be met exactly; the cap was kept")
+    return w / w.sum(), notes
+
+
+def _apply_floor(w: np.ndarray, domain_ix: np.ndarray, n_dom: int, floor: float) -> np.ndarray:
+    """Raise every domain below ``floor`` to it, scaling the domains above the floor down pro rata."""
+    dom = np.bincount(domain_ix, weights=w, minlength=n_dom)
+    low = dom < floor
+    if not low.any() or floor <= 0:
+        return w
+    target = np.where(low, floor, dom)
+    rest = 1.0 - floor * low.sum()
+    high_mass = dom[~low].sum()
+    target[~low] = dom[~low] * rest / max(high_mass, EPS)
+    scale = target / np.maximum(dom, EPS)
+    w = w * scale[domain_ix]
+    # a domain whose examples all weigh 0 cannot be scaled up: spread its floor evenly instead
+    empty = low & (dom <= EPS)
+    if empty.any():
+        sizes = np.bincount(domain_ix, minlength=n_dom)
+        fill = empty[domain_ix]
+        w[fill] = floor / sizes[domain_ix[fill]]
+    return w
+
+
+def check_feedback(neg_total: float, cfg: PrioritizeConfig, source: str) -> None:
+    """No negative signal at all means failure cannot be estimated: stop unless told to plan by demand."""
+    if neg_total > 0 or cfg.no_feedback == "demand":
+        return
+    raise PlanError(
+        f"{source}: no negative feedback in the log (none of {', '.join(cfg.negative_events)}, nor a rating "
+        f"<= {cfg.low_rating}), so failure cannot be estimated. Ingest feedback events, or set "
+        "prioritize.no_feedback=demand to plan by demand alone.")
