@@ -1,3 +1,69 @@
-"""Placeholder: filled in by the stage that owns these commands."""
+"""``adaptive-ft simulate``: a synthetic interaction log with its planted truth."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from adaptive_ft.cli.common import config_option, overrides_argument
+from adaptive_ft.config import load_config
+from adaptive_ft.simulate import FORMATS, simulate
+
+
+def _guess_format(out: Path) -> str:
+    """``logs.parquet`` -> parquet, ``logs.csv`` -> csv, ``*.chat.jsonl`` -> chat, anything else jsonl."""
+    name = out.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    if ".chat." in name or name.endswith(".chat"):
+        return "chat"
+    return "jsonl"
+
+
+@click.command("simulate")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Log file to write; the truth goes beside it as <stem>.truth.json.")
+@click.option("--format", "fmt", type=click.Choice(("auto", *FORMATS)), default="auto", show_default=True,
+              help="Log format; auto picks it from --out's extension (jsonl when unsure).")
+@click.option("--examples", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Example pool CSV: text,category (Banking77) or prompt,reference[,domain].")
+@click.option("--pool", type=click.Choice(("builtin", "banking77")), default="builtin", show_default=True,
+              help="Built-in support requests, or Banking77 from ../shared/data/banking77 (ignored with --examples).")
+@click.option("--users", type=int, default=None, help="Number of users (overrides simulate.users).")
+@click.option("--events", type=int, default=None, help="About this many events (overrides simulate.events).")
+@click.option("--seed", type=int, default=None, help="Random seed (overrides the config's seed).")
+@config_option
+@overrides_argument
+def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: int | None, events: int | None,
+                 seed: int | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Write a realistic interaction log and the need planted in it.
+
+    Users in segments with different domain preferences ask questions from an example pool; a simulated
+    model fails more in some segment x domain cells; feedback (thumbs, ratings, edits, escalations...)
+    follows whether the answer was right, with noise. Same seed, same bytes.
+
+    \b
+    Examples:
+      adaptive-ft simulate --out logs.jsonl
+      adaptive-ft simulate --out logs.parquet --events 1000000 --seed 3
+      adaptive-ft simulate --out b77.jsonl --examples ../shared/data/banking77/train.csv
+      adaptive-ft simulate --out chat.jsonl --format chat simulate.bad_cells=5 simulate.noise=0.1
+    """
+    cfg = load_config(config_path, overrides)
+    sim = cfg.simulate
+    if users is not None:
+        sim.users = users
+    if events is not None:
+        sim.events = events
+    result = simulate(sim, out, fmt=_guess_format(out) if fmt == "auto" else fmt,
+                      pool=examples if examples is not None else pool,
+                      seed=cfg.seed if seed is None else seed)
+    click.echo(f"wrote {result.n_events:,} events ({result.n_queries:,} queries, {result.n_users:,} users, "
+               f"{result.n_examples:,} examples) to {result.log_path} [{result.format}] in {result.seconds:.1f}s; "
+               f"truth: {result.truth_path}")
+
+
+COMMANDS = [simulate_cmd]
