@@ -1,0 +1,271 @@
+"""Which adapter layers to train: probe a fraction of domain x layer cells, complete the rest, select.
+
+The probe of one cell (domain d, layer l) answers "how much can an adapter on layer l alone quickly
+lower the loss on domain d's top examples?": a trial LoRA of rank ``probe_rank`` on the layer's target
+linear modules (B = 0 at start, so the model is unchanged), ``probe_steps`` Adam steps on the domain's
+``probe_examples`` top examples (loss on the reference-answer tokens only), and the score is the relative
+loss drop (loss_before - loss_after) / loss_before. This measures what adapting the layer buys -- the
+criterion DESIGN.md asks for -- rather than a proxy such as an initial gradient norm, which on SmolLM2
+picked layers that trained worst. Its cost is one forward pass plus a backward pass down to layer l per
+step, so probing every cell of a 30-layer model is expensive; only ``probe_fraction`` of the cells are
+probed (every row and column at least once) and the rest are completed by a low-rank factorization
+(bias + rank-r, fit by alternating ridge regression on the observed cells).
+
+Selection weighs score against compute: the backward pass runs down to the lowest adapted layer, so the
+cost of a set of layers is its depth (L - min(layer)) / L. The plan keeps the k layers maximizing
+sum(score) - ``layer_cost_weight`` x depth (greedy; with weight 0, simply the top k by score).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adaptive_ft.errors import ModelError
+
+
+@dataclass
+class LayerScores:
+    """The domain x layer sensitivity matrix, which cells were measured, and the selection."""
+
+    domains: list[str]
+    values: np.ndarray          # (D, L) measured where ``measured``, completed elsewhere
+    measured: np.ndarray        # (D, L) bool
+    layer_score: np.ndarray     # (L,) share-weighted mean of the row-normalized values
+    selected: list[int]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    depth_fraction: float = 1.0
+    probe_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------- probing
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM (``model.model.layers`` for Llama-style models)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None and hasattr(model, "get_decoder"):
+        layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(model).__name__}: cannot find its decoder layers (expected model.model.layers)")
+    return layers
+
+
+def encode_examples(tokenizer: Any, pairs: list[tuple[str, str]], max_len: int = 256) -> dict[str, torch.Tensor]:
+    """Chat-formatted prompt + reference answers as a padded batch; labels are -100 outside the answer."""
+    import torch
+
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+        ids_head = tokenizer(head, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
+        lab = [-100] * min(len(ids_head), len(ids)) + ids[len(ids_head):]
+        rows.append(ids)
+        labels.append(lab[:len(ids)])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        lab_t[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab_t}
+
+
+class _TrialLora:
+    """A throw-away LoRA on chosen Linear modules, added with forward hooks (the model itself is untouched)."""
+
+    def __init__(self, modules: list[torch.nn.Linear], rank: int, seed: int):
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        self.params: list[torch.nn.Parameter] = []
+        self.handles = []
+        for mod in modules:
+            a = torch.nn.Parameter(torch.randn(rank, mod.in_features, generator=gen) / mod.in_features ** 0.5)
+            b = torch.nn.Parameter(torch.zeros(mod.out_features, rank))
+            self.params += [a, b]
+            self.handles.append(mod.register_forward_hook(self._hook(a, b)))
+
+    @staticmethod
+    def _hook(a: torch.nn.Parameter, b: torch.nn.Parameter):
+        def hook(_mod, inputs, output):
+            return output + (inputs[0] @ a.T) @ b.T  # (B, T, in) -> (B, T, r) -> (B, T, out)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: list[str], rank: int,
+               steps: int, lr: float, seed: int) -> float:
+    """Relative loss drop on ``batch`` after ``steps`` Adam steps of a trial LoRA on ``layer`` alone."""
+    import torch
+
+    block = decoder_layers(model)[layer]
+    modules = [m for name, m in block.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets]
+    if not modules:
+        raise ModelError(f"layer {layer}: none of the target modules {targets} found; "
+                         "set train.lora.target_modules to the model's Linear layer names")
+    trial = _TrialLora(modules, rank, seed + layer)
+    opt = torch.optim.Adam(trial.params, lr=lr)
+    try:
+        with torch.no_grad():
+            before = float(model(**batch).loss)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        with torch.no_grad():
+            after = float(model(**batch).loss)
+    finally:
+        trial.remove()
+    return (before - after) / max(before, 1e-8)
+
+
+def choose_cells(n_rows: int, n_cols: int, fraction: float, seed: int) -> np.ndarray:
+    """A (rows, cols) bool mask with about ``fraction`` of the cells, every row and column at least once."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((n_rows, n_cols), dtype=bool)
+    # a wrapped diagonal covers every row and every column with max(rows, cols) cells
+    for j in range(max(n_rows, n_cols)):
+        mask[j % n_rows, j % n_cols] = True
+    want = int(round(fraction * n_rows * n_cols))
+    free = np.flatnonzero(~mask.ravel())
+    extra = max(0, want - int(mask.sum()))
+    if extra and len(free):
+        mask.ravel()[rng.choice(free, min(extra, len(free)), replace=False)] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------- completion
+
+
+def complete(values: np.ndarray, observed: np.ndarray, rank: int = 1, reg: float = 0.1, iters: int = 50,
+             seed: int = 0) -> np.ndarray:
+    """Fill the unobserved cells of ``values`` with mu + a_d + b_l + U_d . V_l fit on the observed cells.
+
+    Alternating ridge regression: with V fixed, each row's [a_d, U_d] is a small least-squares problem on
+    that row's observed cells, and vice versa. Values are standardized first so ``reg`` is scale-free.
+    Observed cells are returned as measured.
+    """
+    d, l_ = values.shape
+    obs = values[observed]
+    mu, sd = float(obs.mean()), float(obs.std()) or 1.0
+    y = np.where(observed, (values - mu) / sd, 0.0)
+    rng = np.random.default_rng(seed)
+    u = rng.normal(0, 0.1, (d, rank))
+    v = rng.normal(0, 0.1, (l_, rank))
+    a, b = np.zeros(d), np.zeros(l_)
+    for _ in range(iters):
+        a, u = _ridge_side(y - b[None, :], observed, v, reg)
+        b, v = _ridge_side((y - a[:, None]).T, observed.T, u, reg)
+    pred = (a[:, None] + b[None, :] + u @ v.T) * sd + mu
+    return np.where(observed, values, pred)
+
+
+def _ridge_side(y: np.ndarray, observed: np.ndarray, other: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each row r: least squares of y[r, obs] on [1, other[obs]] with an L2 penalty: (bias, factors)."""
+    n, rank = y.shape[0], other.shape[1]
+    bias, fac = np.zeros(n), np.zeros((n, rank))
+    design_all = np.hstack([np.ones((other.shape[0], 1)), other])
+    for r in range(n):
+        m = observed[r]
+        x = design_all[m]
+        sol = np.linalg.solve(x.T @ x + reg * np.eye(rank + 1), x.T @ y[r, m])
+        bias[r], fac[r] = sol[0], sol[1:]
+    return bias, fac
+
+
+# -------------------------------------------------------------------------------------------- selection
+
+
+def layer_scores(values: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """(L,) score per layer: each domain's row scaled to max 1 (so a domain with a large loss scale does
+    not outvote the rest), then averaged with the domains' shares of the plan."""
+    v = np.clip(values, 0.0, None)
+    v = v / np.maximum(v.max(axis=1, keepdims=True), 1e-12)
+    w = shares / max(shares.sum(), 1e-12)
+    return w @ v
+
+
+def select_layers(score: np.ndarray, k: int, cost_weight: float) -> tuple[list[int], float]:
+    """Greedy: add the layer that most increases sum(score) - cost_weight x depth; returns (layers, depth)."""
+    n = len(score)
+    chosen: list[int] = []
+    k = min(k, n)
+    for _ in range(k):
+        best, best_gain = -1, -np.inf
+        for layer in range(n):
+            if layer in chosen:
+                continue
+            trial = chosen + [layer]
+            gain = score[trial].sum() - cost_weight * (n - min(trial)) / n
+            if gain > best_gain + 1e-12:
+                best, best_gain = layer, gain
+        chosen.append(best)
+    chosen.sort()
+    return chosen, (n - chosen[0]) / n if chosen else 0.0
+
+
+def rank_pattern(score: np.ndarray, selected: list[int], base_rank: int) -> dict[str, int]:
+    """Per-layer LoRA rank proportional to score (mean = base rank), within [base/4, base*4], at least 1."""
+    s = score[selected]
+    mean = max(float(s.mean()), 1e-12)
+    return {str(layer): int(np.clip(round(base_rank * sc / mean), max(1, base_rank // 4), base_rank * 4))
+            for layer, sc in zip(selected, s)}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str, str]]], shares: np.ndarray,
+                 *, fraction: float, rank: int, steps: int, lr: float, targets: list[str], completion_rank: int,
+                 k: int, cost_weight: float, base_rank: int, by_score: bool, seed: int,
+                 progress: bool = False) -> LayerScores:
+    """Probe ``fraction`` of the (domain, layer) cells, complete the rest and select ``k`` layers.
+
+    ``examples`` maps each probed domain to its top (prompt, reference) pairs; ``shares`` is each domain's
+    share of the plan, in the same order.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    domains = list(examples)
+    n_layers = len(decoder_layers(model))
+    mask = choose_cells(len(domains), n_layers, fraction, seed)
+    values = np.zeros(mask.shape)
+    batches = [encode_examples(tokenizer, examples[d]) for d in domains]
+    start = time.perf_counter()
+    model.eval()  # no dropout: a probe must be repeatable
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cells = list(zip(*np.nonzero(mask)))
+    for di, li in tqdm(cells, desc="layer probes", disable=not progress):
+        values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
+    seconds = time.perf_counter() - start
+    filled = values if mask.all() else complete(values, mask, rank=completion_rank, seed=seed)
+    score = layer_scores(filled, shares)
+    selected, depth = select_layers(score, k, cost_weight)
+    pattern = rank_pattern(score, selected, base_rank) if by_score else {}
+    return LayerScores(domains, filled, mask, score, selected, pattern, depth, seconds)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); 0.0 when either side is constant."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
