@@ -1,0 +1,1053 @@
+"""The report: one page that answers "what did we train on, why, and did it help everyone?".
+
+``build_report`` reads whichever artifacts it is given — the store, ``plan.json``, a train ``RUN/``,
+``eval.json``, an ``EXPORT/`` folder (shapes in ``docs/contracts.md``) — and writes three files side by side:
+
+- ``report.html``: one self-contained page (styles and PNG plots inline, nothing fetched from anywhere);
+- ``report.md``: the same summary and tables as Markdown;
+- ``report.json``: the numbers behind every section.
+
+Each input adds its sections; a plot or table whose data is missing is left out rather than drawn empty.
+Rendering is in :mod:`adaptive_ft.report_render`, plots in :mod:`adaptive_ft.report_plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaptive_ft import report_plots as plots
+from adaptive_ft.errors import InputError
+from adaptive_ft.prioritize.plan import Plan, file_sha256
+
+LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
+TOP_WHY = 3  # plan domains named in the summary
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ReportInputs:
+    """Paths of the artifacts to report on; any subset (at least one)."""
+
+    store: Path | None = None
+    plan: Path | None = None
+    run: Path | None = None
+    eval: Path | None = None
+    export: Path | None = None
+    title: str = "adaptive-ft report"
+
+    def given(self) -> dict[str, str]:
+        return {k: str(v) for k, v in (("store", self.store), ("plan", self.plan), ("run", self.run),
+                                       ("eval", self.eval), ("export", self.export)) if v is not None}
+
+
+@dataclass
+class Cell:
+    """A table cell: the main text, an optional smaller note (a CI, a count) and a tone (good/bad/muted)."""
+
+    text: str
+    note: str = ""
+    tone: str = ""
+
+    def plain(self) -> str:
+        return f"{self.text} {self.note}".strip()
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Cell | str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    png: bytes
+    alt: str
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """One titled part of the report. ``data`` holds its numbers for report.json."""
+
+    id: str
+    title: str
+    intro: str = ""
+    callouts: list[tuple[str, str]] = field(default_factory=list)  # (tone: good|bad|warn|info, text)
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Tile:
+    """A headline figure in the summary card."""
+
+    label: str
+    value: str
+    detail: str = ""
+    tone: str = ""
+
+
+@dataclass
+class Summary:
+    tiles: list[Tile] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    title: str
+    generated: str
+    inputs: dict[str, str]
+    summary: Summary
+    sections: list[Section]
+
+
+@dataclass
+class ReportResult:
+    """What ``build_report`` wrote."""
+
+    html: Path
+    markdown: Path
+    json: Path
+    sections: list[str]
+    figures: int
+    summary: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def build_report(inputs: ReportInputs, out: str | Path) -> ReportResult:
+    """Read the given artifacts and write ``report.html``, ``report.md`` and ``report.json``.
+
+    ``out`` is the HTML path (the other two take its stem) or a folder to write ``report.*`` into.
+    """
+    from adaptive_ft import report_render as render
+
+    if not inputs.given():
+        raise InputError("report: nothing to report on. Give at least one of --store, --plan, --run, --eval, "
+                         "--export.")
+    html_path = _html_path(Path(out))
+    report = assemble(load_artifacts(inputs), inputs)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = html_path.with_suffix(".md"), html_path.with_suffix(".json")
+    html_path.write_text(render.to_html(report), encoding="utf-8")
+    md_path.write_text(render.to_markdown(report), encoding="utf-8")
+    json_path.write_text(json.dumps(render.to_json(report), indent=2, allow_nan=False, default=str) + "\n")
+    return ReportResult(html=html_path, markdown=md_path, json=json_path,
+                        sections=[s.id for s in report.sections],
+                        figures=sum(len(s.figures) for s in report.sections), summary=report.summary.data)
+
+
+def _html_path(out: Path) -> Path:
+    if out.suffix == "" or out.is_dir():
+        return out / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"report: --out {out} should end in .html (report.md and report.json are written "
+                         "beside it) or be a folder.")
+    return out
+
+
+def assemble(arts: "Artifacts", inputs: ReportInputs) -> Report:
+    """Every section the artifacts support, in reading order, and the summary on top."""
+    builders = [_plan_section, _layers_section, _recommender_section, _run_section, _segment_section,
+                _domain_section, _cross_section, _representation_section, _export_section, _store_section]
+    sections = [s for b in builders if (s := b(arts)) is not None]
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return Report(title=inputs.title, generated=generated, inputs=inputs.given(), summary=_summary(arts),
+                  sections=sections)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Artifacts:
+    """The loaded inputs; ``None`` for those not given."""
+
+    plan: Plan | None = None
+    plan_path: Path | None = None
+    run_path: Path | None = None
+    run_manifest: dict[str, Any] | None = None
+    run_metrics: list[dict[str, Any]] = field(default_factory=list)
+    eval: "EvalView | None" = None
+    export: dict[str, Any] | None = None
+    store: dict[str, Any] | None = None
+
+
+def load_artifacts(inputs: ReportInputs) -> Artifacts:
+    """Read and check each given input; a missing or malformed one raises InputError/PlanError naming it."""
+    arts = Artifacts()
+    if inputs.plan is not None:
+        arts.plan, arts.plan_path = Plan.load(inputs.plan), Path(inputs.plan)
+    if inputs.run is not None:
+        arts.run_path = Path(inputs.run)
+        arts.run_manifest, arts.run_metrics = _load_run(arts.run_path)
+    if inputs.eval is not None:
+        arts.eval = EvalView(_read_json(Path(inputs.eval), "eval.json", "adaptive-ft evaluate"),
+                             run_hint=arts.run_path)
+    if inputs.export is not None:
+        arts.export = _load_export(Path(inputs.export))
+    if inputs.store is not None:
+        arts.store = load_store_facts(Path(inputs.store))
+    return arts
+
+
+def _read_json(path: Path, what: str, writer: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}. Write it with `{writer}`.")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level")
+    return doc
+
+
+def _load_run(run: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """RUN/manifest.json (may be absent while training) and RUN/metrics.jsonl (last line may be partial)."""
+    if not run.is_dir():
+        raise InputError(f"run folder not found: {run}. Train one with `adaptive-ft train --out {run}`.")
+    manifest = _read_json(run / "manifest.json", "run manifest", "adaptive-ft train") \
+        if (run / "manifest.json").is_file() else None
+    metrics_path = run / "metrics.jsonl"
+    if manifest is None and not metrics_path.is_file():
+        raise InputError(f"{run}: neither manifest.json nor metrics.jsonl found; is this a train run folder?")
+    return manifest, read_metrics(metrics_path) if metrics_path.is_file() else []
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl. A torn last line (a run still writing) is skipped; a bad line elsewhere raises."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise InputError(f"{path}:{i}: not a JSON object ({e.msg}); fix or remove the line") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _load_export(export: Path) -> dict[str, Any]:
+    doc = _read_json(export / "manifest.json", "export manifest", "adaptive-ft export")
+    if not isinstance(doc.get("variants"), list):
+        raise InputError(f"{export / 'manifest.json'}: 'variants' must be a list of variant records")
+    return doc
+
+
+def load_store_facts(path: Path) -> dict[str, Any]:
+    """Aggregates of the interaction store through its read API (never its tables' internals)."""
+    from adaptive_ft.store import Store
+
+    if not path.is_file():
+        raise InputError(f"store not found: {path}. Create it with `adaptive-ft ingest LOGS --store {path}`.")
+    with Store.open(path, read_only=True) as s:
+        counts = s.segment_domain_counts()
+        facts = {"path": str(path), "fingerprint": s.fingerprint(), "counts": counts.to_dicts()}
+        for name, sql in (("users", "SELECT count(*) AS n FROM users"),
+                          ("examples", "SELECT count(*) AS n FROM examples"),
+                          ("batches", "SELECT count(*) AS n FROM batches"),
+                          ("rejected", "SELECT count(*) AS n FROM rejected")):
+            facts[name] = int(s.sql(sql)["n"][0])
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def is_rate(metric: str) -> bool:
+    """Accuracy-like metrics live in [0, 1] and read best as percentages; losses do not."""
+    return not any(w in metric.lower() for w in LOWER_IS_BETTER)
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(w in metric.lower() for w in LOWER_IS_BETTER)
+
+
+def fmt_value(v: float | None, pct: bool) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v * 100:.1f}%" if pct else f"{v:.3f}"
+
+
+def fmt_delta(d: float | None, pct: bool) -> str:
+    if d is None or (isinstance(d, float) and math.isnan(d)):
+        return "—"
+    return f"{d * 100:+.1f} pts" if pct else f"{d:+.3f}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if not n:
+        return "—"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _tone(delta: float | None, metric: str) -> str:
+    if delta is None or abs(delta) < 1e-12:
+        return ""
+    return "good" if (delta > 0) == higher_is_better(metric) else "bad"
+
+
+# ----------------------------------------------------------------------------------------------- eval view
+
+
+class EvalView:
+    """Lookups over eval.json: which model is the base and which the fine-tune, and each metric cell."""
+
+    def __init__(self, doc: dict[str, Any], run_hint: Path | None = None):
+        if not isinstance(doc.get("metrics"), list) or not isinstance(doc.get("models"), list):
+            raise InputError("eval.json: needs 'models' and 'metrics' lists (see docs/contracts.md); "
+                             "write it with `adaptive-ft evaluate`.")
+        self.doc = doc
+        self.models: list[str] = [str(m) for m in doc["models"]]
+        self.metric: str = doc.get("primary_metric") or (doc["metrics"][0]["metric"] if doc["metrics"] else "")
+        self.pct = is_rate(self.metric)
+        self.cells: dict[tuple, dict[str, Any]] = {}
+        for row in doc["metrics"]:
+            key = (row.get("model"), row.get("scope"), row.get("segment"), row.get("domain"), row.get("metric"))
+            self.cells[key] = row
+        self.base, self.tuned = self._pick(run_hint)
+
+    def _pick(self, run_hint: Path | None) -> tuple[str | None, str | None]:
+        models = self.models
+        base = "base" if "base" in models else (models[0] if models else None)
+        rest = [m for m in models if m != base]
+        if run_hint is not None:
+            for m in rest:
+                if Path(m).name == run_hint.name or Path(m) == run_hint:
+                    return base, m
+        plain = [m for m in rest if not self.is_variant(m)]
+        return base, (plain or rest or [None])[0]
+
+    def is_variant(self, model: str) -> bool:
+        """An export variant (export/int8, …/model-q8_0.gguf) rather than a train run."""
+        name = Path(model).name.lower()
+        return model in (self.doc.get("variants") or {}) or name in ("merged", "int8", "nf4") \
+            or name.startswith("gguf") or name.endswith(".gguf")
+
+    def cell(self, model: str | None, scope: str, segment: str | None = None, domain: str | None = None,
+             metric: str | None = None) -> dict[str, Any] | None:
+        return self.cells.get((model, scope, segment, domain, metric or self.metric))
+
+    def value(self, model: str | None, scope: str, segment: str | None = None,
+              domain: str | None = None) -> float | None:
+        row = self.cell(model, scope, segment, domain)
+        return _num(row.get("value")) if row and row.get("enough", True) else None
+
+    def names(self, scope: str) -> list[str]:
+        """Segment or domain names in first-seen order."""
+        key = "segment" if scope == "segment" else "domain"
+        seen: dict[str, None] = {}
+        for row in self.doc["metrics"]:
+            if row.get("scope") == scope and row.get(key) is not None:
+                seen.setdefault(str(row[key]), None)
+        return list(seen)
+
+    def delta(self, scope: str, segment: str | None = None, domain: str | None = None) -> float | None:
+        b, t = self.value(self.base, scope, segment, domain), self.value(self.tuned, scope, segment, domain)
+        return None if b is None or t is None or self.tuned is None else t - b
+
+    def flags(self) -> list[dict[str, Any]]:
+        return [f for f in self.doc.get("flags") or [] if isinstance(f, dict)]
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _summary(arts: Artifacts) -> Summary:
+    """The top card: trained on what and why, what improved for whom, flags, worst segment, quantized size."""
+    s = Summary()
+    _summary_plan(arts, s)
+    _summary_eval(arts, s)
+    _summary_size(arts, s)
+    _summary_run(arts, s)
+    return s
+
+
+def _summary_plan(arts: Artifacts, s: Summary) -> None:
+    if arts.plan is None:
+        return
+    top = arts.plan.domains[:TOP_WHY]
+    s.data["trained_on"] = [{"domain": d.domain, "priority": d.priority, "why": d.why} for d in top]
+    reasons = "; ".join(f"**{d.domain}**" + (f" — {d.why}" if d.why else "") for d in top)
+    more = len(arts.plan.domains) - len(top)
+    s.bullets.append(f"Trained on {reasons}" + (f" (and {more} more domains)" if more > 0 else "") + ".")
+    if arts.plan.layers:
+        s.data["layers"] = arts.plan.layers.selected
+        s.bullets.append(f"LoRA on layers {_ranges(arts.plan.layers.selected)}, chosen by the plan.")
+
+
+def _summary_eval(arts: Artifacts, s: Summary) -> None:
+    ev = arts.eval
+    if ev is None:
+        return
+    b, t = ev.value(ev.base, "overall"), ev.value(ev.tuned, "overall")
+    d = None if b is None or t is None else t - b
+    s.data.update(primary_metric=ev.metric, base_model=ev.base, finetuned_model=ev.tuned,
+                  overall={"base": b, "finetuned": t, "delta": d})
+    s.tiles.append(Tile(ev.metric, fmt_value(t if t is not None else b, ev.pct),
+                        f"{fmt_value(b, ev.pct)} base → {fmt_delta(d, ev.pct)}" if d is not None else "overall",
+                        _tone(d, ev.metric)))
+    per_seg = {seg: ev.delta("segment", seg) for seg in ev.names("segment")}
+    s.data["segment_delta"] = per_seg
+    parts = [f"{seg} {fmt_delta(dl, ev.pct)}" for seg, dl in per_seg.items() if dl is not None]
+    if parts:
+        s.bullets.append(f"{ev.metric.capitalize()} from {ev.base} to {ev.tuned}, per segment: " + ", ".join(parts)
+                         + ".")
+    _summary_flags(ev, s)
+    worst = ev.doc.get("worst_segment") or {}
+    if worst.get("segment") is not None:
+        s.data["worst_segment"] = worst
+        s.tiles.append(Tile("worst segment", str(worst["segment"]),
+                            f"{fmt_value(_num(worst.get('value')), ev.pct)} {worst.get('metric', ev.metric)}"
+                            f" ({worst.get('model', '')})", "warn"))
+    gap = ev.doc.get("largest_gap") or {}
+    if _num(gap.get("gap")) is not None:
+        s.data["largest_gap"] = gap
+        s.bullets.append(f"Largest gap between segments: {fmt_delta(_num(gap['gap']), ev.pct).lstrip('+')} "
+                         f"({gap.get('best')} vs {gap.get('worst')}, {gap.get('model')}).")
+
+
+def _summary_flags(ev: EvalView, s: Summary) -> None:
+    flags = ev.flags()
+    s.data["flags"] = flags
+    if flags:
+        names = ", ".join(f"{f.get('segment')} ({fmt_delta(_num(f.get('delta')), ev.pct)})" for f in flags)
+        s.bullets.append(f"⚠ Flagged: {names} — worse than base with a 95% interval that excludes zero.")
+        s.tiles.append(Tile("flagged segments", str(len(flags)), names, "bad"))
+    else:
+        s.bullets.append("No segment got measurably worse (no drop whose 95% interval excludes zero).")
+        s.tiles.append(Tile("flagged segments", "0", "no measurable drop", "good"))
+
+
+def _summary_size(arts: Artifacts, s: Summary) -> None:
+    variants = _variant_records(arts)
+    quant = [v for v in variants if v["name"] != "merged" and v.get("size_bytes")]
+    if not quant:
+        return
+    small = min(quant, key=lambda v: v["size_bytes"])
+    merged = next((v["size_bytes"] for v in variants if v["name"] == "merged" and v.get("size_bytes")), None)
+    ratio = small["size_bytes"] / merged if merged else None
+    s.data["smallest_variant"] = {"name": small["name"], "size_bytes": small["size_bytes"], "vs_merged": ratio}
+    detail = f"{small['name']}" + (f", {ratio:.0%} of merged" if ratio else "")
+    s.tiles.append(Tile("quantized size", fmt_bytes(small["size_bytes"]), detail, "info"))
+
+
+def _summary_run(arts: Artifacts, s: Summary) -> None:
+    man = arts.run_manifest or {}
+    if not man and not arts.run_metrics:
+        return
+    best = _best_step(arts)
+    s.data["run"] = {"base_model": man.get("base_model"), "best_step": best, "stop_reason": man.get("stop_reason")}
+    if man.get("base_model"):
+        stop = f", {man['stop_reason']}" if man.get("stop_reason") else ""
+        s.bullets.append(f"Fine-tuned {man['base_model']} with LoRA; best step {best if best is not None else '—'}"
+                         f"{stop}.")
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0–2, 5'."""
+    out, xs = [], sorted(xs)
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}–{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+def _plan_section(arts: Artifacts) -> Section | None:
+    plan = arts.plan
+    if plan is None:
+        return None
+    doms = plan.domains
+    sec = Section("plan", "What we trained on, and why",
+                  intro="The plan ranks domains by expected unmet need: how much each segment asks for a domain "
+                        "(demand, from collaborative filtering) times how often the answers fail (failure).")
+    png = plots.priority_bars([d.domain for d in doms], [d.priority for d in doms], [d.demand for d in doms],
+                              [d.failure for d in doms])
+    if png:
+        sec.figures.append(Figure(png, "Domain priority, demand and failure",
+                                  _top_note(len(doms), "domains by priority")))
+    rows = [[d.domain, f"{d.priority:.3f}", f"{d.demand:.3f}", f"{d.failure:.1%}", f"{d.share:.1%}", d.why or "—"]
+            for d in doms]
+    sec.tables.append(Table(["domain", "priority", "demand", "failure", "share of sample", "why"], rows))
+    if plan.segments:
+        sec.tables.append(_segments_table(plan.segments))
+    sec.data = {"domains": [_domain_dict(d) for d in doms], "segments": plan.segments, "inputs": plan.inputs,
+                "created": plan.created, "n_examples": plan.example_weights().height}
+    _plan_consistency(arts, sec)
+    return sec
+
+
+def _domain_dict(d: Any) -> dict[str, Any]:
+    return {"domain": d.domain, "priority": d.priority, "demand": d.demand, "failure": d.failure,
+            "share": d.share, "why": d.why, "segments": d.segments}
+
+
+def _segments_table(segments: list[dict[str, Any]]) -> Table:
+    cols = ["segment"] + [k for k in ("weight", "traffic_share") if any(k in s for s in segments)]
+    rows = [[str(s.get("segment", "?"))] + [_fmt_any(s.get(k)) for k in cols[1:]] for s in segments]
+    return Table(cols, rows, "Segment weights used by the plan")
+
+
+def _fmt_any(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "—" if v is None else str(v)
+
+
+def _top_note(n: int, what: str) -> str:
+    return f"The top {plots.MAX_ROWS} of {n} {what}; the table has all of them." if n > plots.MAX_ROWS else ""
+
+
+def _plan_consistency(arts: Artifacts, sec: Section) -> None:
+    """Say whether the run was trained on this plan and whether the store changed since the plan."""
+    man = arts.run_manifest or {}
+    if arts.plan_path is not None and man.get("plan_sha256"):
+        same = man["plan_sha256"] == file_sha256(arts.plan_path)
+        sec.data["run_used_this_plan"] = same
+        sec.callouts.append(("good", "The run was trained on this plan (same sha256).") if same else
+                            ("warn", "The run's plan_sha256 differs from this plan.json: it was trained on "
+                                     "another version of the plan."))
+    if arts.store is not None and arts.plan is not None and arts.plan.inputs.get("store"):
+        same = arts.plan.inputs["store"] == arts.store.get("fingerprint")
+        sec.data["store_unchanged_since_plan"] = same
+        if not same:
+            sec.callouts.append(("info", "The store has been ingested into since this plan was made; "
+                                         "`adaptive-ft prioritize` would see newer data."))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+def _layers_section(arts: Artifacts) -> Section | None:
+    lay = arts.plan.layers if arts.plan else None
+    if lay is None:
+        return None
+    sec = Section("layers", "Which layers get adapters",
+                  intro=f"Selected: layers {_ranges(lay.selected)}. A fraction of the domain × layer cells is "
+                        "measured by a probe; the rest is completed by matrix factorization.")
+    grid = layer_grid(lay.scores)
+    if grid is not None:
+        rows, layers, score, measured = grid
+        png = plots.layer_heatmap(rows, layers, score, measured, lay.selected)
+        if png:
+            sec.figures.append(Figure(png, "Domain × layer scores, measured vs completed"))
+        sec.data["grid"] = {"rows": rows, "layers": layers, "score": _nan_to_none(score),
+                            "measured": measured.tolist()}
+        sec.data["measured_fraction"] = float(measured[np.isfinite(score)].mean()) if np.isfinite(score).any() \
+            else None
+    if lay.spearman_vs_full is not None:
+        sec.callouts.append(("info", f"Completed scores against fully measured cells: Spearman ρ = "
+                                     f"{lay.spearman_vs_full:.2f}."))
+    if lay.rank_pattern:
+        sec.tables.append(Table(["layer", "rank"], [[k, str(v)] for k, v in sorted(
+            lay.rank_pattern.items(), key=lambda kv: int(kv[0]))], "Per-layer LoRA rank"))
+    sec.data.update(selected=lay.selected, rank_pattern=lay.rank_pattern, spearman_vs_full=lay.spearman_vs_full)
+    return sec
+
+
+def layer_grid(scores: list[dict[str, Any]]) -> tuple[list[str], list[int], np.ndarray, np.ndarray] | None:
+    """(row names, layers, score matrix with NaN for no value, measured mask) from the plan's score records.
+
+    Records without a ``domain`` form one row, "all domains".
+    """
+    recs = [r for r in scores if isinstance(r, dict) and isinstance(r.get("layer"), int)]
+    if not recs:
+        return None
+    rows = list(dict.fromkeys(str(r.get("domain", "all domains")) for r in recs))
+    layers = sorted({r["layer"] for r in recs})
+    score = np.full((len(rows), len(layers)), np.nan)
+    measured = np.zeros_like(score, dtype=bool)
+    for r in recs:
+        i, j = rows.index(str(r.get("domain", "all domains"))), layers.index(r["layer"])
+        v = _num(r.get("score", r.get("value")))
+        score[i, j] = np.nan if v is None else v
+        measured[i, j] = bool(r.get("measured", False))
+    return rows, layers, score, measured
+
+
+def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
+    return [[None if not np.isfinite(x) else float(x) for x in row] for row in a]
+
+
+# ----------------------------------------------------------------------------------------------- recommender
+
+_RANK_WORDS = ("precision", "recall", "ndcg", "map", "mrr", "coverage", "hit")
+_SEGMENT_KEYS = ("segments", "per_segment", "by_segment")
+
+
+def recommender_rows(rec: Any) -> list[dict[str, Any]]:
+    """Flatten the plan's recommender metrics into rows (group, method, metric, value).
+
+    The contract leaves the nesting to ``prioritize``; this reads the shapes it may reasonably take:
+    ``{"overall": {"model": {...}, "popularity": {...}}, "segments": {"free": {...}}}``, lists of
+    ``{"segment", "method", "metric", "value"}`` records, or a mix. ``group`` is "overall" or a segment;
+    ``method`` is "popularity" for anything named like a popularity/baseline, else the model.
+    """
+    out: list[dict[str, Any]] = []
+    _walk(rec, {"group": "overall", "method": "model", "in_segments": False}, out)
+    dedup = {(r["group"], r["method"], r["metric"]): r for r in out}
+    return list(dedup.values())
+
+
+def _is_metric_key(key: str) -> bool:
+    k = key.lower()
+    return "@" in k or any(k.startswith(w) for w in _RANK_WORDS)
+
+
+def _walk(node: Any, ctx: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _walk(item, ctx, out)
+        return
+    if not isinstance(node, dict):
+        return
+    ctx = dict(ctx)
+    if isinstance(node.get("segment"), str):
+        ctx["group"] = node["segment"]
+    for key in ("method", "model", "baseline", "recommender"):
+        if isinstance(node.get(key), str):
+            ctx["method"] = _method_name(node[key])
+    if isinstance(node.get("metric"), str) and _num(node.get("value")) is not None:
+        out.append({"group": ctx["group"], "method": ctx["method"], "metric": node["metric"],
+                    "value": _num(node["value"])})
+        return
+    for key, value in node.items():
+        if key in ("segment", "method", "model", "baseline", "recommender", "metric") and isinstance(value, str):
+            continue  # consumed as context above
+        if _is_metric_key(key) and _num(value) is not None:
+            out.append({"group": ctx["group"], "method": ctx["method"], "metric": key, "value": _num(value)})
+        elif isinstance(value, (dict, list)):
+            _walk(value, _child_ctx(ctx, key), out)
+
+
+def _child_ctx(ctx: dict[str, Any], key: str) -> dict[str, Any]:
+    sub = dict(ctx, in_segments=False)
+    low = key.lower()
+    if "pop" in low or "baseline" in low:
+        sub["method"] = "popularity"
+    elif ctx["in_segments"]:
+        sub["group"] = key
+    elif low in _SEGMENT_KEYS:
+        sub["in_segments"] = True
+    elif low in ("model", "cf", "als", "bpr", "lmf", "recommender"):
+        sub["method"] = "model"
+        sub["in_segments"] = ctx["in_segments"]
+    return sub
+
+
+def _method_name(name: str) -> str:
+    low = name.lower()
+    return "popularity" if "pop" in low or "baseline" in low else "model"
+
+
+def _recommender_section(arts: Artifacts) -> Section | None:
+    rec = arts.plan.recommender if arts.plan else None
+    rows = recommender_rows(rec) if rec else []
+    if not rows:
+        return None
+    algo = rec.get("algorithm") if isinstance(rec, dict) else None
+    label = f"collaborative filtering ({algo})" if algo else "collaborative filtering"
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    groups = ["overall"] + [g for g in groups if g != "overall"] if "overall" in groups else groups
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    methods = [m for m in ("model", "popularity") if any(r["method"] == m for r in rows)]
+    values = {(r["group"], r["metric"], r["method"]): r["value"] for r in rows}
+    sec = Section("recommender", "Is the recommender any good?",
+                  intro="Held-out interactions (the latest ones) ranked by the factorization model and by a "
+                        "popularity baseline; higher is better for every metric shown.")
+    names = {"model": label, "popularity": "popularity baseline"}
+    png = plots.recommender_bars(groups, metrics, {(g, m, names[k]): v for (g, m, k), v in values.items()},
+                                 [names[m] for m in methods])
+    if png:
+        sec.figures.append(Figure(png, "Recommender quality per segment against the popularity baseline"))
+    sec.tables.append(_recommender_table(groups, metrics, methods, values, names))
+    sec.data = {"rows": rows, "algorithm": algo}
+    return sec
+
+
+def _recommender_table(groups: list[str], metrics: list[str], methods: list[str], values: dict,
+                       names: dict[str, str]) -> Table:
+    cols, rows = ["group", "metric"] + [names[m] for m in methods], []
+    for g in groups:
+        for m in metrics:
+            vals = [values.get((g, m, k)) for k in methods]
+            if all(v is None for v in vals):
+                continue
+            cells: list[Cell | str] = [g, m]
+            best = max((v for v in vals if v is not None), default=None)
+            for v in vals:
+                cells.append(Cell(f"{v:.3f}" if v is not None else "—",
+                                  tone="good" if v is not None and v == best and len(methods) > 1 else ""))
+            rows.append(cells)
+    return Table(cols, rows)
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def _best_step(arts: Artifacts) -> float | None:
+    man = arts.run_manifest or {}
+    if _num(man.get("best_step")) is not None:
+        return _num(man["best_step"])
+    val = [(r["step"], r["val_loss"]) for r in arts.run_metrics if _num(r.get("val_loss")) is not None
+           and _num(r.get("step")) is not None]
+    return float(min(val, key=lambda p: p[1])[0]) if val else None
+
+
+def _run_section(arts: Artifacts) -> Section | None:
+    if arts.run_path is None:
+        return None
+    man, rows = arts.run_manifest or {}, arts.run_metrics
+    train = [(float(r["step"]), float(r["train_loss"])) for r in rows
+             if _num(r.get("step")) is not None and _num(r.get("train_loss")) is not None]
+    val = [(float(r["step"]), float(r["val_loss"])) for r in rows
+           if _num(r.get("step")) is not None and _num(r.get("val_loss")) is not None]
+    best = _best_step(arts)
+    stop = man.get("stop_reason") or ("stopped early" if man.get("stopped_early") else None)
+    sec = Section("training", "Training", intro=f"Run {arts.run_path}.")
+    png = plots.loss_curves(train, val, best, stop)
+    if png:
+        sec.figures.append(Figure(png, "Train and validation loss", "The dashed line marks the kept (best) step."))
+    if man.get("stopped_early"):
+        sec.callouts.append(("info", f"Early stopping: {stop}. The adapter kept is the one from step {best:g}."
+                             if best is not None else f"Early stopping: {stop}."))
+    if man and not rows:
+        sec.callouts.append(("warn", "metrics.jsonl is missing: no loss curves."))
+    if not man:
+        sec.callouts.append(("warn", "manifest.json is missing: the run is still training or crashed."))
+    facts = _run_facts(man, rows, best, val)
+    sec.tables.append(Table(["", ""], [[k, v] for k, v in facts.items()], "Run facts"))
+    sec.data = {"best_step": best, "stopped_early": man.get("stopped_early"), "stop_reason": man.get("stop_reason"),
+                "train_loss": train, "val_loss": val, "facts": facts}
+    return sec
+
+
+def _run_facts(man: dict[str, Any], rows: list[dict[str, Any]], best: float | None,
+               val: list[tuple[float, float]]) -> dict[str, str]:
+    facts: dict[str, str] = {}
+    for key, label in (("base_model", "base model"), ("task", "task"), ("seed", "seed")):
+        if man.get(key) is not None:
+            facts[label] = str(man[key])
+    if isinstance(man.get("layers"), list):
+        facts["LoRA layers"] = _ranges([x for x in man["layers"] if isinstance(x, int)]) or "all"
+    if rows:
+        facts["steps logged"] = str(max(int(r.get("step", 0)) for r in rows))
+    if best is not None:
+        facts["best step"] = f"{best:g}"
+    if val:
+        facts["best validation loss"] = f"{min(v for _, v in val):.4f}"
+    tps = [float(r["tokens_per_s"]) for r in rows if _num(r.get("tokens_per_s"))]
+    if tps:
+        facts["tokens / s (median)"] = f"{statistics.median(tps):,.0f}"
+    facts.update(_flat_scalars(man.get("timings"), "time: "))
+    for key in man:
+        if "peak" in key.lower() and _num(man[key]) is not None:
+            facts[key.replace("_", " ")] = fmt_bytes(man[key]) if "byte" in key.lower() else f"{man[key]:g}"
+    return facts
+
+
+def _flat_scalars(d: Any, prefix: str) -> dict[str, str]:
+    if not isinstance(d, dict):
+        return {}
+    return {f"{prefix}{k.replace('_', ' ')}": (f"{v:,.1f}" if isinstance(v, float) else str(v))
+            for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def _scope_values(ev: EvalView, scope: str, names: list[str]) -> dict[tuple[str, str], tuple]:
+    key = "segment" if scope == "segment" else "domain"
+    out = {}
+    for name in names:
+        for m in ev.models:
+            row = ev.cell(m, scope, **{key: name})
+            if row is not None and _num(row.get("value")) is not None:
+                out[(name, m)] = (_num(row["value"]), _num(row.get("ci_low")), _num(row.get("ci_high")),
+                                  bool(row.get("enough", True)))
+    return out
+
+
+def _segment_section(arts: Artifacts) -> Section | None:
+    return _scope_section(arts.eval, "segment") if arts.eval else None
+
+
+def _domain_section(arts: Artifacts) -> Section | None:
+    return _scope_section(arts.eval, "domain") if arts.eval else None
+
+
+def _scope_section(ev: EvalView, scope: str) -> Section | None:
+    names = ev.names(scope)
+    if not names:
+        return None
+    if scope == "domain":  # the domains that moved most first: that is what a reader looks for
+        names.sort(key=lambda n: -abs(ev.delta("domain", domain=n) or 0.0))
+    title = "Did it help? Per segment" if scope == "segment" else "Per domain"
+    sec = Section(f"eval-{scope}", title,
+                  intro=f"{ev.metric} of every model on the same held-out test split, with bootstrap 95% "
+                        f"intervals. {ev.doc.get('n_test_examples', '?')} test examples, "
+                        f"{ev.doc.get('n_test_queries', '?')} test queries.")
+    if scope == "segment":
+        _flag_callouts(ev, sec)
+    png = plots.metric_dots(names, ev.models, _scope_values(ev, scope, names), ev.metric, ev.pct)
+    if png:
+        sec.figures.append(Figure(png, f"{ev.metric} per {scope} and model with 95% intervals",
+                                  _top_note(len(names), "domains, those that moved most first")
+                                  if scope == "domain" else ""))
+    sec.tables.append(_scope_table(ev, scope, names))
+    sec.data = {"metric": ev.metric, "base": ev.base, "finetuned": ev.tuned,
+                "rows": [r for r in ev.doc["metrics"] if r.get("scope") == scope],
+                "delta": {n: ev.delta(scope, **{("segment" if scope == "segment" else "domain"): n})
+                          for n in names}}
+    return sec
+
+
+def _flag_callouts(ev: EvalView, sec: Section) -> None:
+    for f in ev.flags():
+        sec.callouts.append(("bad", f"⚠ {f.get('segment')}: {f.get('metric', ev.metric)} "
+                                    f"{fmt_value(_num(f.get('base')), ev.pct)} → "
+                                    f"{fmt_value(_num(f.get('finetuned')), ev.pct)} "
+                                    f"({fmt_delta(_num(f.get('delta')), ev.pct)}, 95% CI "
+                                    f"{fmt_delta(_num(f.get('ci_low')), ev.pct)} to "
+                                    f"{fmt_delta(_num(f.get('ci_high')), ev.pct)}): {f.get('reason', 'flagged')}."))
+    if not ev.flags() and ev.tuned:
+        sec.callouts.append(("good", f"No segment is worse under {ev.tuned} than under {ev.base} with a 95% "
+                                     "interval that excludes zero."))
+    worst = ev.doc.get("worst_segment") or {}
+    if worst.get("segment") is not None:
+        sec.callouts.append(("warn", f"Worst segment: {worst['segment']} at "
+                                     f"{fmt_value(_num(worst.get('value')), ev.pct)} ({worst.get('model')})."))
+
+
+def _scope_table(ev: EvalView, scope: str, names: list[str]) -> Table:
+    key = "segment" if scope == "segment" else "domain"
+    flagged = {f.get("segment") for f in ev.flags()} if scope == "segment" else set()
+    cols = [key, "n"] + list(ev.models) + (["Δ fine-tuned − base"] if ev.tuned else [])
+    rows = []
+    for name in names:
+        cells: list[Cell | str] = [Cell(name, "⚠ flagged", "bad") if name in flagged else name]
+        ns = [ev.cell(m, scope, **{key: name}) for m in ev.models]
+        cells.append(str(next((r.get("n") for r in ns if r and r.get("n") is not None), "—")))
+        cells += [_metric_cell(r, ev.pct) for r in ns]
+        if ev.tuned:
+            d = ev.delta(scope, **{key: name})
+            cells.append(Cell(fmt_delta(d, ev.pct), tone=_tone(d, ev.metric)))
+        rows.append(cells)
+    return Table(cols, rows)
+
+
+def _metric_cell(row: dict[str, Any] | None, pct: bool) -> Cell:
+    if row is None or _num(row.get("value")) is None:
+        return Cell("—")
+    if not row.get("enough", True):
+        return Cell("too few", f"n={row.get('n')}", "muted")
+    lo, hi = _num(row.get("ci_low")), _num(row.get("ci_high"))
+    ci = f"{fmt_value(lo, pct)}–{fmt_value(hi, pct)}" if lo is not None and hi is not None else ""
+    return Cell(fmt_value(_num(row["value"]), pct), ci)
+
+
+def _cross_section(arts: Artifacts) -> Section | None:
+    ev = arts.eval
+    if ev is None or ev.tuned is None:
+        return None
+    segs, doms = ev.names("segment"), ev.names("domain")
+    delta = np.full((len(segs), len(doms)), np.nan)
+    enough = np.zeros_like(delta, dtype=bool)
+    for i, s in enumerate(segs):
+        for j, d in enumerate(doms):
+            rb, rt = ev.cell(ev.base, "segment_domain", s, d), ev.cell(ev.tuned, "segment_domain", s, d)
+            if rb and rt and _num(rb.get("value")) is not None and _num(rt.get("value")) is not None:
+                delta[i, j] = rt["value"] - rb["value"]
+                enough[i, j] = bool(rb.get("enough", True) and rt.get("enough", True))
+    if not np.isfinite(delta).any():
+        return None
+    order = np.argsort(-np.nan_to_num(np.abs(np.where(enough, delta, 0)), nan=0).sum(axis=0), kind="stable")
+    doms_sorted = [doms[j] for j in order]
+    png = plots.delta_heatmap(segs, doms_sorted, delta[:, order], enough[:, order], ev.pct,
+                              higher_is_better(ev.metric))
+    sec = Section("eval-cross", "Segment × domain: where it changed",
+                  intro=f"Change in {ev.metric} from {ev.base} to {ev.tuned} for each segment on each domain; "
+                        "cells with too little test traffic are left blank (n/a).")
+    if png:
+        sec.figures.append(Figure(png, "Change of the primary metric per segment and domain",
+                                  _top_note(len(doms), "domains that moved most")))
+    sec.data = {"segments": segs, "domains": doms, "delta": _nan_to_none(delta), "enough": enough.tolist()}
+    return sec
+
+
+def _representation_section(arts: Artifacts) -> Section | None:
+    ev = arts.eval
+    reps = [r for r in (ev.doc.get("representation") or []) if isinstance(r, dict)] if ev else []
+    if not reps:
+        return None
+    sec = Section("representation", "Who the training data serves",
+                  intro="Each segment's and domain's share of the training sample beside its share of traffic; "
+                        "⚠ marks those the data under-serves.")
+    for kind in ("segment", "domain"):
+        rs = [r for r in reps if r.get("kind") == kind]
+        png = plots.share_bars([str(r.get("name")) for r in rs], [_num(r.get("train_share")) or 0.0 for r in rs],
+                               [_num(r.get("traffic_share")) or 0.0 for r in rs],
+                               [bool(r.get("underserved")) for r in rs])
+        if png:
+            sec.figures.append(Figure(png, f"Training share vs traffic share per {kind}",
+                                      _top_note(len(rs), f"{kind}s")))
+    under = [r for r in reps if r.get("underserved")]
+    if under:
+        sec.callouts.append(("warn", "Under-served: " + ", ".join(f"{r.get('kind')} {r.get('name')}"
+                                                                  for r in under) + "."))
+    sec.tables.append(Table(["kind", "name", "share of training", "share of traffic", ""],
+                            [[str(r.get("kind")), str(r.get("name")), fmt_value(_num(r.get("train_share")), True),
+                              fmt_value(_num(r.get("traffic_share")), True),
+                              Cell("under-served", tone="bad") if r.get("underserved") else ""] for r in reps]))
+    sec.data = {"rows": reps}
+    return sec
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _variant_records(arts: Artifacts) -> list[dict[str, Any]]:
+    """Export variants from EXPORT/manifest.json, else from eval.json's ``variants``; quality joined from eval."""
+    recs: list[dict[str, Any]] = []
+    if arts.export:
+        recs = [dict(v) for v in arts.export["variants"] if isinstance(v, dict) and v.get("name")]
+    elif arts.eval and isinstance(arts.eval.doc.get("variants"), dict):
+        recs = [{"name": Path(k).name, "model": k, **v} for k, v in arts.eval.doc["variants"].items()
+                if isinstance(v, dict)]
+    ev = arts.eval
+    for v in recs:
+        model = v.get("model") or (_match_model(ev, v) if ev else None)
+        v["model"] = model
+        v["quality"] = ev.value(model, "overall") if ev and model else None
+    return recs
+
+
+def _match_model(ev: EvalView, variant: dict[str, Any]) -> str | None:
+    names = {str(variant.get("name")), Path(str(variant.get("path", ""))).name}
+    return next((m for m in ev.models if m in names or Path(m).name in names), None)
+
+
+def _export_section(arts: Artifacts) -> Section | None:
+    recs = _variant_records(arts)
+    if not recs:
+        return None
+    ev = arts.eval
+    merged = next((v.get("size_bytes") for v in recs if v["name"] == "merged" and v.get("size_bytes")), None)
+    use_eval = ev is not None and sum(v["quality"] is not None for v in recs) >= 1
+    qlabel = ev.metric if use_eval else "top-1 agreement with merged"
+    quality = [v["quality"] if use_eval else _num(v.get("agreement")) for v in recs]
+    sec = Section("export", "Deployable variants: size vs quality",
+                  intro="Each exported variant's size on disk, CPU speed and quality" +
+                        (f" ({ev.metric} on the test split)" if use_eval else
+                         " (next-token agreement with the merged model on the probe set)") + ".")
+    as_pct = ev.pct if use_eval else True  # agreement is a rate too
+    png = plots.size_quality([v["name"] for v in recs], [(v.get("size_bytes") or 0) / 1e6 for v in recs], quality,
+                             qlabel, as_pct)
+    if png:
+        sec.figures.append(Figure(png, "Size on disk against quality per variant"))
+    sec.tables.append(_export_table(recs, merged, ev))
+    sec.data = {"variants": recs, "merged_size_bytes": merged, "quality_metric": qlabel}
+    return sec
+
+
+def _export_table(recs: list[dict[str, Any]], merged: float | None, ev: EvalView | None) -> Table:
+    cols = ["variant", "size", "vs merged", "load s", "ms / token", "agreement"] + ([ev.metric] if ev else [])
+    rows = []
+    for v in recs:
+        size = v.get("size_bytes")
+        ratio = f"{size / merged:.0%}" if size and merged else "—"
+        row: list[Cell | str] = [v["name"], fmt_bytes(size), ratio, _fmt_num(v.get("load_seconds"), 2),
+                                 _fmt_num(v.get("ms_per_token"), 1), fmt_value(_num(v.get("agreement")), True)]
+        if ev:
+            row.append(fmt_value(v["quality"], ev.pct))
+        rows.append(row)
+    return Table(cols, rows)
+
+
+def _fmt_num(v: Any, digits: int) -> str:
+    x = _num(v)
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------- store
+
+
+def _store_section(arts: Artifacts) -> Section | None:
+    facts = arts.store
+    if facts is None:
+        return None
+    seg, dom = traffic_tables(facts.get("counts") or [])
+    total = sum(r["events"] for r in seg)
+    sec = Section("store", "The interaction data",
+                  intro=f"{total:,} events from {facts.get('users', 0):,} users on {facts.get('examples', 0):,} "
+                        f"examples, in {facts.get('batches', 0):,} ingested batches.")
+    if facts.get("rejected"):
+        sec.callouts.append(("warn", f"{facts['rejected']:,} rows were rejected at ingest; see "
+                                     "`adaptive-ft stats`."))
+    sec.tables.append(Table(["segment", "events", "share", "negative feedback"], [
+        [r["name"], f"{r['events']:,}", f"{r['share']:.1%}", fmt_value(r["negative_rate"], True)] for r in seg],
+        "Traffic per segment"))
+    sec.tables.append(Table(["domain", "events", "share", "negative feedback"], [
+        [r["name"], f"{r['events']:,}", f"{r['share']:.1%}", fmt_value(r["negative_rate"], True)] for r in dom],
+        "Traffic per domain, busiest first"))
+    sec.data = {"events": total, "users": facts.get("users"), "examples": facts.get("examples"),
+                "batches": facts.get("batches"), "rejected": facts.get("rejected"),
+                "fingerprint": facts.get("fingerprint"), "segments": seg, "domains": dom}
+    return sec
+
+
+NEGATIVE = {"thumbs_down", "escalate", "regenerate", "abandon"}
+POSITIVE = {"thumbs_up", "resolve"}
+
+
+def traffic_tables(counts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per segment and per domain: events, share of events, and negative / (negative + positive) feedback."""
+    out = []
+    for key in ("segment", "domain"):
+        agg: dict[str, dict[str, float]] = {}
+        for r in counts:
+            a = agg.setdefault(str(r.get(key) or "unknown"), {"events": 0, "neg": 0, "pos": 0})
+            n = int(r.get("n") or 0)
+            a["events"] += n
+            a["neg"] += n if r.get("event") in NEGATIVE else 0
+            a["pos"] += n if r.get("event") in POSITIVE else 0
+        total = sum(a["events"] for a in agg.values()) or 1
+        out.append(sorted(({"name": k, "events": int(a["events"]), "share": a["events"] / total,
+                            "negative_rate": a["neg"] / (a["neg"] + a["pos"]) if a["neg"] + a["pos"] else None}
+                           for k, a in agg.items()), key=lambda r: -r["events"]))
+    return out[0], out[1]

@@ -1,0 +1,328 @@
+"""The report's plots: matplotlib figures rendered to PNG bytes, so the HTML can inline them as data URIs.
+
+Every function takes plain numbers (no artifact shapes: :mod:`adaptive_ft.report` reads those) and returns
+the PNG's bytes, or ``None`` when there is nothing to draw, so a section without data simply has no plot.
+Colours are the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies), and every
+colour distinction is doubled by a marker shape, a hatch or a label, so nothing depends on colour alone.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+# Okabe & Ito (2008), "Color Universal Design": blue, orange, bluish green, reddish purple, sky blue, vermillion.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*"]
+INK = "#1f2933"
+MUTED = "#7b8794"
+WIDTH_IN = 8.0  # figure width in inches; at DPI it is ~1150 px, sharp at the page's ~880 px column on 1.3x screens
+DPI = 144
+MAX_ROWS = 30  # categories per plot; tables in the report carry the rest
+
+_STYLE = {
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],
+    "font.size": 9.5,
+    "axes.titlesize": 10.5,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.labelcolor": INK,
+    "axes.edgecolor": "#cbd2d9",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e4e7eb",
+    "grid.linewidth": 0.8,
+    "xtick.color": INK,
+    "ytick.color": INK,
+    "legend.frameon": False,
+    "figure.facecolor": "white",
+}
+
+
+def _png(fig: plt.Figure) -> bytes:
+    """The figure as PNG bytes (no metadata, so the same data gives the same bytes), and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def _percent_axis(ax: plt.Axes, axis: str = "x") -> None:
+    fmt = matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=0)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+
+
+def metric_dots(categories: Sequence[str], models: Sequence[str], values: dict[tuple[str, str], tuple],
+                metric: str, as_percent: bool) -> bytes | None:
+    """One row per category (segment or domain), one dot per model with its 95% CI as a whisker.
+
+    ``values[(category, model)] = (value, ci_low, ci_high, enough)``; a cell with too little data is drawn
+    hollow and grey so it is visibly not a result.
+    """
+    if not categories or not models or not values:
+        return None
+    cats = list(categories)[:MAX_ROWS]
+    height = max(1.8, 0.32 * len(cats) * max(1.0, len(models) / 2.5) + 1.0)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, height))
+        step = 0.7 / max(1, len(models))
+        for j, model in enumerate(models):
+            offset = (j - (len(models) - 1) / 2) * step
+            _model_dots(ax, cats, model, values, offset, j)
+        ax.set_yticks(range(len(cats)), cats)
+        ax.invert_yaxis()
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(f"{metric} (dot) with 95% bootstrap interval (line)")
+        if as_percent:
+            _percent_axis(ax)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.0 + 0.5 / height), ncol=min(4, len(models)),
+                  handletextpad=0.3, columnspacing=1.4)
+        return _png(fig)
+
+
+def _model_dots(ax: plt.Axes, cats: list[str], model: str, values: dict, offset: float, j: int) -> None:
+    ys, xs, lo, hi, faint = [], [], [], [], []
+    for i, cat in enumerate(cats):
+        cell = values.get((cat, model))
+        if cell is None or cell[0] is None:
+            continue
+        value, ci_low, ci_high, enough = cell
+        (ys if enough else faint).append((i + offset, value, ci_low, ci_high))
+    for y, v, a, b in ys:
+        xs.append(v)
+        lo.append(v - a if a is not None else 0.0)
+        hi.append(b - v if b is not None else 0.0)
+    if ys:
+        ax.errorbar(xs, [y for y, *_ in ys], xerr=[lo, hi], fmt=MARKERS[j % len(MARKERS)], color=_color(j),
+                    ecolor=_color(j), elinewidth=1.6, capsize=2.5, markersize=6, label=model)
+    if faint:
+        ax.plot([v for _, v, *_ in faint], [y for y, *_ in faint], MARKERS[j % len(MARKERS)], color=MUTED,
+                markerfacecolor="none", markersize=6, label=None if ys else model)
+
+
+def priority_bars(domains: Sequence[str], priority: Sequence[float], demand: Sequence[float],
+                  failure: Sequence[float]) -> bytes | None:
+    """Three panels sharing the domain axis: priority, and the demand and failure it is the product of."""
+    if not domains:
+        return None
+    n = min(len(domains), MAX_ROWS)
+    panels = [("priority (expected unmet need)", priority, _color(0)), ("demand", demand, _color(4)),
+              ("failure", failure, _color(5))]
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(WIDTH_IN, max(1.8, 0.28 * n + 0.9)), sharey=True,
+                                 gridspec_kw={"width_ratios": [1.4, 1, 1]})
+        y = np.arange(n)
+        for ax, (title, vals, color) in zip(axes, panels):
+            v = np.array([float(x) for x in vals[:n]])
+            ax.barh(y, v, color=color, height=0.68)
+            ax.set_title(title, fontsize=9.5)
+            ax.grid(axis="y", visible=False)
+            ax.set_xlim(0, max(1e-9, float(np.nanmax(v))) * 1.12)
+            for yi, vi in zip(y, v):
+                ax.text(vi, yi, f" {vi:.2f}", va="center", fontsize=7.5, color=INK)
+        axes[0].set_yticks(y, list(domains[:n]))
+        axes[0].invert_yaxis()
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout(w_pad=1.0)
+        return _png(fig)
+
+
+def layer_heatmap(rows: Sequence[str], layers: Sequence[int], score: np.ndarray, measured: np.ndarray,
+                  selected: Sequence[int]) -> bytes | None:
+    """Domain x layer scores; measured cells carry a dot, completed (matrix-factorised) cells a hatch.
+
+    ``score`` and ``measured`` are (len(rows), len(layers)); NaN scores are cells with no value at all.
+    Selected layers are marked with a triangle above the column and a bold tick label.
+    """
+    if not rows or not layers or not np.isfinite(score).any():
+        return None
+    n_rows, n_cols = score.shape
+    with plt.rc_context({**_STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, 0.34 * n_rows + 1.3)))
+        img = ax.imshow(np.ma.masked_invalid(score), aspect="auto", cmap="cividis", interpolation="nearest")
+        _mark_cells(ax, score, measured)
+        ax.set_xticks(range(n_cols), [str(layer) for layer in layers], fontsize=7.5 if n_cols > 20 else 8.5)
+        ax.set_yticks(range(n_rows), list(rows))
+        for tick, layer in zip(ax.get_xticklabels(), layers):
+            if layer in set(selected):
+                tick.set_fontweight("bold")
+        sel_x = [i for i, layer in enumerate(layers) if layer in set(selected)]
+        ax.plot(sel_x, [-0.85] * len(sel_x), "v", color=_color(5), markersize=7, clip_on=False)
+        ax.set_ylim(n_rows - 0.5, -1.1)
+        ax.set_xlabel("layer (bold, ▼ = selected for LoRA)")
+        ax.spines[:].set_visible(False)
+        cbar = fig.colorbar(img, ax=ax, fraction=0.035, pad=0.02)
+        cbar.set_label("score")
+        handles = [Line2D([], [], marker="o", linestyle="", color=INK, markersize=4, label="measured by a probe"),
+                   Patch(facecolor="white", edgecolor=MUTED, hatch="///", label="completed by factorization")]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.14 - 0.25 / max(1, n_rows)),
+                  ncol=2, fontsize=8.5)
+        return _png(fig)
+
+
+def _mark_cells(ax: plt.Axes, score: np.ndarray, measured: np.ndarray) -> None:
+    finite = score[np.isfinite(score)]
+    mid = float(np.median(finite)) if finite.size else 0.0
+    for (r, c), value in np.ndenumerate(score):
+        if not np.isfinite(value):
+            continue
+        # cividis is dark at the low end: mark low cells in white, high cells in near-black
+        ink = "white" if value < mid else "#111111"
+        if measured[r, c]:
+            ax.plot(c, r, "o", color=ink, markersize=3.2)
+        else:
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor=ink,
+                                   linewidth=0, alpha=0.3))
+
+
+def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float, float]],
+                best_step: float | None, stop_note: str | None) -> bytes | None:
+    """Train and validation loss against step; the best (kept) step is a vertical line."""
+    if not train and not val:
+        return None
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4))
+        if train:
+            ax.plot(*zip(*train), color=_color(0), linewidth=1.4, label="train loss", alpha=0.9)
+        if val:
+            ax.plot(*zip(*val), color=_color(1), linewidth=2.0, marker="s", markersize=4,
+                    label="validation loss")
+        if best_step is not None:
+            label = f"best step {best_step:g}" + (f" ({stop_note})" if stop_note else "")
+            ax.axvline(best_step, color=_color(5), linestyle="--", linewidth=1.3, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper right")
+        return _png(fig)
+
+
+def size_quality(names: Sequence[str], sizes_mb: Sequence[float], quality: Sequence[float | None],
+                 quality_label: str, as_percent: bool) -> bytes | None:
+    """One point per export variant: size on disk (x) against quality (y), each point labelled."""
+    points = [(n, s, q) for n, s, q in zip(names, sizes_mb, quality) if s and q is not None]
+    if not points:
+        return None
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4))
+        for j, (name, size, q) in enumerate(points):
+            ax.plot(size, q, MARKERS[j % len(MARKERS)], color=_color(j), markersize=9)
+            ax.annotate(name, (size, q), textcoords="offset points", xytext=(7, 5), fontsize=9, color=INK)
+        sizes = [s for _, s, _ in points]
+        if max(sizes) / max(1e-9, min(sizes)) > 8:
+            ax.set_xscale("log")
+        qs = [q for *_, q in points]
+        span = max(qs) - min(qs)
+        pad = max(span * 0.35, 0.02 if as_percent else 0.05 * max(1e-9, abs(max(qs))))
+        ax.set_ylim(min(qs) - pad, max(qs) + pad)
+        ax.set_xlim(min(sizes) * 0.8, max(sizes) * 1.3)
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel(quality_label)
+        if as_percent:
+            _percent_axis(ax, "y")
+        return _png(fig)
+
+
+def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
+                     values: dict[tuple[str, str, str], float], methods: Sequence[str]) -> bytes | None:
+    """Small multiples, one panel per ranking metric: groups (overall, segments) x methods (model, popularity).
+
+    ``values[(group, metric, method)] = value``.
+    """
+    if not groups or not metrics or not values:
+        return None
+    metrics = list(metrics)[:6]
+    cols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / cols)
+    hatches = ["", "////", "..", "xx"]
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(nrows, cols, figsize=(WIDTH_IN, 2.5 * nrows + 0.4), squeeze=False)
+        x = np.arange(len(groups))
+        width = 0.8 / max(1, len(methods))
+        for ax, metric in zip(axes.flat, metrics):
+            for j, method in enumerate(methods):
+                v = [values.get((g, metric, method), np.nan) for g in groups]
+                ax.bar(x + (j - (len(methods) - 1) / 2) * width, v, width, color=_color(j if j == 0 else 1 + j),
+                       hatch=hatches[j % len(hatches)], edgecolor="white", label=method)
+            ax.set_title(metric, fontsize=9.5)
+            ax.set_xticks(x, list(groups), rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4
+                          else "center", fontsize=8)
+            ax.grid(axis="x", visible=False)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.set_visible(False)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=len(methods), bbox_to_anchor=(0.5, 1.02))
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        return _png(fig)
+
+
+def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.ndarray, enough: np.ndarray,
+                  as_percent: bool, higher_is_better: bool) -> bytes | None:
+    """Segment x domain change of the primary metric (fine-tuned minus base); thin cells are left blank.
+
+    Diverging purple/orange map (colour-blind safe), centred on zero; each cell also prints its value.
+    """
+    if not segments or not domains or not np.isfinite(delta).any():
+        return None
+    cols = list(domains)[:MAX_ROWS]
+    d = delta[:, : len(cols)]
+    shown = np.where(enough[:, : len(cols)], d, np.nan)
+    signed = shown if higher_is_better else -shown
+    lim = float(np.nanmax(np.abs(signed))) if np.isfinite(signed).any() else 1.0
+    with plt.rc_context({**_STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, 0.42 * len(segments) + 1.6)))
+        img = ax.imshow(np.ma.masked_invalid(signed), cmap="PuOr", vmin=-lim or -1, vmax=lim or 1, aspect="auto")
+        for (r, c), v in np.ndenumerate(d):
+            if not enough[r, c] or not np.isfinite(v):
+                ax.text(c, r, "n/a", ha="center", va="center", fontsize=6.5, color=MUTED)
+                continue
+            text = f"{v * 100:+.0f}" if as_percent else f"{v:+.2f}"
+            strong = abs(signed[r, c]) > 0.6 * lim
+            ax.text(c, r, text, ha="center", va="center", fontsize=7, color="white" if strong else INK)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(segments)), list(segments))
+        ax.spines[:].set_visible(False)
+        cbar = fig.colorbar(img, ax=ax, fraction=0.03, pad=0.02)
+        cbar.set_label("better ▲ / worse ▼" if higher_is_better else "better (lower) ▲ / worse ▼")
+        return _png(fig)
+
+
+def share_bars(names: Sequence[str], train_share: Sequence[float], traffic_share: Sequence[float],
+               underserved: Sequence[bool]) -> bytes | None:
+    """Each segment's or domain's share of the training sample beside its share of traffic."""
+    if not names:
+        return None
+    n = min(len(names), MAX_ROWS)
+    y = np.arange(n)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.8, 0.36 * n + 0.9)))
+        ax.barh(y - 0.18, traffic_share[:n], 0.36, color=_color(4), label="share of traffic")
+        ax.barh(y + 0.18, train_share[:n], 0.36, color=_color(0), hatch="////", edgecolor="white",
+                label="share of training sample")
+        labels = [f"{name}  ⚠" if flag else name for name, flag in zip(names[:n], underserved[:n])]
+        ax.set_yticks(y, labels)
+        for tick, flag in zip(ax.get_yticklabels(), underserved[:n]):
+            if flag:
+                tick.set_color(_color(5))
+                tick.set_fontweight("bold")
+        ax.invert_yaxis()
+        ax.grid(axis="y", visible=False)
+        _percent_axis(ax)
+        ax.legend(loc="lower right")
+        return _png(fig)

@@ -1,0 +1,200 @@
+"""Render a :class:`~adaptive_ft.report.Report` as one self-contained HTML page, as Markdown, and as JSON.
+
+The HTML carries its stylesheet (``adaptive_ft/data/report.css``) and its plots (PNG data URIs) inline and
+references nothing outside itself, so it opens the same from a laptop, a CI artifact or an e-mail.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from adaptive_ft.report import Cell, Figure, Report, Section, Table
+
+_NUMERIC = re.compile(r"^[+\-−]?[\d.,]+\s*(%|pts|[kMG]?B|s)?$|^—$")
+_TONE_ICON = {"good": "✓", "bad": "⚠", "warn": "!", "info": "i"}
+FOLD_ROWS = 15  # longer tables fold behind a <details> so the page stays scannable
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+
+def _css() -> str:
+    return resources.files("adaptive_ft").joinpath("data/report.css").read_text(encoding="utf-8")
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two bits of Markdown the report's prose uses: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def to_html(report: Report) -> str:
+    """The whole page as a string."""
+    toc = "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in report.sections)
+    body = "\n".join(_section_html(s, i + 1) for i, s in enumerate(report.sections))
+    inputs = " · ".join(f"{k}: <code>{html.escape(v)}</code>" for k, v in report.inputs.items())
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light">
+<title>{html.escape(report.title)}</title>
+<style>
+{_css()}
+</style>
+</head>
+<body>
+<header class="hero"><div class="wrap">
+<p class="eyebrow">adaptive-ft · fine-tuning report</p>
+<h1>{html.escape(report.title)}</h1>
+<p class="meta">Generated {html.escape(report.generated)}<br>{inputs}</p>
+</div></header>
+<main class="wrap">
+{_summary_html(report)}
+<nav class="toc" aria-label="Sections">{toc}</nav>
+{body}
+</main>
+<footer class="wrap">Written by <code>adaptive-ft report</code>. The same content is in report.md; every number
+is in report.json.</footer>
+</body>
+</html>
+"""
+
+
+def _summary_html(report: Report) -> str:
+    tiles = "".join(
+        f'<div class="tile {t.tone}"><div class="tile-label">{html.escape(t.label)}</div>'
+        f'<div class="tile-value">{html.escape(t.value)}</div>'
+        f'<div class="tile-detail">{html.escape(t.detail)}</div></div>' for t in report.summary.tiles)
+    bullets = "".join(f"<li>{_inline(b)}</li>" for b in report.summary.bullets)
+    if not tiles and not bullets:
+        return ""
+    return (f'<section class="card summary" id="summary"><h2>Summary</h2>'
+            f'{f"<div class=tiles>{tiles}</div>" if tiles else ""}'
+            f'{f"<ul class=bullets>{bullets}</ul>" if bullets else ""}</section>')
+
+
+def _section_html(sec: Section, number: int) -> str:
+    parts = [f'<section class="card" id="{html.escape(sec.id)}">',
+             f'<h2><span class="num">{number}</span>{html.escape(sec.title)}</h2>']
+    if sec.intro:
+        parts.append(f'<p class="intro">{_inline(sec.intro)}</p>')
+    for tone, text in sec.callouts:
+        parts.append(f'<div class="callout {tone}"><span class="icon" aria-hidden="true">{_TONE_ICON.get(tone, "i")}'
+                     f'</span><div>{_inline(text)}</div></div>')
+    parts += [_figure_html(f) for f in sec.figures]
+    parts += [_table_html(t) for t in sec.tables]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figure_html(fig: Figure) -> str:
+    data = base64.b64encode(fig.png).decode("ascii")
+    cap = f"<figcaption>{_inline(fig.caption)}</figcaption>" if fig.caption else ""
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(fig.alt)}" loading="eager">'
+            f"{cap}</figure>")
+
+
+def _cell_html(cell: Cell | str, header: str) -> str:
+    c = cell if isinstance(cell, Cell) else Cell(str(cell))
+    classes = [c.tone] if c.tone else []
+    if _NUMERIC.match(c.text) or c.text == "too few":
+        classes.append("num")
+    note = f'<span class="note">{html.escape(c.note)}</span>' if c.note else ""
+    cls = f' class="{" ".join(classes)}"' if classes else ""
+    return f'<td{cls} data-label="{html.escape(header)}">{html.escape(c.text)}{note}</td>'
+
+
+def _table_html(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+    rows = "".join("<tr>" + "".join(_cell_html(c, h) for c, h in zip(r, t.columns)) + "</tr>" for r in t.rows)
+    cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
+    compact = " compact" if len(t.columns) <= 3 else ""
+    table = f'<div class="table-wrap{compact}"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+    if len(t.rows) > FOLD_ROWS:
+        what = t.caption or "the table"
+        return f"<details><summary>Show {html.escape(what.lower() if t.caption else what)} ({len(t.rows)} rows)" \
+               f"</summary>{table}</details>"
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- Markdown
+
+
+def _md_cell(cell: Cell | str) -> str:
+    text = cell.plain() if isinstance(cell, Cell) else str(cell)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: Table) -> list[str]:
+    cols = [c or " " for c in t.columns]
+    lines = [f"*{t.caption}*", ""] if t.caption else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+    return lines + [""]
+
+
+def to_markdown(report: Report) -> str:
+    """Summary, callouts and every table; the plots are in report.html."""
+    lines = [f"# {report.title}", "", f"Generated {report.generated}. Inputs: "
+             + ", ".join(f"{k} `{v}`" for k, v in report.inputs.items()) + ".", ""]
+    if report.summary.tiles or report.summary.bullets:
+        lines += ["## Summary", ""]
+        lines += [f"- **{t.label}: {t.value}** {('— ' + t.detail) if t.detail else ''}".rstrip()
+                  for t in report.summary.tiles]
+        lines += [f"- {b}" for b in report.summary.bullets] + [""]
+    for i, sec in enumerate(report.sections, 1):
+        lines += [f"## {i}. {sec.title}", ""]
+        if sec.intro:
+            lines += [sec.intro, ""]
+        lines += [f"> **{tone}:** {text}" for tone, text in sec.callouts]
+        if sec.callouts:
+            lines.append("")
+        if sec.figures:
+            lines += [f"*Plot in report.html: {', '.join(f.alt for f in sec.figures)}.*", ""]
+        for t in sec.tables:
+            lines += _md_table(t)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The numbers behind every section, plus the summary and each table as plain text."""
+    return _clean({
+        "title": report.title,
+        "generated": report.generated,
+        "inputs": report.inputs,
+        "summary": {"tiles": [vars(t) for t in report.summary.tiles], "bullets": report.summary.bullets,
+                    **report.summary.data},
+        "sections": [{"id": s.id, "title": s.title, "intro": s.intro,
+                      "callouts": [{"tone": a, "text": b} for a, b in s.callouts],
+                      "figures": [f.alt for f in s.figures],
+                      "tables": [{"caption": t.caption, "columns": t.columns,
+                                  "rows": [[c.plain() if isinstance(c, Cell) else c for c in r] for r in t.rows]}
+                                 for t in s.tables],
+                      "data": s.data} for s in report.sections],
+    })
