@@ -94,12 +94,15 @@ def popularity_recs(train: sp.csr_matrix, users: np.ndarray, k: int) -> np.ndarr
     """Top-k most popular (most users in training) examples each user has not touched yet; ties by id."""
     from implicit.cpu.topk import topk
 
-    pop = np.diff(train.tocsc().indptr).astype(np.float32)
+    pop = np.diff(train.tocsc().indptr)
+    order = np.lexsort((np.arange(len(pop)), -pop))  # most popular first, ties by lower id
+    score = np.empty(len(pop), dtype=np.float32)
+    score[order] = np.arange(len(pop), 0, -1)  # distinct integer scores: exact in float32, no ties left
     # a 1-factor "model": every user's score for an item is its popularity; implicit's topk does the
     # per-user filtering of already-seen items exactly as it does for the CF model
-    ids, _ = topk(pop[:, None], np.ones((len(users), 1), dtype=np.float32), k,
+    ids, _ = topk(score[:, None], np.ones((len(users), 1), dtype=np.float32), k,
                   filter_query_items=train[users], num_threads=1)
-    return _clean(ids, pop.shape[0])
+    return _clean(ids, len(pop))
 
 
 def model_recs(model, train: sp.csr_matrix, users: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,178 @@
+"""Demand, failure, priorities and sampling weights: exact values by hand and recovered planted structure."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+
+from adaptive_ft.config import Config, PrioritizeConfig
+from adaptive_ft.errors import InputError, PlanError
+from adaptive_ft.prioritize import build_plan, domain_scores, score_interactions
+from adaptive_ft.prioritize import demand as dm
+from adaptive_ft.prioritize.plan import Plan
+from prioritize_synth import planted_log
+
+
+def test_beta_failure_with_neighbour_prior_matches_hand_computation():
+    exposures = np.array([10.0, 0.0, 5.0])
+    negatives = np.array([5.0, 0.0, 0.0])
+    idx = np.array([[1, 2], [0, 2], [0, 1]])
+    sim = np.array([[0.5, -1.0], [1.0, 1.0], [0.0, 0.0]])
+    f = dm.example_failure(exposures, negatives, (idx, sim), strength=2.0)
+    g = 5 / 15
+    r = [(5 + 2 * g) / 12, (0 + 2 * g) / 2, (0 + 2 * g) / 7]  # shrunk to the global rate
+    prior = [r[1], (r[0] + r[2]) / 2, g]  # positive-similarity neighbours only; none -> global
+    assert f.global_rate == pytest.approx(g)
+    assert f.prior == pytest.approx(prior)
+    assert f.rate == pytest.approx([(5 + 2 * prior[0]) / 12, prior[1], (0 + 2 * prior[2]) / 7])
+
+
+def test_unseen_example_inherits_failure_from_look_alikes():
+    # items 0-2 are look-alikes (same factor direction) that fail often; 3-5 another group that never fails
+    item = np.array([[1, 0], [1, 0.01], [1, -0.01], [0, 1], [0.01, 1], [-0.01, 1]], dtype=np.float32)
+    exposures = np.array([50, 50, 0, 50, 50, 0.0])
+    negatives = np.array([40, 40, 0, 0, 0, 0.0])
+    f = dm.example_failure(exposures, negatives, dm.item_neighbours(item, 2), strength=5.0)
+    assert f.rate[2] > 0.6 and f.rate[5] < 0.1  # same zero feedback, opposite inherited failure
+
+
+def test_item_neighbours_are_the_most_similar_others():
+    item = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    idx, sim = dm.item_neighbours(item, 1, block=3)  # block < I exercises the blocked path
+    assert idx[:, 0].tolist() == [1, 0, 3, 2]
+    assert sim[0, 0] == pytest.approx(0.9 / math.hypot(0.9, 0.1), rel=1e-5)
+
+
+def test_priority_is_weighted_demand_times_failure():
+    demand = np.array([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    failure = np.array([0.2, 0.4, 0.1])
+    prio, contrib = dm.priorities(demand, failure, np.array([0.25, 0.75]))
+    assert prio == pytest.approx([0.25 * 0.5 * 0.2 + 0.75 * 0.1 * 0.2, 0.25 * 0.5 * 0.4 + 0.75 * 0.2 * 0.4,
+                                  0.75 * 0.7 * 0.1])
+    assert contrib.sum(axis=0) == pytest.approx(prio)
+
+
+def test_segment_weights_modes():
+    names, traffic, fail = ["a", "b"], np.array([300.0, 100.0]), np.array([0.1, 0.3])
+    cfg = PrioritizeConfig()
+    assert dm.segment_weights(names, traffic, fail, cfg) == pytest.approx([0.75, 0.25])
+    assert dm.segment_weights(names, traffic, fail, replace(cfg, segment_weighting="uniform")) == pytest.approx([0.5, 0.5])
+    # under-served: traffic x failure = 0.075 vs 0.075 -> equal, although b has a third of a's traffic
+    assert dm.segment_weights(names, traffic, fail, replace(cfg, segment_weighting="underserved")) == pytest.approx([0.5, 0.5])
+    assert dm.segment_weights(names, traffic, fail, replace(cfg, segment_weights={"b": 3, "a": 1})) == pytest.approx([0.25, 0.75])
+
+
+def test_explicit_weight_on_a_segment_without_events_is_an_error():
+    cfg = PrioritizeConfig(segment_weights={"a": 1.0, "enterprise": 1.0})
+    with pytest.raises(InputError, match="enterprise"):
+        dm.segment_weights(["a", "b"], np.array([5.0, 5.0]), np.array([0.1, 0.1]), cfg)
+
+
+def test_sampling_weights_respect_floor_and_cap():
+    rng = np.random.default_rng(0)
+    prio = np.concatenate([rng.uniform(1, 2, 30), [100.0], rng.uniform(0.001, 0.002, 10)])
+    domain = np.array([0] * 31 + [1] * 10)
+    clusters = np.arange(41)
+    cfg = PrioritizeConfig(domain_floor=0.1, example_cap=0.05)
+    w, notes = dm.sampling_weights(prio, domain, clusters, cfg)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and not notes
+    assert w[domain == 1].sum() >= 0.1 - 1e-9  # starving domain lifted to the floor
+    assert w.max() <= 0.05 + 1e-9  # the one dominant example is capped
+    # a temperature flattens: the spread between examples of one domain shrinks
+    hot, _ = dm.sampling_weights(prio, domain, clusters, replace(cfg, temperature=10.0))
+    assert np.ptp(hot[:30]) < np.ptp(w[:30])
+
+
+def test_cap_applies_to_a_cluster_of_near_duplicates():
+    prio = np.array([1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+    clusters = np.array([0, 0, 0, 1, 2, 3, 4, 5])  # three copies of one question
+    w, _ = dm.sampling_weights(prio, np.zeros(8, dtype=int), clusters, PrioritizeConfig(example_cap=0.3))
+    assert w[:3].sum() == pytest.approx(0.3)
+
+
+def test_duplicate_clusters_join_same_normalized_prompt():
+    items = pl.DataFrame({"example_id": ["a", "b", "c"], "prompt": ["Reset my PIN!", "reset my  pin", "Other"]})
+    none = (np.zeros((3, 0), dtype=np.int64), np.zeros((3, 0)))
+    c = dm.duplicate_clusters(items, none, np.ones(3), 0.98, 5)
+    assert c[0] == c[1] != c[2]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_highest_need_domains_come_first(seed):
+    inter, truth = planted_log(seed=seed)
+    top = [d.domain for d in domain_scores(score_interactions(inter, Config(seed=seed)))]
+    assert len(set(top[:3]) & set(truth["top"][:3])) >= 2
+    assert top[0] == truth["top"][0]
+
+
+def _plan_doc(seed: int) -> dict:
+    inter, _ = planted_log(seed=1)
+    plan = build_plan(score_interactions(inter, Config(seed=seed)), Config(seed=seed), {"store": "x"})
+    doc = plan.__dict__.copy()
+    doc.pop("created")
+    doc["examples"] = doc["examples"].to_dicts()
+    doc["domains"] = [d.__dict__ for d in doc["domains"]]
+    return doc
+
+
+def test_same_input_config_and_seed_give_the_same_plan():
+    assert json.dumps(_plan_doc(0), default=str) == json.dumps(_plan_doc(0), default=str)
+
+
+def test_plan_roundtrip_has_no_nan(tmp_path):
+    inter, _ = planted_log(seed=0)
+    plan = build_plan(score_interactions(inter, Config()), Config(), {"store": "x"})
+    path = plan.save(tmp_path / "plan.json")
+    back = Plan.load(path)
+    assert back.domain_names == plan.domain_names
+    assert back.example_weights()["weight"].sum() == pytest.approx(1.0)
+    assert "NaN" not in path.read_text()
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def _small(pairs: list[tuple[int, int, int]], users: int = 2, domains: list[str | None] | None = None):
+    domains = domains or ["x", "y"]
+    return dm.Interactions(
+        pl.DataFrame({"uix": range(users), "user_id": [f"u{i}" for i in range(users)], "segment": ["s"] * users},
+                     schema_overrides={"uix": pl.Int32}),
+        pl.DataFrame({"iix": range(len(domains)), "example_id": [f"e{i}" for i in range(len(domains))],
+                      "domain": domains, "prompt": [f"p{i}" for i in range(len(domains))]},
+                     schema_overrides={"iix": pl.Int32, "domain": pl.Utf8}),
+        pl.DataFrame({"uix": [p[0] for p in pairs], "iix": [p[1] for p in pairs], "conf": [1.0] * len(pairs),
+                      "neg": [p[2] for p in pairs], "t0": [float(i) for i in range(len(pairs))]},
+                     schema={"uix": pl.Int32, "iix": pl.Int32, "conf": pl.Float32, "neg": pl.Int8, "t0": pl.Float64}),
+        "test-store")
+
+
+def test_one_user_is_refused():
+    with pytest.raises(InputError, match="one user.*at least 2 users"):
+        score_interactions(_small([(0, 0, 1), (0, 1, 0)], users=1), Config())
+
+
+def test_no_events_is_refused():
+    with pytest.raises(InputError, match="no events"):
+        score_interactions(_small([]), Config())
+
+
+def test_example_without_domain_is_refused():
+    with pytest.raises(InputError, match="1 example.*no domain.*e1"):
+        score_interactions(_small([(0, 0, 1), (1, 1, 0)], domains=["x", None]), Config())
+
+
+def test_no_negative_feedback_is_an_error_unless_planning_by_demand():
+    inter = _small([(0, 0, 0), (1, 1, 0), (1, 0, 0)])
+    with pytest.raises(PlanError, match="no negative feedback.*no_feedback=demand"):
+        score_interactions(inter, Config())
+    cfg = Config()
+    cfg.prioritize.no_feedback = "demand"
+    cfg.prioritize.factors = 2
+    scored = score_interactions(inter, cfg)
+    assert np.isfinite(scored.examples["weight"].to_numpy()).all()
+    assert scored.examples["weight"].sum() == pytest.approx(1.0)
