@@ -341,26 +341,31 @@ def _zipf_popularity(example_domain: np.ndarray, n_dom: int, skew: float, rng: n
 
 
 def plant_world(cfg: SimulateConfig, pool: Pool, rng: np.random.Generator) -> World:
-    """Draw segments, users, preferences, popularity and planted failure rates."""
+    """Draw segments, users, preferences, popularity and planted failure rates.
+
+    Segments, examples and users draw from separate streams, so the same seed plants the same segment
+    preferences, bad cells and example difficulties whatever the number of users.
+    """
+    seg_rng, ex_rng, user_rng = rng.spawn(3)
     domains = sorted(pool.frame["domain"].unique().to_list())
     n_seg, n_dom = len(cfg.segments), len(domains)
     share = _segment_share(cfg)
-    segment_pref = rng.dirichlet(np.full(n_dom, cfg.preference_concentration), size=n_seg)
-    user_segment = rng.choice(n_seg, size=cfg.users, p=share)
-    # A user's mix: a Dirichlet centred on the segment's mix (floored so no domain is impossible).
-    alpha = cfg.user_concentration * (segment_pref[user_segment] + 1e-3)
-    user_pref = rng.gamma(alpha)
-    user_pref /= user_pref.sum(axis=1, keepdims=True)
-    activity = rng.lognormal(0.0, cfg.activity_skew, cfg.users)
-    failure, bad = _plant_failures(cfg, segment_pref, rng)
+    segment_pref = seg_rng.dirichlet(np.full(n_dom, cfg.preference_concentration), size=n_seg)
+    failure, bad = _plant_failures(cfg, segment_pref, seg_rng)
     dom_index = {d: i for i, d in enumerate(domains)}
     example_domain = np.array([dom_index[d] for d in pool.frame["domain"]], dtype=np.int64)
+    example_logit = ex_rng.normal(0.0, cfg.difficulty_spread, example_domain.size)
+    popularity = _zipf_popularity(example_domain, n_dom, cfg.popularity_skew, ex_rng)
+    user_segment = user_rng.choice(n_seg, size=cfg.users, p=share)
+    # A user's mix: a Dirichlet centred on the segment's mix (floored so no domain is impossible).
+    user_pref = user_rng.gamma(cfg.user_concentration * (segment_pref[user_segment] + 1e-3))
+    user_pref /= user_pref.sum(axis=1, keepdims=True)
+    activity = user_rng.lognormal(0.0, cfg.activity_skew, cfg.users)
     return World(
         segments=list(cfg.segments), domains=domains, segment_share=share, segment_pref=segment_pref,
         user_segment=user_segment, user_pref=user_pref, user_activity=activity / activity.sum(),
-        cell_failure=failure, bad_cells=bad, example_domain=example_domain,
-        example_logit=rng.normal(0.0, cfg.difficulty_spread, example_domain.size),
-        example_popularity=_zipf_popularity(example_domain, n_dom, cfg.popularity_skew, rng),
+        cell_failure=failure, bad_cells=bad, example_domain=example_domain, example_logit=example_logit,
+        example_popularity=popularity,
     )
 
 
@@ -672,12 +677,17 @@ def build_truth(world: World, pool: Pool, q: Queries, ans: Answers, cfg: Simulat
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def _events_per_query(cfg: SimulateConfig) -> float:
+def _events_per_query(cfg: SimulateConfig, world: World) -> float:
     """Expected events per query under the planted rates, to turn the event target into a query count."""
-    fail = min(max(cfg.base_failure, 0.0), 1.0)
-    per_outcome = [sum(row[col] for row in _FEEDBACK) for col in (1, 2)]
-    fb = (1 - fail) * max(per_outcome[0], 1.0) + fail * max(per_outcome[1], 1.0)
-    return 1.0 + cfg.feedback_rate * fb
+    seg_traffic = np.bincount(world.user_segment, weights=world.user_activity, minlength=len(world.segments))
+    cell_traffic = np.zeros_like(world.cell_failure)
+    np.add.at(cell_traffic, world.user_segment, world.user_activity[:, None] * world.user_pref)
+    fail = float((cell_traffic * world.cell_failure).sum() / max(seg_traffic.sum(), 1e-12))
+    unhelpful = fail * (1 - cfg.noise) + (1 - fail) * cfg.noise
+    p = np.array([[ph, pu] for _, ph, pu, _ in _FEEDBACK])
+    # Feedback events given feedback: the independent ones, plus the thumbs when none fired.
+    per_outcome = p.sum(axis=0) + np.prod(1 - p, axis=0)
+    return 1.0 + cfg.feedback_rate * ((1 - unhelpful) * per_outcome[0] + unhelpful * per_outcome[1])
 
 
 def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str | Path | Pool = "builtin",
@@ -692,7 +702,7 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
     world_rng, query_rng, answer_rng, event_rng = (np.random.default_rng(s)
                                                    for s in np.random.SeedSequence(seed).spawn(4))
     world = plant_world(cfg, the_pool, world_rng)
-    n_queries = max(1, math.ceil(cfg.events / _events_per_query(cfg)))
+    n_queries = max(1, math.ceil(cfg.events / _events_per_query(cfg, world)))
     q = sample_queries(world, n_queries, cfg, query_rng)
     ans = (responder_answers(the_pool, q, responder) if responder is not None
            else planted_answers(world, the_pool, q, answer_rng))

@@ -1,0 +1,336 @@
+"""simulate: the planted structure is in the log, the truth file is right, formats agree, seeds reproduce."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from adaptive_ft.cli import cli
+from adaptive_ft.config import SimulateConfig
+from adaptive_ft.errors import ConfigError, InputError
+from adaptive_ft.simulate import (
+    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, builtin_pool, csv_pool, example_id_for, simulate,
+)
+
+BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"
+needs_banking77 = pytest.mark.skipif(not (BANKING77 / "train.csv").is_file(),
+                                     reason=f"Banking77 not found at {BANKING77} (shared data folder missing)")
+NEGATIVE = ("thumbs_down", "regenerate", "edit", "escalate", "abandon")
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> tuple[pl.DataFrame, dict]:
+    """60k events from 2,000 users: enough traffic per cell for the statistical properties below."""
+    out = tmp_path_factory.mktemp("sim") / "big.parquet"
+    res = simulate(SimulateConfig(users=2000, events=60_000), out, fmt="parquet", seed=7)
+    return pl.read_parquet(res.log_path), json.loads(res.truth_path.read_text())
+
+
+def _cells(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per segment x domain: queries (impressions) and negative feedback events per query."""
+    q = frame.filter(pl.col("event") == "impression").group_by("segment", "domain").len("queries")
+    neg = frame.filter(pl.col("event").is_in(NEGATIVE)).group_by("segment", "domain").len("negative")
+    return q.join(neg, on=["segment", "domain"], how="left").with_columns(
+        (pl.col("negative").fill_null(0) / pl.col("queries")).alias("neg_rate"))
+
+
+# ------------------------------------------------------------------------------------------- pools
+
+
+def test_example_id_is_sha256_of_the_normalized_prompt():
+    expected = hashlib.sha256(b"where is my order?").hexdigest()[:16]
+    assert example_id_for("  Where is   my\norder?  ") == expected
+    assert example_id_for("where is my order?") == expected
+
+
+def test_builtin_pool_is_300_distinct_deterministic_prompts_over_6_domains():
+    pool = builtin_pool()
+    frame = pool.frame
+    assert frame.height == 300
+    assert sorted(frame["domain"].unique()) == ["account", "billing", "returns", "security", "shipping", "technical"]
+    assert frame["example_id"].n_unique() == 300
+    assert frame["prompt"].map_elements(lambda p: " ".join(p.lower().split()), return_dtype=pl.String).n_unique() == 300
+    assert frame.group_by("reference").len()["len"].to_list() == [10] * 30  # 30 intents x 10 prompts
+    assert frame.group_by("domain").agg(pl.col("reference").n_unique())["reference"].to_list() == [5] * 6
+    assert builtin_pool().frame.equals(frame)  # fixed, whatever the run seed
+
+
+def test_csv_pool_with_domains_and_its_errors(tmp_path: Path):
+    good = tmp_path / "pool.csv"
+    good.write_text('prompt,reference,domain\n"Hi, where is it?",track,shipping\nrefund please,refund,billing\n'
+                    "REFUND   please,refund,billing\n")
+    pool = csv_pool(good)
+    assert pool.frame.height == 2  # the third prompt normalizes to the second
+    assert pool.frame["domain"].to_list() == ["shipping", "billing"]
+    assert pool.name == "pool"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\na,b\n")
+    with pytest.raises(InputError, match=r"missing column.*text,category"):
+        csv_pool(bad)
+    unmapped = tmp_path / "unmapped.csv"
+    unmapped.write_text("text,category\nhello,greeting\n")
+    with pytest.raises(InputError, match="no domain.*'greeting'.*add a 'domain' column"):
+        csv_pool(unmapped)
+    with pytest.raises(InputError, match="not found"):
+        csv_pool(tmp_path / "missing.csv")
+
+
+def test_banking77_mapping_lists_77_intents_once_in_8_domains():
+    listed = [i for intents in BANKING77_DOMAINS.values() for i in intents]
+    assert len(listed) == 77 and len(set(listed)) == 77
+    assert len(BANKING77_DOMAINS) == 8
+
+
+@pytest.mark.shared_data
+@needs_banking77
+def test_every_banking77_intent_is_mapped_and_the_pool_loads():
+    categories = set(json.loads((BANKING77 / "categories.json").read_text()))
+    assert categories == set(BANKING77_INTENT_DOMAIN)
+    pool = csv_pool(BANKING77 / "train.csv")
+    assert pool.name == "banking77"
+    assert set(pool.frame["reference"].unique()) == categories
+    assert sorted(pool.frame["domain"].unique()) == sorted(BANKING77_DOMAINS)
+    assert pool.frame.height > 9900  # 10,003 rows; a few repeat after normalization
+
+
+@pytest.mark.shared_data
+@needs_banking77
+def test_simulate_on_banking77_labels_are_intents(tmp_path: Path):
+    res = simulate(SimulateConfig(events=3000), tmp_path / "b.jsonl", pool=BANKING77 / "train.csv", seed=1)
+    frame = pl.read_ndjson(res.log_path)
+    truth = json.loads(res.truth_path.read_text())
+    assert truth["pool"] == "banking77" and truth["domains"] == sorted(BANKING77_DOMAINS)
+    assert set(frame["reference"].unique()) <= set(BANKING77_INTENT_DOMAIN)
+    assert set(frame["response"].unique()) <= set(BANKING77_INTENT_DOMAIN)
+    mapped = frame.select(pl.col("reference").replace_strict(BANKING77_INTENT_DOMAIN), "domain")
+    assert (mapped["reference"] == mapped["domain"]).all()
+
+
+# ------------------------------------------------------------------------------------------- planted structure
+
+
+def test_planted_bad_cells_draw_more_negative_feedback(big):
+    frame, truth = big
+    cells = _cells(frame).join(pl.DataFrame(truth["need"]), on=["segment", "domain"])
+    bad = cells.filter(pl.col("bad_cell"))
+    good = cells.filter(~pl.col("bad_cell") & (pl.col("queries") >= 200))
+    assert bad.height == 3 and good.height >= 6
+    assert bad["neg_rate"].min() > good["neg_rate"].max() + 0.15
+    # Across all cells with traffic, negative feedback tracks the planted failure rate.
+    busy = cells.filter(pl.col("queries") >= 200)
+    assert np.corrcoef(busy["neg_rate"], busy["failure_rate"])[0, 1] > 0.95
+
+
+def test_segment_preferences_are_recovered_from_the_log(big):
+    frame, truth = big
+    imp = frame.filter(pl.col("event") == "impression")
+    shares = imp.group_by("segment", "domain").len().with_columns(pl.col("len") / pl.col("len").sum().over("segment"))
+    for segment, prefs in truth["segment_preferences"].items():
+        got = dict(shares.filter(pl.col("segment") == segment).select("domain", "len").iter_rows())
+        l1 = sum(abs(got.get(d, 0.0) - p) for d, p in prefs.items())
+        assert l1 < 0.12, (segment, l1)
+    # and the segments really differ from each other
+    prefs = np.array([list(p.values()) for p in truth["segment_preferences"].values()])
+    assert np.abs(prefs[0] - prefs[1]).sum() > 0.5
+
+
+def test_popularity_is_zipf_skewed_within_domains(big, tmp_path: Path):
+    frame, _ = big
+
+    def top_decile_share(f: pl.DataFrame) -> float:
+        counts = f.filter(pl.col("event") == "impression").group_by("domain", "example_id").len()
+        ranked = counts.with_columns(pl.col("len").rank("ordinal", descending=True).over("domain").alias("r"),
+                                     pl.len().over("domain").alias("n"))
+        return ranked.filter(pl.col("r") <= pl.col("n") / 10)["len"].sum() / counts["len"].sum()
+
+    # Zipf(1.1) over 50 examples: the top 5 hold sum(r^-1.1, r<=5) / sum(r^-1.1, r<=50) of a domain's traffic.
+    w = np.arange(1, 51) ** -1.1
+    assert top_decile_share(frame) == pytest.approx(w[:5].sum() / w.sum(), abs=0.03)
+    flat = simulate(SimulateConfig(users=2000, events=60_000, popularity_skew=0.0), tmp_path / "f.parquet",
+                    fmt="parquet", seed=7)
+    assert top_decile_share(pl.read_parquet(flat.log_path)) < 0.15  # ~0.10 plus sampling noise
+
+
+def test_feedback_follows_correctness_exactly_without_noise(tmp_path: Path):
+    res = simulate(SimulateConfig(events=20_000, noise=0.0), tmp_path / "n.parquet", fmt="parquet", seed=3)
+    frame = pl.read_parquet(res.log_path).with_columns((pl.col("response") == pl.col("reference")).alias("right"))
+    assert frame.filter(pl.col("event") == "thumbs_up")["right"].all()
+    assert not frame.filter(pl.col("event").is_in(["thumbs_down", "edit"]))["right"].any()
+    ratings = frame.filter(pl.col("event") == "rating")
+    assert set(ratings.filter("right")["value"].unique()) == {4.0, 5.0}
+    assert set(ratings.filter(~pl.col("right"))["value"].unique()) == {1.0, 2.0, 3.0}
+
+
+def test_noise_flips_reactions(tmp_path: Path):
+    res = simulate(SimulateConfig(events=40_000, noise=0.2), tmp_path / "n.parquet", fmt="parquet", seed=3)
+    frame = pl.read_parquet(res.log_path).with_columns((pl.col("response") == pl.col("reference")).alias("right"))
+    ups = frame.filter(pl.col("event") == "thumbs_up")
+    # P(wrong | thumbs_up) = 0.2 f / (0.2 f + 0.8 (1 - f)) for the overall failure rate f
+    f = 1 - frame.filter(pl.col("event") == "impression")["right"].mean()
+    expected = 0.2 * f / (0.2 * f + 0.8 * (1 - f))
+    assert (~ups["right"]).mean() == pytest.approx(expected, abs=0.02)
+
+
+def test_events_are_well_formed(big):
+    frame, truth = big
+    assert frame.height == pytest.approx(60_000, rel=0.03)
+    assert set(frame["event"].unique()) == set(KINDS)
+    assert frame["event_id"].n_unique() == frame.height
+    assert frame["ts"].is_sorted()
+    start = pl.datetime(2025, 1, 1)
+    assert frame.select((pl.col("ts") >= start).all()).item()
+    assert frame.filter(pl.col("event") == "impression")["ts"].max() < pl.select(start + pl.duration(days=30)).item()
+    # every feedback event follows an impression of the same user and example, never before it
+    first = frame.group_by("user_id", "example_id").agg(
+        pl.col("ts").filter(pl.col("event") == "impression").min().alias("first_imp"), pl.col("ts").min())
+    assert (first["first_imp"] == first["ts"]).all()
+    assert frame.filter(pl.col("event") != "impression")["value"].null_count() > 0
+    assert frame.filter(pl.col("event") == "rating")["value"].is_between(1, 5).all()
+    assert frame.filter(pl.col("event") == "click")["value"].min() > 0
+    # each user keeps one segment
+    assert frame.group_by("user_id").agg(pl.col("segment").n_unique())["segment"].max() == 1
+    # traffic comes from heavy and light users (log-normal activity)
+    per_user = frame.filter(pl.col("event") == "impression").group_by("user_id").len()["len"]
+    assert per_user.max() > 8 * per_user.median()
+
+
+# ------------------------------------------------------------------------------------------- truth
+
+
+def test_truth_file_follows_the_contract(big):
+    frame, truth = big
+    assert {"seed", "pool", "segments", "domains", "need", "domain_need", "top_domains"} <= set(truth)
+    assert truth["seed"] == 7 and truth["pool"] == "builtin" and truth["segments"] == ["free", "pro", "enterprise"]
+    rows = pl.DataFrame(truth["need"])
+    assert rows.height == 3 * 6
+    assert sum(r["traffic_share"] for r in truth["need"]) == pytest.approx(1.0, abs=1e-4)
+    for r in truth["need"]:
+        assert r["need"] == pytest.approx(r["traffic_share"] * r["failure_rate"], abs=2e-6)
+    for d, need in truth["domain_need"].items():
+        assert need == pytest.approx(rows.filter(pl.col("domain") == d)["need"].sum(), abs=1e-5)
+    needs = [truth["domain_need"][d] for d in truth["top_domains"]]
+    assert needs == sorted(needs, reverse=True) and set(truth["top_domains"]) == set(truth["domains"])
+    # traffic shares are the log's own: queries per cell / all queries
+    cells = _cells(frame).join(rows, on=["segment", "domain"])
+    assert (cells["queries"] / cells["queries"].sum() - cells["traffic_share"]).abs().max() < 1e-5
+    assert truth["n_events"] == frame.height
+
+
+def test_responder_replaces_planted_failures(tmp_path: Path):
+    pool = builtin_pool()
+    answer = dict(pool.frame.select("prompt", "reference").iter_rows())
+    asked: list[str] = []
+
+    def responder(prompts: list[str]) -> list[str]:  # right on billing only, otherwise a fixed wrong label
+        asked.extend(prompts)
+        return [answer[p] if answer[p] in BILLING else "no_idea" for p in prompts]
+
+    BILLING = set(pool.frame.filter(pl.col("domain") == "billing")["reference"])
+    res = simulate(SimulateConfig(events=5000), tmp_path / "r.jsonl", pool=pool, responder=responder)
+    frame = pl.read_ndjson(res.log_path)
+    truth = json.loads(res.truth_path.read_text())
+    assert truth["failure_source"] == "responder"
+    assert len(asked) == len(set(asked)) == frame["example_id"].n_unique()  # each distinct prompt asked once
+    for r in truth["need"]:
+        if r["queries"]:
+            assert r["failure_rate"] == (0.0 if r["domain"] == "billing" else 1.0)
+    assert set(frame.filter(pl.col("domain") != "billing")["response"].unique()) == {"no_idea"}
+    assert truth["domain_need"]["billing"] == 0.0
+
+
+def test_responder_must_answer_every_prompt(tmp_path: Path):
+    with pytest.raises(InputError, match="one answer per prompt"):
+        simulate(SimulateConfig(events=200), tmp_path / "r.jsonl", responder=lambda ps: ps[:-1])
+
+
+# ------------------------------------------------------------------------------------------- determinism, formats
+
+
+def test_same_seed_gives_byte_identical_logs(tmp_path: Path):
+    cfg = SimulateConfig(events=3000)
+    for fmt in ("jsonl", "parquet"):
+        a = simulate(cfg, tmp_path / f"a.{fmt}", fmt=fmt, seed=5)
+        b = simulate(cfg, tmp_path / f"b.{fmt}", fmt=fmt, seed=5)
+        assert a.log_path.read_bytes() == b.log_path.read_bytes()
+        assert a.truth_path.read_text() == b.truth_path.read_text()
+    c = simulate(cfg, tmp_path / "c.jsonl", seed=6)
+    assert c.log_path.read_bytes() != (tmp_path / "a.jsonl").read_bytes()
+    # event ids differ between runs, so logs of two seeds never collide in a store
+    ids = lambda p: set(pl.read_ndjson(p)["event_id"])  # noqa: E731
+    assert not ids(c.log_path) & ids(tmp_path / "a.jsonl")
+
+
+def _flatten_chat(path: Path) -> pl.DataFrame:
+    """The chat records back to one row per event (what an ingest of the chat format must produce)."""
+    chat = pl.read_ndjson(path)
+    base = chat.with_columns(pl.col("messages").list.get(0).struct.field("content").alias("prompt"),
+                             pl.col("messages").list.get(1).struct.field("content").alias("response"))
+    keep = ["user_id", "segment", "example_id", "domain", "prompt", "response", "reference", "model_version"]
+    imp = base.select(pl.col("id").alias("event_id"), "ts", *keep, pl.lit("impression").alias("event"),
+                      pl.lit(None, pl.Float64).alias("value"))
+    fb = base.select(*keep, "feedback").explode("feedback").drop_nulls("feedback").unnest("feedback")
+    cols = ["event_id", "ts", "user_id", "segment", "example_id", "domain", "prompt", "response", "reference",
+            "event", "value", "model_version"]
+    return pl.concat([imp.select(cols), fb.select(cols)]).sort("event_id")
+
+
+def test_formats_round_trip_the_same_records(tmp_path: Path):
+    cfg = SimulateConfig(events=2000)
+    ref = pl.read_parquet(simulate(cfg, tmp_path / "l.parquet", fmt="parquet", seed=2).log_path)
+    ref = ref.with_columns(pl.col("ts").dt.to_string("%Y-%m-%dT%H:%M:%SZ"))
+    jsonl = pl.read_ndjson(simulate(cfg, tmp_path / "l.jsonl", fmt="jsonl", seed=2).log_path)
+    csv = pl.read_csv(simulate(cfg, tmp_path / "l.csv", fmt="csv", seed=2).log_path,
+                      schema_overrides={"value": pl.Float64})
+    chat = _flatten_chat(simulate(cfg, tmp_path / "l.chat.jsonl", fmt="chat", seed=2).log_path)
+    assert jsonl.equals(ref) and csv.equals(ref)
+    assert chat.equals(ref.sort("event_id"))
+    assert list(ref.columns) == ["event_id", "ts", "user_id", "segment", "example_id", "domain", "prompt",
+                                 "response", "reference", "event", "value", "model_version"]
+
+
+def test_bad_config_reports_every_problem_at_once(tmp_path: Path):
+    cfg = SimulateConfig(users=0, noise=1.5, segment_shares=[1.0], start="January")
+    with pytest.raises(ConfigError) as err:
+        simulate(cfg, tmp_path / "x.jsonl")
+    assert len(err.value.problems) == 4
+    assert {p.split(":")[0] for p in err.value.problems} == {
+        "simulate.users", "simulate.noise", "simulate.segment_shares", "simulate.start"}
+    with pytest.raises(InputError, match="unknown format 'xml'"):
+        simulate(SimulateConfig(), tmp_path / "x.xml", fmt="xml")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_log_and_truth_and_says_where(tmp_path: Path):
+    out = tmp_path / "logs.parquet"
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(out), "--events", "500", "--users", "50",
+                                      "--seed", "4", "simulate.bad_cells=1"])
+    assert result.exit_code == 0, result.output
+    assert "[parquet]" in result.output and str(tmp_path / "logs.truth.json") in result.output
+    truth = json.loads((tmp_path / "logs.truth.json").read_text())
+    assert truth["seed"] == 4 and len(truth["bad_cells"]) == 1 and truth["config"]["users"] == 50
+    assert pl.read_parquet(out)["user_id"].n_unique() <= 50
+
+
+def test_cli_errors_are_one_line(tmp_path: Path):
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x.jsonl"),
+                                      "--examples", str(tmp_path / "none.csv")])
+    assert result.exit_code == 1
+    assert "Error: example pool not found" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x.jsonl"), "simulate.noise=2"])
+    assert result.exit_code == 1 and "simulate.noise: 2.0 must be in [0, 1]" in result.output
+
+
+@pytest.mark.slow
+def test_a_million_events_in_seconds(tmp_path: Path):
+    res = simulate(SimulateConfig(users=20_000, events=1_000_000), tmp_path / "m.parquet", fmt="parquet")
+    assert res.n_events == pytest.approx(1_000_000, rel=0.02)
+    assert res.seconds < 30, f"1M events took {res.seconds:.1f}s (about 2.5s on the 2-core dev machine)"
+    assert pl.scan_parquet(res.log_path).select(pl.len()).collect().item() == res.n_events
