@@ -33,8 +33,8 @@ def weighted_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.where(total > 0, w @ np.asarray(values, dtype=float) / total, np.nan)
 
 
-def macro_prf(true_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int, w: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def macro_prf(true_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int, w: np.ndarray,
+              label_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted macro precision, recall, F1 over labels ``0..n_labels-1`` (scikit-learn's ``average='macro'``,
     ``zero_division=0``). Index ``-1`` is outside the label set: a prediction there (the model answered something
     that is no label) is wrong for its true label and counts toward no label's precision; a true label there
@@ -51,6 +51,8 @@ def macro_prf(true_idx: np.ndarray, pred_idx: np.ndarray, n_labels: int, w: np.n
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    if label_mask is not None:  # average over these labels only (e.g. those a cell's references contain)
+        precision, recall, f1 = precision[:, label_mask], recall[:, label_mask], f1[:, label_mask]
     return precision.mean(axis=1), recall.mean(axis=1), f1.mean(axis=1)
 
 

@@ -1,0 +1,440 @@
+"""Per-segment evaluation: every model on the run's held-out test split, weighted by who asked what.
+
+::
+
+    from adaptive_ft.evaluate import evaluate
+    result = evaluate("adaptive_ft.duckdb", ["base", "runs/r1", "export/r1/int8"], "eval.json")
+
+Models: ``base`` (the run's base model), a train RUN folder (base + adapter), an HF folder (an export variant)
+or a ``.gguf`` file. Each answers the test prompts greedily, formatted as training formatted them.
+
+Scores per example: for label tasks (the run's ``task == "label"``, e.g. Banking77 intents) the answer's first
+line is matched to the label set; for free text, the reference's loss under the model plus exact match and token
+F1 of the answer. Cells: overall, per segment, per domain, per segment x domain. In a segment's cell each test
+example counts as often as that segment's users asked it (``impression`` events in the store), so the
+``n`` of a cell is queries; ``n_examples`` is distinct examples. A cell with fewer than ``min_count`` queries
+or ``min_examples`` examples reports ``enough: false`` and no value. Intervals are percentile bootstraps over
+examples (:mod:`adaptive_ft.metrics`), with the same resamples for every model, so base vs fine-tuned is paired.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from adaptive_ft.config import EvaluateConfig
+from adaptive_ft.errors import InputError
+from adaptive_ft.metrics import macro_prf, mean_loss, resample_counts, weighted_mean
+from adaptive_ft.modelio import format_for_model, is_run, load_any, read_run
+
+LABEL_METRICS = ("accuracy", "precision", "recall", "f1")
+TEXT_METRICS = ("loss", "perplexity", "exact_match", "token_f1")
+LOWER_IS_BETTER = {"loss", "perplexity"}
+PRIMARY = {"label": "accuracy", "text": "token_f1"}
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` wrote: ``eval.json`` (``data``) and the per-example outputs beside it."""
+
+    path: Path
+    outputs_path: Path
+    data: dict[str, Any]
+
+
+@dataclass
+class Scored:
+    """One model's per-example results on the test split (arrays aligned with the test frame)."""
+
+    responses: list[str]
+    correct: np.ndarray | None = None      # label task: answer == reference
+    pred_idx: np.ndarray | None = None     # label task: index into the label set, -1 when no label
+    exact: np.ndarray | None = None        # text task
+    f1: np.ndarray | None = None
+    nll_sum: np.ndarray | None = None
+    n_tokens: np.ndarray | None = None
+    true_idx: np.ndarray | None = None     # label task: the references' label indices (set per cell)
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+
+def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: EvaluateConfig | None = None,
+             run: str | Path | None = None) -> EvalResult:
+    """Score ``models`` on the test split of ``run`` (default: the first RUN among ``models``) and write ``out``."""
+    cfg = cfg or EvaluateConfig()
+    if not models:
+        raise InputError("evaluate: no models given; e.g. --models base,runs/r1,export/r1/int8")
+    run_dir = find_run(models, run)
+    manifest = read_run(run_dir)
+    split = _read_split(run_dir)
+    test = split.filter(pl.col("split") == "test").sort("example_id")
+    if test.height == 0:
+        raise InputError(f"{run_dir}/split.parquet has no test rows; train with train.test_fraction > 0")
+    task = manifest.get("task", "label")
+    traffic = load_traffic(store, cfg.query_events)
+    labels = sorted(split["reference"].unique().to_list()) if task == "label" else []
+    scored = {}
+    for spec in models:
+        scored[spec] = score_model(spec, run_dir, manifest, test, task, labels, cfg)
+    data = summarize(test, split, traffic, scored, task, labels, cfg)
+    data["run"] = str(run_dir)
+    data["variants"] = variant_figures(models)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    outputs_path = out.with_name(out.stem + ".outputs.parquet")
+    data["outputs"] = outputs_path.name
+    outputs_frame(test, scored, task).write_parquet(outputs_path)
+    out.write_text(json.dumps(data, indent=2))
+    return EvalResult(path=out, outputs_path=outputs_path, data=data)
+
+
+def find_run(models: list[str], run: str | Path | None) -> Path:
+    """The train run whose split and base model the evaluation uses."""
+    if run is not None:
+        return Path(run)
+    for spec in models:
+        path = Path(spec)
+        if is_run(path):
+            return path
+        manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+        for candidate in (manifest, path.parent.parent / "manifest.json"):
+            if candidate.is_file() and "variants" in (text := candidate.read_text()):
+                return Path(json.loads(text)["run"])
+    raise InputError("evaluate: none of the models is a train run or an export of one; pass --run RUN "
+                     "(the folder with split.parquet)")
+
+
+def _read_split(run_dir: Path) -> pl.DataFrame:
+    path = run_dir / "split.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the train run saves its data split there (adaptive-ft train)")
+    return pl.read_parquet(path)
+
+
+def load_traffic(store: str | Path | None, query_events: list[str]) -> pl.DataFrame:
+    """Queries per (example_id, segment) from the store's events; ``query_events`` count as one query each."""
+    if store is None:
+        return pl.DataFrame(schema={"example_id": pl.String, "segment": pl.String, "n": pl.Int64})
+    from adaptive_ft.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        events = s.events().select("example_id", "segment", "event")
+    queries = events.filter(pl.col("event").is_in(query_events))
+    if queries.height == 0:  # logs without impressions: every event stands for one query
+        queries = events
+    return queries.group_by("example_id", "segment").agg(n=pl.len().cast(pl.Int64))
+
+
+# ------------------------------------------------------------------------------------------- running models
+
+
+def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.DataFrame, task: str,
+                labels: list[str], cfg: EvaluateConfig) -> Scored:
+    """Load ``spec``, answer every test prompt greedily and score each answer."""
+    model, tokenizer = load_any(manifest["base_model_path"] if spec == "base" else spec)
+    prompts = [format_for_model(tokenizer, p) for p in test["prompt"].to_list()]
+    refs = test["reference"].to_list()
+    responses = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=spec)
+    if task == "label":
+        index = {label: i for i, label in enumerate(labels)}
+        answers = [parse_label(r, index) for r in responses]
+        pred_idx = np.array([index.get(a, -1) if a is not None else -1 for a in answers])
+        correct = np.array([a == ref for a, ref in zip(answers, refs)], dtype=float)
+        return Scored(responses, correct=correct, pred_idx=pred_idx)
+    from adaptive_ft.metrics import exact_match, token_f1
+
+    nll, ntok = reference_nll(model, tokenizer, prompts, refs)
+    return Scored(responses, exact=np.array([exact_match(r, t) for r, t in zip(responses, refs)]),
+                  f1=np.array([token_f1(r, t) for r, t in zip(responses, refs)]), nll_sum=nll, n_tokens=ntok)
+
+
+def parse_label(response: str, index: dict[str, int]) -> str | None:
+    """The label a response names: its first line, case and surrounding punctuation ignored; None if no label."""
+    lines = response.strip().splitlines()
+    first = lines[0].strip().strip(" .,:;!?\"'`*").lower() if lines else ""
+    lowered = {label.lower(): label for label in index}
+    return lowered.get(first)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
+             desc: str = "generating") -> list[str]:
+    """Greedy answers, batched with left padding (so every row's answer starts at the same column)."""
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"answering ({desc})", unit="batch"):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def reference_nll(model: torch.nn.Module, tokenizer: Any, prompts: list[str], refs: list[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Summed negative log-likelihood of each reference's tokens after its prompt, and their count."""
+    nll, ntok = np.zeros(len(prompts)), np.zeros(len(prompts))
+    for i, (prompt, ref) in enumerate(zip(prompts, refs)):
+        p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        r_ids = tokenizer(ref, add_special_tokens=False).input_ids
+        ids = torch.tensor([p_ids + r_ids])
+        logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()   # (R, V): predicts each ref token
+        nll[i] = torch.nn.functional.cross_entropy(logits, torch.tensor(r_ids), reduction="sum").item()
+        ntok[i] = len(r_ids)
+    return nll, ntok
+
+
+# ------------------------------------------------------------------------------------------- scoring cells
+
+
+def metric_fn(s: Scored, task: str, n_labels: int, label_mask: np.ndarray | None):
+    """A function of example weights ``(B, n)`` -> {metric: (B,)} for one model on one cell's examples."""
+    if task == "label":
+        def stats(w: np.ndarray) -> dict[str, np.ndarray]:
+            p, r, f = macro_prf(s.true_idx, s.pred_idx, n_labels, w, label_mask)
+            return {"accuracy": weighted_mean(s.correct, w), "precision": p, "recall": r, "f1": f}
+    else:
+        def stats(w: np.ndarray) -> dict[str, np.ndarray]:
+            loss = mean_loss(s.nll_sum, s.n_tokens, w)
+            return {"loss": loss, "perplexity": np.exp(loss), "exact_match": weighted_mean(s.exact, w),
+                    "token_f1": weighted_mean(s.f1, w)}
+    return stats
+
+
+def _subset(s: Scored, idx: np.ndarray, true_idx: np.ndarray | None) -> Scored:
+    """The model's results on the examples ``idx`` (``true_idx`` rides along for macro metrics)."""
+    out = Scored([s.responses[i] for i in idx])
+    for name in ("correct", "pred_idx", "exact", "f1", "nll_sum", "n_tokens"):
+        value = getattr(s, name)
+        setattr(out, name, None if value is None else value[idx])
+    out.true_idx = None if true_idx is None else true_idx[idx]
+    return out
+
+
+def cell_weights(test: pl.DataFrame, traffic: pl.DataFrame) -> tuple[dict[tuple, np.ndarray], list[str], list[str]]:
+    """Query-count weights per cell ``(scope, segment, domain)`` over the test examples, in test order."""
+    ids = test["example_id"].to_list()
+    domains = np.array(test["domain"].to_list())
+    pos = {e: i for i, e in enumerate(ids)}
+    seg_w: dict[str, np.ndarray] = {}
+    for row in traffic.filter(pl.col("example_id").is_in(ids)).iter_rows(named=True):
+        seg_w.setdefault(row["segment"], np.zeros(len(ids)))[pos[row["example_id"]]] += row["n"]
+    # No traffic for the test split (no store given): every example counts once, in one segment "all".
+    overall = sum(seg_w.values()) if seg_w else np.ones(len(ids))
+    segments = sorted(seg_w) if seg_w else []
+    domain_names = sorted(set(domains.tolist()))
+    cells: dict[tuple, np.ndarray] = {("overall", None, None): overall}
+    for seg in segments:
+        cells[("segment", seg, None)] = seg_w[seg]
+    for dom in domain_names:
+        cells[("domain", None, dom)] = overall * (domains == dom)
+    for seg in segments:
+        for dom in domain_names:
+            cells[("segment_domain", seg, dom)] = seg_w[seg] * (domains == dom)
+    return cells, segments, domain_names
+
+
+def _seed(cfg: EvaluateConfig, key: tuple) -> int:
+    """One seed per cell, the same for every model, so their resamples pair up."""
+    return (cfg.seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**32
+
+
+def score_cells(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str, labels: list[str],
+                cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """Every metric of every model in every cell, with its bootstrap interval, ``n`` and ``enough``."""
+    cells, _, _ = cell_weights(test, traffic)
+    index = {label: i for i, label in enumerate(labels)}
+    true_idx = np.array([index.get(r, -1) for r in test["reference"].to_list()]) if task == "label" else None
+    names = LABEL_METRICS if task == "label" else TEXT_METRICS
+    rows = []
+    for key, w in tqdm(cells.items(), desc="scoring cells", unit="cell"):
+        idx = np.flatnonzero(w > 0)
+        n, n_ex = int(w.sum()), len(idx)
+        enough = n >= cfg.min_count and n_ex >= cfg.min_examples
+        counts = resample_counts(n_ex, cfg.bootstrap, _seed(cfg, key)) * w[idx] if enough else None
+        mask = _label_mask(true_idx[idx], len(labels)) if task == "label" else None
+        for model, s in scored.items():
+            stats = metric_fn(_subset(s, idx, true_idx), task, len(labels), mask)
+            point = stats(w[idx][None, :]) if enough else {}
+            boot = stats(counts) if enough else {}
+            for m in names:
+                rows.append(_row(model, key, m, point.get(m), boot.get(m), n, n_ex, enough))
+    return rows
+
+
+def _label_mask(true_idx: np.ndarray, n_labels: int) -> np.ndarray:
+    """Macro averages run over the labels the cell's references contain (a domain cell has a few of 77)."""
+    mask = np.zeros(n_labels, dtype=bool)
+    mask[true_idx[true_idx >= 0]] = True
+    return mask
+
+
+def _row(model: str, key: tuple, metric: str, point: np.ndarray | None, boot: np.ndarray | None, n: int,
+         n_ex: int, enough: bool) -> dict[str, Any]:
+    scope, segment, domain = key
+    row = {"model": model, "scope": scope, "segment": segment, "domain": domain, "metric": metric,
+           "value": None, "ci_low": None, "ci_high": None, "n": n, "n_examples": n_ex, "enough": enough}
+    if enough and point is not None and np.isfinite(point[0]):
+        finite = boot[np.isfinite(boot)]
+        row["value"] = round(float(point[0]), 6)
+        if len(finite):
+            row["ci_low"], row["ci_high"] = (round(float(v), 6) for v in np.percentile(finite, [2.5, 97.5]))
+    return row
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def summarize(test: pl.DataFrame, split: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str,
+              labels: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
+    """The eval.json body (docs/contracts.md, "Evaluation")."""
+    primary = PRIMARY[task]
+    rows = score_cells(test, traffic, scored, task, labels, cfg)
+    models = list(scored)
+    tuned = next((m for m in models if m != "base"), models[0])
+    worst = [w for m in models if (w := worst_segment(rows, m, primary))]
+    gaps = [g for m in models if (g := largest_gap(rows, m, primary))]
+    cells, _, _ = cell_weights(test, traffic)
+    return {
+        "task": task, "models": models, "primary_metric": primary, "finetuned_model": tuned,
+        "n_test_examples": test.height, "n_test_queries": int(cells[("overall", None, None)].sum()),
+        "labels": labels, "metrics": rows,
+        "worst_segment": next((w for w in worst if w["model"] == tuned), None), "worst_segments": worst,
+        "largest_gap": next((g for g in gaps if g["model"] == tuned), None), "largest_gaps": gaps,
+        **segment_deltas(test, traffic, scored, task, labels, cfg),
+        "representation": representation(split, traffic, cfg.underserved_ratio),
+        "settings": {"bootstrap": cfg.bootstrap, "min_count": cfg.min_count, "min_examples": cfg.min_examples,
+                     "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "query_events": cfg.query_events},
+    }
+
+
+def _segment_values(rows: list[dict[str, Any]], model: str, metric: str) -> list[tuple[str, float]]:
+    return [(r["segment"], r["value"]) for r in rows if r["model"] == model and r["scope"] == "segment"
+            and r["metric"] == metric and r["value"] is not None]
+
+
+def worst_segment(rows: list[dict[str, Any]], model: str, metric: str) -> dict[str, Any] | None:
+    """The segment (with enough traffic) where ``model`` does worst on ``metric``."""
+    values = _segment_values(rows, model, metric)
+    if not values:
+        return None
+    pick = max if metric in LOWER_IS_BETTER else min
+    seg, value = pick(values, key=lambda sv: sv[1])
+    return {"model": model, "segment": seg, "metric": metric, "value": value}
+
+
+def largest_gap(rows: list[dict[str, Any]], model: str, metric: str) -> dict[str, Any] | None:
+    """Best minus worst segment of ``model`` on ``metric`` (needs two segments with enough traffic)."""
+    values = sorted(_segment_values(rows, model, metric), key=lambda sv: sv[1],
+                    reverse=metric not in LOWER_IS_BETTER)
+    if len(values) < 2:
+        return None
+    return {"model": model, "metric": metric, "best": values[0][0], "worst": values[-1][0],
+            "gap": round(abs(values[0][1] - values[-1][1]), 6)}
+
+
+def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str,
+                   labels: list[str], cfg: EvaluateConfig) -> dict[str, list[dict[str, Any]]]:
+    """Paired bootstrap of (model - base) on the primary metric per segment; ``flags`` where it surely dropped."""
+    if "base" not in scored:
+        return {"deltas": [], "flags": []}
+    primary = PRIMARY[task]
+    sign = -1.0 if primary in LOWER_IS_BETTER else 1.0
+    cells, segments, _ = cell_weights(test, traffic)
+    index = {label: i for i, label in enumerate(labels)}
+    true_idx = np.array([index.get(r, -1) for r in test["reference"].to_list()]) if task == "label" else None
+    deltas, flags = [], []
+    for seg in segments or ["all"]:
+        key = ("segment", seg, None) if segments else ("overall", None, None)
+        w = cells[key]
+        idx = np.flatnonzero(w > 0)
+        if w.sum() < cfg.min_count or len(idx) < cfg.min_examples:
+            continue
+        mask = _label_mask(true_idx[idx], len(labels)) if task == "label" else None
+        counts = resample_counts(len(idx), cfg.bootstrap, _seed(cfg, key)) * w[idx]
+        base = metric_fn(_subset(scored["base"], idx, true_idx), task, len(labels), mask)
+        for model, s in scored.items():
+            if model == "base":
+                continue
+            other = metric_fn(_subset(s, idx, true_idx), task, len(labels), mask)
+            b0, m0 = base(w[idx][None, :])[primary][0], other(w[idx][None, :])[primary][0]
+            boot = other(counts)[primary] - base(counts)[primary]
+            low, high = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
+            row = {"model": model, "segment": seg, "metric": primary, "base": round(float(b0), 6),
+                   "finetuned": round(float(m0), 6), "delta": round(float(m0 - b0), 6),
+                   "ci_low": round(float(low), 6), "ci_high": round(float(high), 6), "n": int(w.sum())}
+            deltas.append(row)
+            worse_bound = high * sign if sign > 0 else low * sign  # the CI end nearest "no worse"
+            if worse_bound < 0:
+                flags.append({**row, "reason": "dropped from base to fine-tuned"})
+    return {"deltas": deltas, "flags": flags}
+
+
+def representation(split: pl.DataFrame, traffic: pl.DataFrame, ratio: float) -> list[dict[str, Any]]:
+    """Each segment's and domain's share of the training sample beside its share of traffic."""
+    train = split.filter(pl.col("split") == "train")
+    if train.height == 0 or traffic.height == 0:
+        return []
+    total = traffic["n"].sum()
+    out = []
+    # A training example serves each segment in proportion to that segment's share of its traffic.
+    per_ex = traffic.with_columns(share=pl.col("n") / pl.col("n").sum().over("example_id"))
+    seg_train = (train.select("example_id").join(per_ex, on="example_id", how="inner")
+                 .group_by("segment").agg(pl.col("share").sum()))
+    seg_traffic = traffic.group_by("segment").agg(pl.col("n").sum())
+    served = {r["segment"]: r["share"] for r in seg_train.iter_rows(named=True)}
+    n_attributed = max(sum(served.values()), 1e-12)
+    for r in seg_traffic.sort("segment").iter_rows(named=True):
+        out.append(_rep_row("segment", r["segment"], served.get(r["segment"], 0.0) / n_attributed, r["n"] / total,
+                            ratio))
+    dom_traffic = (traffic.join(split.select("example_id", "domain").unique("example_id"), on="example_id")
+                   .group_by("domain").agg(pl.col("n").sum()))
+    known = dom_traffic["n"].sum() or 1
+    dom_train = dict(train.group_by("domain").agg(pl.len()).iter_rows())
+    for r in dom_traffic.sort("domain").iter_rows(named=True):
+        out.append(_rep_row("domain", r["domain"], dom_train.get(r["domain"], 0) / train.height, r["n"] / known,
+                            ratio))
+    return out
+
+
+def _rep_row(kind: str, name: str, train_share: float, traffic_share: float, ratio: float) -> dict[str, Any]:
+    return {"kind": kind, "name": name, "train_share": round(train_share, 6),
+            "traffic_share": round(traffic_share, 6), "underserved": bool(train_share < ratio * traffic_share)}
+
+
+def variant_figures(models: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and latency of the models that are export variants, from their EXPORT/manifest.json."""
+    out = {}
+    for spec in models:
+        path = Path(spec)
+        manifest = path.parent / "manifest.json"
+        if spec == "base" or not manifest.is_file():
+            continue
+        data = json.loads(manifest.read_text())
+        for v in data.get("variants", []):
+            if v.get("path") == path.name:
+                out[spec] = {k: v.get(k) for k in ("name", "size_bytes", "ms_per_token", "load_seconds",
+                                                   "agreement")}
+    return out
+
+
+def outputs_frame(test: pl.DataFrame, scored: dict[str, Scored], task: str) -> pl.DataFrame:
+    """One row per model x test example: the answer and its score (what ``review export`` samples from)."""
+    frames = []
+    for model, s in scored.items():
+        score = s.correct if task == "label" else s.f1
+        frames.append(test.select("example_id", "domain", "prompt", "reference").with_columns(
+            model=pl.lit(model), response=pl.Series(s.responses, dtype=pl.String),
+            score=pl.Series(score.astype(float))))
+    return pl.concat(frames)

@@ -1,0 +1,190 @@
+"""Evaluation: traffic-weighted cells computed by hand, too-small cells withheld, planted segment drops flagged,
+the representation audit, and eval.json's contract on a tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from adaptive_ft.config import EvaluateConfig
+from adaptive_ft.evaluate import Scored, evaluate, parse_label, representation, summarize
+
+from ship_helpers import tiny_run
+
+LABELS = ["card_arrival", "card_declined", "exchange_rate", "transfer_pending"]
+
+
+def _test_frame(n: int = 8) -> pl.DataFrame:
+    refs = [LABELS[i % 4] for i in range(n)]
+    return pl.DataFrame({"example_id": [f"e{i}" for i in range(n)], "split": ["test"] * n,
+                         "domain": ["cards" if r.startswith("card") else "transfers" for r in refs],
+                         "prompt": [f"q{i}" for i in range(n)], "reference": refs})
+
+
+def _traffic(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"example_id": pl.String, "segment": pl.String, "n": pl.Int64}, orient="row")
+
+
+def _scored(test: pl.DataFrame, answers: list[str | None]) -> Scored:
+    index = {label: i for i, label in enumerate(LABELS)}
+    refs = test["reference"].to_list()
+    return Scored([a or "?" for a in answers], correct=np.array([a == r for a, r in zip(answers, refs)], float),
+                  pred_idx=np.array([index.get(a, -1) if a else -1 for a in answers]))
+
+
+def _cell(data: dict, model: str, scope: str, metric: str, segment=None, domain=None) -> dict:
+    (row,) = [r for r in data["metrics"] if r["model"] == model and r["scope"] == scope and r["metric"] == metric
+              and r["segment"] == segment and r["domain"] == domain]
+    return row
+
+
+CFG = EvaluateConfig(bootstrap=200, min_count=3, min_examples=2)
+
+
+def test_segment_cells_count_each_example_as_often_as_the_segment_asked_it():
+    test = _test_frame(4)
+    # free asks e0 three times and e1 once; pro asks e1, e2, e3 twice each.
+    traffic = _traffic([("e0", "free", 3), ("e1", "free", 1), ("e1", "pro", 2), ("e2", "pro", 2), ("e3", "pro", 2)])
+    answers = ["card_arrival", "wrong", "exchange_rate", None]   # e0, e2 right
+    data = summarize(test, test, traffic, {"m": _scored(test, answers)}, "label", LABELS, CFG)
+    free = _cell(data, "m", "segment", "accuracy", segment="free")
+    assert (free["value"], free["n"], free["n_examples"]) == (0.75, 4, 2)     # (3*1 + 1*0) / 4
+    pro = _cell(data, "m", "segment", "accuracy", segment="pro")
+    assert pro["value"] == pytest.approx(2 / 6) and pro["n"] == 6
+    overall = _cell(data, "m", "overall", "accuracy")
+    assert overall["value"] == pytest.approx(5 / 10) and overall["n"] == 10
+    assert data["n_test_queries"] == 10 and data["n_test_examples"] == 4
+    # Too little traffic: free x transfers has 1 query (e1) -> withheld, not a number.
+    small = _cell(data, "m", "segment_domain", "accuracy", segment="free", domain="cards")
+    assert small["n"] == 4 and small["enough"]
+    thin = _cell(data, "m", "segment_domain", "accuracy", segment="free", domain="transfers")
+    assert thin["n"] == 0 and thin["enough"] is False and thin["value"] is None
+    assert data["worst_segment"] == {"model": "m", "segment": "pro", "metric": "accuracy", "value": pytest.approx(1 / 3)}
+    assert data["largest_gap"]["best"] == "free" and data["largest_gap"]["gap"] == pytest.approx(0.75 - 1 / 3)
+
+
+def test_macro_cells_match_sklearn_on_the_expanded_queries():
+    rng = np.random.default_rng(0)
+    test = _test_frame(40)
+    counts = rng.integers(1, 5, 40)
+    traffic = _traffic([(f"e{i}", "all", int(c)) for i, c in enumerate(counts)])
+    answers = [LABELS[int(rng.integers(0, 4))] if rng.random() < 0.8 else None for _ in range(40)]
+    data = summarize(test, test, traffic, {"m": _scored(test, answers)}, "label", LABELS, CFG)
+    theirs = precision_recall_fscore_support(test["reference"].to_list(), [a or "none" for a in answers],
+                                             labels=LABELS, average="macro", zero_division=0, sample_weight=counts)
+    for metric, value in zip(("precision", "recall", "f1"), theirs[:3]):
+        row = _cell(data, "m", "overall", metric)
+        assert row["value"] == pytest.approx(value, abs=1e-6)  # eval.json rounds to 6 places
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+
+
+def test_a_planted_drop_in_one_segment_is_flagged_and_only_there():
+    test = _test_frame(40)
+    ids = test["example_id"].to_list()
+    # free asks the first 20 examples, pro the last 20; fine-tuning broke exactly free's examples.
+    traffic = _traffic([(e, "free" if i < 20 else "pro", 3) for i, e in enumerate(ids)])
+    refs = test["reference"].to_list()
+    base = _scored(test, refs)
+    tuned = _scored(test, [None if i < 16 else r for i, r in enumerate(refs)])
+    data = summarize(test, test, traffic, {"base": base, "runs/r1": tuned}, "label", LABELS, CFG)
+    assert [(f["segment"], f["model"]) for f in data["flags"]] == [("free", "runs/r1")]
+    flag = data["flags"][0]
+    assert flag["base"] == 1.0 and flag["finetuned"] == pytest.approx(0.2) and flag["delta"] == pytest.approx(-0.8)
+    assert flag["ci_high"] < 0 and flag["reason"] == "dropped from base to fine-tuned"
+    pro = [d for d in data["deltas"] if d["segment"] == "pro"][0]
+    assert pro["delta"] == 0.0
+
+
+def test_bootstrap_intervals_are_reproducible():
+    test = _test_frame(30)
+    traffic = _traffic([(f"e{i}", "s", 1 + i % 3) for i in range(30)])
+    scored = {"m": _scored(test, [LABELS[i % 3] for i in range(30)])}
+    a = summarize(test, test, traffic, scored, "label", LABELS, CFG)
+    b = summarize(test, test, traffic, scored, "label", LABELS, CFG)
+    assert a["metrics"] == b["metrics"]
+    other = summarize(test, test, traffic, scored, "label", LABELS, EvaluateConfig(bootstrap=200, min_count=3,
+                                                                                   min_examples=2, seed=1))
+    assert _cell(a, "m", "overall", "accuracy")["ci_low"] != _cell(other, "m", "overall", "accuracy")["ci_low"] or \
+        _cell(a, "m", "overall", "accuracy")["ci_high"] != _cell(other, "m", "overall", "accuracy")["ci_high"]
+
+
+def test_representation_audit_by_hand():
+    split = pl.DataFrame({"example_id": ["a", "b", "c", "d"], "domain": ["x", "x", "x", "y"],
+                          "split": ["train", "train", "train", "test"]})
+    # a: free only; b: free 1, pro 3; c: pro only; d (test): pro 10 -> traffic free 2/16, pro 14/16.
+    traffic = _traffic([("a", "free", 1), ("b", "free", 1), ("b", "pro", 3), ("c", "pro", 1), ("d", "pro", 10)])
+    rows = {(r["kind"], r["name"]): r for r in representation(split, traffic, 0.8)}
+    # Training shares: free = (1 + 1/4) / 3, pro = (3/4 + 1) / 3.
+    assert rows[("segment", "free")]["train_share"] == pytest.approx(1.25 / 3)
+    assert rows[("segment", "pro")]["train_share"] == pytest.approx(1.75 / 3)
+    assert rows[("segment", "pro")]["traffic_share"] == pytest.approx(14 / 16)
+    assert rows[("segment", "pro")]["underserved"] and not rows[("segment", "free")]["underserved"]
+    assert rows[("domain", "y")] == {"kind": "domain", "name": "y", "train_share": 0.0,
+                                     "traffic_share": pytest.approx(10 / 16), "underserved": True}
+
+
+def test_parse_label():
+    index = {label: i for i, label in enumerate(LABELS)}
+    assert parse_label(" Card_Arrival.\nbecause...", index) == "card_arrival"
+    assert parse_label("I think card_arrival", index) is None
+    assert parse_label("", index) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    return tiny_run(root)
+
+
+def _store_with_traffic(path, split: pl.DataFrame) -> None:
+    from adaptive_ft.store import Store
+
+    with Store.open(path) as s:
+        rows = []
+        for i, e in enumerate(split.filter(pl.col("split") == "test")["example_id"].to_list()):
+            for seg, n in (("free", 3 + i), ("pro", 2)):
+                rows += [(f"{e}-{seg}-{k}", f"u-{seg}", seg, e, "impression") for k in range(n)]
+        s.con.executemany("INSERT INTO events (event_id, ts, user_id, segment, example_id, event, batch_id) "
+                          "VALUES (?, TIMESTAMP '2026-01-01', ?, ?, ?, ?, 1)", rows)
+
+
+def test_end_to_end_on_a_tiny_run_writes_the_contract(tiny, tmp_path):
+    store = tmp_path / "s.duckdb"
+    _store_with_traffic(store, pl.read_parquet(tiny / "split.parquet"))
+    out = tmp_path / "eval.json"
+    cfg = EvaluateConfig(bootstrap=50, min_count=5, min_examples=2, max_new_tokens=4)
+    result = evaluate(store, ["base", str(tiny)], out, cfg)
+    data = json.loads(out.read_text())
+    for key in ("task", "models", "primary_metric", "n_test_examples", "n_test_queries", "metrics", "worst_segment",
+                "largest_gap", "flags", "representation", "variants"):
+        assert key in data, key
+    assert data["models"] == ["base", str(tiny)] and data["task"] == "label" and data["primary_metric"] == "accuracy"
+    assert data["n_test_examples"] == 6 and data["n_test_queries"] == sum(3 + i + 2 for i in range(6))
+    scopes = {r["scope"] for r in data["metrics"]}
+    assert scopes == {"overall", "segment", "domain", "segment_domain"}
+    free = _cell(data, "base", "segment", "accuracy", segment="free")
+    assert free["n"] == sum(3 + i for i in range(6)) and free["n_examples"] == 6
+    outputs = pl.read_parquet(result.outputs_path)
+    assert outputs.height == 12 and set(outputs["model"]) == {"base", str(tiny)}
+
+
+def test_text_task_reports_loss_and_perplexity(tiny, tmp_path):
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    manifest["task"] = "text"
+    (tiny / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        data = evaluate(None, [str(tiny)], tmp_path / "e.json",
+                        EvaluateConfig(bootstrap=50, min_count=2, min_examples=2, max_new_tokens=3)).data
+    finally:
+        manifest["task"] = "label"
+        (tiny / "manifest.json").write_text(json.dumps(manifest))
+    loss = _cell(data, str(tiny), "overall", "loss")
+    ppl = _cell(data, str(tiny), "overall", "perplexity")
+    assert loss["value"] > 0 and ppl["value"] == pytest.approx(np.exp(loss["value"]), rel=1e-4)
+    assert data["primary_metric"] == "token_f1" and data["n_test_queries"] == 6  # no store: each example once
