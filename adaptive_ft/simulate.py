@@ -23,14 +23,13 @@ Formats: ``jsonl`` / ``csv`` / ``parquet`` hold one row per event in the flat fo
 carries the example's prompt and reference and the model's response, so any slice of a file is
 self-contained; in CSV/JSONL ``ts`` is ISO-8601 UTC, ``2025-01-03T14:02:11Z``; in Parquet a timestamp).
 
-``chat`` is OpenAI-style chat JSONL, one record per query::
+``chat`` is OpenAI-style chat JSONL, one record per event, the form ``adaptive-ft ingest --format chat``
+reads (``adaptive_ft/store/sources.py``): the flat fields, with prompt and response as the conversation::
 
-    {"id": "<impression event_id>", "ts": "...Z", "user_id": "...", "segment": "...", "domain": "...",
-     "example_id": "...", "model_version": "...", "reference": "<the ideal answer>",
-     "messages": [{"role": "user", "content": "<prompt>"}, {"role": "assistant", "content": "<response>"}],
-     "feedback": [{"event_id": "...", "ts": "...Z", "event": "thumbs_down", "value": null}, ...]}
-
-The record itself is the impression; each ``feedback`` item is one more event of the same query.
+    {"messages": [{"role": "user", "content": "<prompt>"}, {"role": "assistant", "content": "<response>"}],
+     "event_id": "...", "ts": "2025-01-03T14:02:11Z", "user_id": "...", "segment": "...", "domain": "...",
+     "example_id": "...", "reference": "<the ideal answer>", "event": "thumbs_down", "value": null,
+     "model_version": "..."}
 
 Ids are stable, so re-ingesting a log adds nothing: ``event_id`` = a tag hashed from the seed, the pool, the
 config and the model version, plus the event's index; ``example_id`` = :func:`example_id_for` of the prompt;
@@ -604,7 +603,7 @@ def _iso(col: str) -> pl.Expr:
     return pl.col(col).dt.to_string("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_log(frame: pl.DataFrame, query_of_event: np.ndarray, out: Path, fmt: str) -> None:
+def write_log(frame: pl.DataFrame, out: Path, fmt: str) -> None:
     """Write ``frame`` to ``out`` in ``fmt`` (see the module docstring for each format)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
@@ -614,25 +613,17 @@ def write_log(frame: pl.DataFrame, query_of_event: np.ndarray, out: Path, fmt: s
     elif fmt == "csv":
         frame.with_columns(_iso("ts")).write_csv(out)
     elif fmt == "chat":
-        chat_records(frame, query_of_event).write_ndjson(out)
+        chat_records(frame).write_ndjson(out)
     else:
         raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def chat_records(frame: pl.DataFrame, query_of_event: np.ndarray) -> pl.DataFrame:
-    """The chat format (module docstring): one row per query, ``messages`` and a ``feedback`` list."""
-    frame = frame.with_columns(_iso("ts"), pl.Series("_q", query_of_event))
-    imp = frame.filter(pl.col("event") == "impression")
-    fb = (frame.filter(pl.col("event") != "impression")
-          .group_by("_q", maintain_order=True)
-          .agg(pl.struct("event_id", "ts", "event", "value").alias("feedback")))
+def chat_records(frame: pl.DataFrame) -> pl.DataFrame:
+    """The chat format (module docstring): one record per event, prompt and response as ``messages``."""
     user_msg = pl.struct(pl.lit("user").alias("role"), pl.col("prompt").alias("content"))
     bot_msg = pl.struct(pl.lit("assistant").alias("role"), pl.col("response").alias("content"))
-    return (imp.join(fb, on="_q", how="left", maintain_order="left")
-            .with_columns(pl.col("feedback").fill_null(pl.lit([], dtype=fb.schema["feedback"])))
-            .select(pl.col("event_id").alias("id"), "ts", "user_id", "segment", "domain", "example_id",
-                    "model_version", "reference", pl.concat_list(user_msg, bot_msg).alias("messages"),
-                    "feedback"))
+    return frame.select(pl.concat_list(user_msg, bot_msg).alias("messages"), "event_id", _iso("ts"), "user_id",
+                        "segment", "domain", "example_id", "reference", "event", "value", "model_version")
 
 
 def build_truth(world: World, pool: Pool, q: Queries, ans: Answers, cfg: SimulateConfig, seed: int,
@@ -708,7 +699,7 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
            else planted_answers(world, the_pool, q, answer_rng))
     ev = sample_feedback(q, ans.correct, cfg, event_rng)
     frame = build_frame(world, the_pool, q, ans, ev, cfg, seed, _run_tag(cfg, the_pool, seed, responder is not None))
-    write_log(frame, ev.query, out, fmt)
+    write_log(frame, out, fmt)
     truth = build_truth(world, the_pool, q, ans, cfg, seed, frame.height, fmt)
     truth_path = truth_path_for(out)
     truth_path.write_text(json.dumps(truth, indent=2) + "\n")
