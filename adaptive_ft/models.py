@@ -232,8 +232,12 @@ def build_tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) 
 
 def build_tiny_model(out_dir: str | Path, texts: list[str] | None = None, n_layers: int = 2, hidden: int = 64,
                      heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, vocab_size: int = 512,
-                     seed: int = 0) -> Path:
-    """Write a tiny LlamaForCausalLM and a tokenizer trained on ``texts`` to ``out_dir`` (deterministic per seed)."""
+                     seed: int = 0, init_std: float = 0.2) -> Path:
+    """Write a tiny LlamaForCausalLM and a tokenizer trained on ``texts`` to ``out_dir`` (deterministic per seed).
+
+    ``init_std`` is larger than a real model's 0.02: with tied, frozen embeddings of width 64 that scale
+    bounds the logits, and a tiny model must be able to fit its data in a few LoRA steps for tests to mean much.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
@@ -242,7 +246,7 @@ def build_tiny_model(out_dir: str | Path, texts: list[str] | None = None, n_laye
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init_std, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):

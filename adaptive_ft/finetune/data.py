@@ -1,0 +1,230 @@
+"""Training data: the split, chat formatting, answer-only labels, weighted sampling and length-grouped batches.
+
+Everything here is a pure function of its inputs and a seed, so every process of a DDP run, and a resumed
+run, computes the same split and the same batch order without talking to the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from adaptive_ft.errors import PlanError, TrainingError
+from adaptive_ft.prioritize.plan import Plan
+
+# The system turn every prompt carries. SmolLM2's template injects "You are a helpful AI assistant named
+# SmolLM, trained by Hugging Face" (17 tokens) when a conversation has no system turn: that doubles the cost
+# of a short Banking77 query (median 12 tokens), so an explicit empty system turn (4 tokens) replaces it.
+# Training and evaluation both call format_prompt, so they always ask the same question.
+DEFAULT_SYSTEM = ""
+
+SPLIT_COLUMNS = ["example_id", "domain", "split", "prompt", "reference"]
+IGNORE = -100  # label of a token that carries no loss (prompt and padding)
+
+
+# --------------------------------------------------------------------------------------------- examples
+
+
+def load_examples(store_path: str | Path) -> pl.DataFrame:
+    """example_id, domain, prompt, reference of every example in the store (read-only)."""
+    from adaptive_ft.store import Store
+
+    with Store.open(store_path, read_only=True) as store:
+        return store.examples()
+
+
+def select_examples(examples: pl.DataFrame, plan: Plan) -> pl.DataFrame:
+    """The examples of the plan's domains that have a reference; a clear error for domains with none."""
+    labelled = examples.filter(pl.col("reference").is_not_null() & (pl.col("reference") != ""))
+    domains = plan.domain_names
+    counts = dict(labelled.group_by("domain").len().iter_rows())
+    empty = [d for d in domains if not counts.get(d)]
+    if empty and len(empty) == len(domains):
+        raise TrainingError(f"no examples with a reference for any of the plan's domains {domains}; the store "
+                            f"has references for: {sorted(k for k in counts if k)[:20]}. Ingest examples with "
+                            f"a 'reference' field, or write a plan for domains the store has")
+    if empty:
+        raise PlanError(f"plan domains with no examples (with a reference) in the store: {empty}; drop them "
+                        f"from the plan or ingest their examples")
+    return labelled.filter(pl.col("domain").is_in(domains)).sort("example_id")
+
+
+def _stable_key(example_id: str, seed: int) -> int:
+    """A per-example pseudo-random key that does not depend on row order (so the split is reproducible)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "big")
+
+
+def split_examples(examples: pl.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pl.DataFrame:
+    """Assign each example to train / val / test, stratified by domain; an example is in exactly one split.
+
+    Within a domain of n examples, round(n * test_fraction) go to test and round(n * val_fraction) to val,
+    but a domain always keeps at least one training example.
+    """
+    df = examples.unique("example_id", keep="first").with_columns(
+        pl.col("example_id").map_elements(lambda e: _stable_key(e, seed), return_dtype=pl.UInt64).alias("_k"))
+    df = df.sort(["domain", "_k"]).with_columns(
+        pl.int_range(pl.len()).over("domain").alias("_i"), pl.len().over("domain").alias("_n"))
+    n = pl.col("_n").cast(pl.Float64)
+    n_test = (n * test_fraction).round().clip(upper_bound=pl.col("_n") - 1)
+    n_val = (n * val_fraction).round().clip(upper_bound=pl.col("_n") - 1 - n_test)
+    split = (pl.when(pl.col("_i") < n_test).then(pl.lit("test"))
+             .when(pl.col("_i") < n_test + n_val).then(pl.lit("val")).otherwise(pl.lit("train")))
+    return df.with_columns(split.alias("split")).select(SPLIT_COLUMNS).sort("example_id")
+
+
+def split_sha256(split: pl.DataFrame) -> str:
+    """A hash of which example is in which split (what the manifest records)."""
+    h = hashlib.sha256()
+    for eid, s in split.sort("example_id").select("example_id", "split").iter_rows():
+        h.update(f"{eid}\t{s}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+def format_prompt(tokenizer: Any, prompt: str, system: str | None = DEFAULT_SYSTEM) -> str:
+    """The prompt as the model sees it: its chat template with the generation prompt (training and evaluation)."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: ``ids`` = prompt + answer, the first ``n_prompt`` ids carry no loss."""
+
+    ids: list[int]
+    n_prompt: int
+    truncated: bool
+
+
+def encode_example(tokenizer: Any, prompt: str, reference: str, max_len: int) -> Encoded:
+    """Prompt and answer ids; over-long examples lose the start of the prompt, never the answer's end token.
+
+    Keeping the end of the prompt keeps the generation prompt right before the answer, which is what
+    the model sees at inference.
+    """
+    p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    a = tokenizer(reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    truncated = len(p) + len(a) > max_len
+    if truncated:
+        if len(a) > max_len - 1:  # the answer alone is too long: keep its start, its end token, one prompt token
+            a = a[: max_len - 2] + [tokenizer.eos_token_id]
+        p = p[-(max_len - len(a)):]
+    return Encoded(p + a, len(p), truncated)
+
+
+def encode_all(tokenizer: Any, frame: pl.DataFrame, max_len: int) -> list[Encoded]:
+    """Encode every row (prompt, reference) of ``frame`` in order."""
+    return [encode_example(tokenizer, p, r, max_len) for p, r in frame.select("prompt", "reference").iter_rows()]
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def sampling_weights(train: pl.DataFrame, plan: Plan) -> np.ndarray:
+    """Per-row sampling probability of the training split, from the plan (sums to 1).
+
+    The plan's example weights when it has them (examples it does not list are not drawn); otherwise each
+    domain gets its ``share`` (uniform over domains when no shares are given), spread evenly over its examples.
+    """
+    ex = plan.example_weights()
+    if ex.height:
+        w = train.join(ex.select("example_id", pl.col("weight").cast(pl.Float64)), on="example_id", how="left")
+        weights = w["weight"].fill_null(0.0).to_numpy()
+    else:
+        shares = {d.domain: d.share for d in plan.domains}
+        if sum(shares.values()) <= 0:
+            shares = {d: 1.0 for d in shares}
+        per_domain = train.group_by("domain").len()
+        size = dict(per_domain.iter_rows())
+        weights = np.array([shares.get(d, 0.0) / size[d] for d in train["domain"]], dtype=np.float64)
+    total = float(weights.sum())
+    if not np.isfinite(total) or total <= 0:
+        raise TrainingError("the plan gives every training example weight 0: nothing to draw. Check that the "
+                            "plan's example_ids are the store's")
+    return weights / total
+
+
+def draw_epoch(weights: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """``n`` row indices drawn with the given probabilities for one epoch (deterministic in seed and epoch).
+
+    Residual sampling: each row is drawn floor(n * w) times, and the remaining draws are multinomial on the
+    fractional parts. The counts follow the weights in expectation with less variance than plain
+    multinomial sampling, and uniform weights give exactly one pass over the data.
+    """
+    rng = np.random.default_rng([seed, epoch, 7])
+    expected = weights * n
+    counts = np.floor(expected).astype(np.int64)
+    rest = n - int(counts.sum())
+    if rest > 0:
+        frac = expected - counts
+        counts += rng.multinomial(rest, frac / frac.sum())
+    order = np.repeat(np.arange(len(weights)), counts)
+    rng.shuffle(order)
+    return order
+
+
+def length_grouped_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                           group: int = 64) -> list[np.ndarray]:
+    """Cut ``order`` into batches of similar lengths (little padding), in a shuffled but seeded batch order.
+
+    Windows of ``group`` batches are sorted by length and cut, so lengths are grouped locally while
+    the sample order still mixes domains across the epoch.
+    """
+    rng = np.random.default_rng([seed, epoch, 11])
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def epoch_batches(weights: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This process's batches for ``epoch``: the global sample cut into batches, every ``world``-th one.
+
+    Each process draws its own shard of the same weighted sample; the last incomplete round is dropped
+    so that every process runs the same number of steps.
+    """
+    order = draw_epoch(weights, len(weights), seed, epoch)
+    batches = length_grouped_batches(order, lengths, batch_size, seed, epoch)
+    usable = (len(batches) // world) * world
+    return batches[rank:usable:world]
+
+
+# --------------------------------------------------------------------------------------------- collation
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-padded ``input_ids`` (B, T) and the flat indices of the positions that predict answer tokens.
+
+    ``predict_pos`` are indices into the flattened (B*T) hidden states: position t predicts token t+1, so
+    the answer tokens at [n_prompt, len) are predicted from [n_prompt - 1, len - 1). ``targets`` are those
+    answer tokens. With right padding and causal attention no real token ever sees a pad, so no attention
+    mask is needed.
+    """
+    import torch
+
+    width = max(len(it.ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    pos, tgt, row = [], [], []
+    for b, it in enumerate(items):
+        ids[b, : len(it.ids)] = torch.tensor(it.ids)
+        for t in range(it.n_prompt, len(it.ids)):
+            pos.append(b * width + t - 1)
+            tgt.append(it.ids[t])
+            row.append(b)
+    return {"input_ids": ids, "predict_pos": torch.tensor(pos, dtype=torch.long),
+            "targets": torch.tensor(tgt, dtype=torch.long), "row": torch.tensor(row, dtype=torch.long),
+            "n_tokens": sum(len(it.ids) for it in items), "n_padded": ids.numel()}

@@ -1,0 +1,724 @@
+"""The selective LoRA training loop: plan-weighted batches, answer-only loss, validation, checkpoints, DDP.
+
+Where the time goes, and what this loop does about it (a 135M model on 2 CPU cores):
+
+- Only the answer tokens carry loss, so the output layer (49152 x 576 for SmolLM2, a fifth of the model) is
+  applied to the positions that predict an answer token only, not to every position of every sequence.
+- Base weights are frozen and nothing below the lowest adapted layer requires a gradient, so autograd records
+  no graph there: the backward pass stops at the lowest adapted layer.
+- Batches are grouped by length and right-padded; with causal attention no real token ever attends to a pad,
+  so no attention mask is built and SDPA takes its causal fast path.
+- DDP is a single all-reduce of the (small) flattened LoRA gradient per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adaptive_ft.config import Config, TrainConfig, config_to_dict
+from adaptive_ft.errors import ModelError, PlanError, TrainingError
+from adaptive_ft.finetune import data as D
+from adaptive_ft.models import load_model, resolve_model
+from adaptive_ft.prioritize.plan import Plan, file_sha256
+
+CKPT_STATE = "trainer_state.pt"
+CKPT_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, how far it went, how fast, and why it stopped."""
+
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    layers: list[int]
+    best_step: int | None
+    best_val_loss: float | None
+    final_train_loss: float | None
+    stopped_early: bool
+    stop_reason: str
+    train_seconds: float
+    examples_per_s: float
+    tokens_per_s: float
+    n_train: int
+    n_val: int
+    n_test: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if world <= 1:
+        return Dist(0, 1, device)
+    if not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(torch.distributed.get_rank(), world, device)
+
+
+def set_threads(tc: TrainConfig, world: int) -> None:
+    """Use the configured threads, or share the cores among the run's processes."""
+    n = tc.threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def parse_layers(spec: str | list[int] | None, n: int) -> list[int] | None:
+    """``"all"``, ``"12,13"``, ``"15-29"``, ``"last:6"`` (or a list) -> sorted layer indices; None = the plan's."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, list):
+        return sorted(set(spec))
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n))
+    if spec.startswith("last:"):
+        k = int(spec.split(":", 1)[1])
+        return list(range(max(0, n - k), n))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.add(int(part))
+    except ValueError:
+        raise PlanError(f"--layers {spec!r}: expected 'all', 'last:K', or indices like '12,13' or '15-29'") from None
+    return sorted(out)
+
+
+def choose_layers(plan: Plan, override: list[int] | str | None, n: int) -> list[int]:
+    """The adapted layers: ``override``, else the plan's, else all; a clear error for layers the model lacks."""
+    layers = parse_layers(override, n)
+    source = "--layers"
+    if layers is None:
+        layers = plan.layers.selected if plan.layers and plan.layers.selected else list(range(n))
+        source = "the plan's layers.selected"
+    bad = [i for i in layers if i < 0 or i >= n]
+    if bad:
+        raise PlanError(f"{source} names layers {bad} but the model has {n} layers (0-{n - 1}); re-run "
+                        f"`adaptive-ft prioritize` with this model or pass --layers")
+    if not layers:
+        raise PlanError(f"{source} selects no layers")
+    return layers
+
+
+def lora_config(tc: TrainConfig, layers: list[int], rank_pattern: dict[str, int], n: int) -> Any:
+    """A peft LoraConfig on ``layers``; per-layer ranks keep alpha / r constant so the update scale stays put."""
+    from peft import LoraConfig
+
+    ranks = {f"layers\\.{int(k)}\\..*": int(v) for k, v in rank_pattern.items() if int(k) in layers}
+    alphas = {k: tc.lora.alpha * v / tc.lora.r for k, v in ranks.items()}
+    return LoraConfig(
+        r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+        target_modules=list(tc.lora.target_modules), task_type="CAUSAL_LM", bias="none",
+        layers_to_transform=None if len(layers) == n else list(layers), layers_pattern="layers",
+        rank_pattern=ranks, alpha_pattern=alphas,
+    )
+
+
+def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dict[str, int]) -> Any:
+    """Wrap ``base`` in a peft model with adapters on ``layers`` only; everything else frozen."""
+    from peft import get_peft_model
+
+    n = int(base.config.num_hidden_layers)
+    try:
+        model = get_peft_model(base, lora_config(tc, layers, rank_pattern, n))
+    except ValueError as e:
+        raise ModelError(f"cannot attach LoRA: {e}. Set train.lora.target_modules to module names of this "
+                         f"model (e.g. q_proj, v_proj)") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's weights by parameter name (what checkpoints store)."""
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_init_adapter(model: Any, path: str | Path) -> int:
+    """Copy an earlier adapter's weights into ``model`` where names and shapes match; returns how many tensors."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"--init-adapter {path}: no adapter_config.json there; pass a RUN/adapter folder")
+    weights = load_peft_weights(str(path), device="cpu")
+    own = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    result = set_peft_model_state_dict(model, weights)
+    loaded = len(own) - len([k for k in result.missing_keys if "lora_" in k])
+    if loaded == 0:
+        raise ModelError(f"--init-adapter {path}: none of its weights fit this model's adapter (different "
+                         f"layers, modules or rank?)")
+    return loaded
+
+
+def answer_logits(model: Any, input_ids: torch.Tensor, predict_pos: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) at the positions that predict answer tokens only: the output layer skips the prompt."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_pos)  # (N, H)
+    return base.get_output_embeddings()(h)  # (N, V)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton et al., 2015)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that a checkpoint must restore to continue identically."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_idx: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    tokens: int = 0
+    examples: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Batches:
+    """Endless, resumable stream of this process's batches: (epoch, index) says where it is."""
+
+    def __init__(self, weights: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, dist: Dist,
+                 epoch: int = 0, idx: int = 0):
+        self.args = (weights, lengths, batch_size, seed)
+        self.dist = dist
+        self.epoch, self.idx = epoch, idx
+        self.current = self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        w, lengths, bs, seed = self.args
+        return D.epoch_batches(w, lengths, bs, seed, epoch, self.dist.rank, self.dist.world)
+
+    def per_epoch(self) -> int:
+        return len(self.current)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.idx >= len(self.current):
+            self.epoch, self.idx = self.epoch + 1, 0
+            self.current = self._epoch(self.epoch)
+        batch = self.current[self.idx]
+        self.idx += 1
+        return batch
+
+
+def save_checkpoint(run: Path, model: Any, opt: Any, sched: Any, state: LoopState, keep: int) -> Path:
+    """Write RUN/checkpoints/step-N atomically (a temp folder renamed into place), then drop the oldest ones."""
+    from safetensors.torch import save_file
+
+    root = run / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".step-{state.step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / CKPT_WEIGHTS))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(), "loop": state.as_dict()}, tmp / CKPT_STATE)
+    (tmp / "trainer_state.json").write_text(json.dumps(state.as_dict(), indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(checkpoints(run), key=_step_of)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run: Path) -> list[Path]:
+    root = run / "checkpoints"
+    return [p for p in root.glob("step-*") if (p / CKPT_STATE).is_file()] if root.is_dir() else []
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-", 1)[1])
+
+
+def load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> LoopState:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint (no arbitrary pickle: weights_only)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / CKPT_WEIGHTS))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    saved = torch.load(path / CKPT_STATE, weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return LoopState(**saved["loop"])
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(tc: TrainConfig, total: int) -> Any:
+    """Linear warm-up, then cosine / linear decay to 0 at ``total`` steps, or constant."""
+    warm = max(0, tc.warmup_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if tc.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if tc.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def total_steps(tc: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps from max_steps, else from epochs."""
+    if tc.max_steps > 0:
+        return tc.max_steps
+    return max(1, math.ceil(tc.epochs * batches_per_epoch / tc.grad_accum))
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class RunData:
+    """The run's split and its encoded training / validation examples."""
+
+    split: pl.DataFrame
+    train: list[D.Encoded]
+    val: list[D.Encoded]
+    weights: np.ndarray
+    lengths: np.ndarray
+    truncated: int
+    task: str
+
+
+def guess_task(split: pl.DataFrame) -> str:
+    """"label" when answers are a small set of short names (intents, classes), else "text"."""
+    refs = split["reference"]
+    short = refs.str.split(" ").list.len().max() <= 4
+    return "label" if short and refs.n_unique() <= max(2, split.height // 2) else "text"
+
+
+def prepare_data(cfg: Config, plan: Plan, examples: pl.DataFrame, tok: Any, out: Path, dist: Dist) -> RunData:
+    """Select the plan's examples, split them (or reuse RUN/split.parquet), encode and weight the training split."""
+    tc = cfg.train
+    path = out / "split.parquet"
+    if path.is_file():
+        split = pl.read_parquet(path)  # the same split across resumes, processes and later evaluation
+    else:
+        split = D.split_examples(D.select_examples(examples, plan), tc.val_fraction, tc.test_fraction, cfg.seed)
+        if dist.main:
+            tmp = path.with_suffix(".parquet.tmp")
+            split.write_parquet(tmp)
+            tmp.replace(path)
+    train = split.filter(pl.col("split") == "train")
+    if train.height == 0:
+        raise TrainingError(f"the training split is empty ({split.height} examples in the plan's domains); "
+                            f"ingest more examples or lower train.val_fraction / train.test_fraction")
+    val = split.filter(pl.col("split") == "val")
+    if tc.max_eval_examples and val.height > tc.max_eval_examples:
+        val = val.sample(tc.max_eval_examples, seed=cfg.seed, shuffle=False)
+    enc_train = D.encode_all(tok, train, tc.max_seq_len)
+    enc_val = D.encode_all(tok, val, tc.max_seq_len)
+    truncated = sum(e.truncated for e in enc_train) + sum(e.truncated for e in enc_val)
+    if truncated and dist.main:
+        tqdm.write(f"{truncated} examples longer than train.max_seq_len={tc.max_seq_len} were truncated")
+    return RunData(split, enc_train, enc_val, D.sampling_weights(train, plan),
+                   np.array([len(e.ids) for e in enc_train]), truncated, guess_task(split))
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Ctx:
+    """What one training step needs."""
+
+    model: Any
+    opt: Any
+    sched: Any
+    tc: TrainConfig
+    dist: Dist
+    pad_id: int
+    teacher: Any = None
+
+
+def _loss(ctx: Ctx, batch: dict[str, Any], n_answer: int) -> torch.Tensor:
+    """This micro-batch's share of the step loss: summed answer-token CE over the step's answer tokens."""
+    dev = ctx.dist.device
+    ids, pos, tgt = batch["input_ids"].to(dev), batch["predict_pos"].to(dev), batch["targets"].to(dev)
+    logits = answer_logits(ctx.model, ids, pos)
+    loss = F.cross_entropy(logits, tgt, reduction="sum") / n_answer
+    if ctx.teacher is not None:
+        with torch.no_grad():
+            t_logits = answer_logits(ctx.teacher, ids, pos)
+        w = ctx.tc.distill_weight
+        kl = distill_loss(logits, t_logits, ctx.tc.distill_temperature) * (len(tgt) / n_answer)
+        loss = (1 - w) * loss + w * kl
+    return loss
+
+
+def _reduce_grads(ctx: Ctx, params: list[torch.Tensor]) -> None:
+    """Average the adapter gradients over processes: one all-reduce of a flat buffer (what DDP does)."""
+    if ctx.dist.world == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    ctx.dist.all_sum(flat)
+    flat /= ctx.dist.world
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+@dataclass
+class StepOut:
+    """One optimizer step, summed over processes."""
+
+    loss: float
+    tokens: int
+    examples: int
+    lr: float
+    finite: bool
+
+
+def train_step(ctx: Ctx, micro: list[list[D.Encoded]], params: list[torch.Tensor]) -> StepOut:
+    """Forward/backward over the micro-batches, reduce, clip, step; a non-finite loss skips the update."""
+    batches = [D.collate(m, ctx.pad_id) for m in micro]
+    n_answer = sum(len(b["targets"]) for b in batches)
+    total = 0.0
+    for b in batches:
+        loss = _loss(ctx, b, n_answer)
+        loss.backward()
+        total += float(loss.detach())
+    _reduce_grads(ctx, params)
+    sums = ctx.dist.all_sum(torch.tensor([total, sum(b["n_tokens"] for b in batches), sum(len(m) for m in micro)],
+                                         dtype=torch.float64))
+    loss_v = float(sums[0]) / ctx.dist.world
+    lr = float(ctx.opt.param_groups[0]["lr"])
+    finite = math.isfinite(loss_v)
+    if finite:
+        if ctx.tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, ctx.tc.max_grad_norm)
+        ctx.opt.step()
+        ctx.sched.step()
+    ctx.opt.zero_grad(set_to_none=True)
+    return StepOut(loss_v, int(sums[1]), int(sums[2]), lr, finite)
+
+
+@torch.no_grad()
+def validate(ctx: Ctx, examples: list[D.Encoded], batch_size: int) -> tuple[float, float]:
+    """(answer-token loss, exact-match rate) on ``examples``; exact = every answer token is the argmax.
+
+    Exact match under teacher forcing equals greedy decoding reproducing the reference and stopping.
+    """
+    order = np.argsort([len(e.ids) for e in examples], kind="stable")
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][ctx.dist.rank::ctx.dist.world]
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, answer tokens, exact examples, examples
+    ctx.model.eval()
+    for chunk in chunks:
+        b = D.collate([examples[i] for i in chunk], ctx.pad_id)
+        dev = ctx.dist.device
+        logits = answer_logits(ctx.model, b["input_ids"].to(dev), b["predict_pos"].to(dev))
+        tgt = b["targets"].to(dev)
+        wrong = torch.zeros(len(chunk), device=dev).index_add_(0, b["row"].to(dev), (logits.argmax(-1) != tgt).float())
+        sums += torch.tensor([F.cross_entropy(logits, tgt, reduction="sum").item(), len(tgt),
+                              (wrong == 0).sum().item(), len(chunk)], dtype=torch.float64)
+    ctx.model.train()
+    ctx.dist.all_sum(sums)
+    return float(sums[0] / max(1, sums[1])), float(sums[2] / max(1, sums[3]))
+
+
+def _save_adapter(model: Any, dest: Path) -> None:
+    """Save the peft adapter to ``dest`` atomically (a temp folder renamed into place)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(out: Path, step: int) -> list[dict[str, Any]]:
+    """On resume, forget metrics logged after the checkpoint, so the file equals an uninterrupted run's."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in kept if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("adaptive-ft", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "polars"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (or peak GPU memory on CUDA) in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def _check_out(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuse to overwrite a finished or started run without --resume."""
+    ckpts = checkpoints(out)
+    if resume:
+        if not ckpts:
+            raise TrainingError(f"--resume: no checkpoint in {out}/checkpoints; start the run without --resume")
+        return max(ckpts, key=_step_of)
+    if ckpts or (out / "manifest.json").is_file():
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def _load_teacher(spec: str, tok: Any, device: torch.device) -> Any:
+    teacher, ttok = load_model(spec)
+    if ttok.get_vocab() != tok.get_vocab():
+        raise ModelError(f"--teacher {spec}: its tokenizer differs from the student's; distillation compares "
+                         f"token distributions, so both must share one tokenizer")
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, model: str | None, out: str | Path,
+          resume: bool = False, init_adapter: str | Path | None = None, teacher: str | None = None,
+          layers: list[int] | str | None = None, examples: pl.DataFrame | None = None) -> TrainResult:
+    """Fine-tune ``model`` with LoRA on the plan's layers and examples; write RUN (see docs/contracts.md).
+
+    ``examples`` (example_id, domain, prompt, reference) replaces reading the store when given.
+    """
+    t_start = time.time()
+    tc, out = cfg.train, Path(out)
+    dist = init_distributed()
+    set_threads(tc, dist.world)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = _check_out(out, resume)
+    plan = Plan.load(plan_path)
+    if examples is None:
+        examples = D.load_examples(store_path)
+    spec = model or cfg.model
+    base, tok = load_model(spec, quantize=None if tc.quantize_base == "none" else tc.quantize_base)
+    n_layers = int(base.config.num_hidden_layers)
+    chosen = choose_layers(plan, layers, n_layers)
+    data = prepare_data(cfg, plan, examples, tok, out, dist)
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed only
+    peft_model = attach_lora(base, tc, chosen, plan.layers.rank_pattern if plan.layers else {})
+    if init_adapter:
+        load_init_adapter(peft_model, init_adapter)
+    peft_model.to(dist.device).train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist)
+    steps = total_steps(tc, batches.per_epoch())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, steps))
+    state, metrics = LoopState(), []
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, peft_model, opt, sched)
+        batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist, state.epoch, state.batch_idx)
+        metrics = _truncate_metrics(out, state.step) if dist.main else []
+    elif dist.main:
+        (out / "metrics.jsonl").write_text("")
+    ctx = Ctx(peft_model, opt, sched, tc, dist, tok.pad_token_id,
+              _load_teacher(teacher, tok, dist.device) if teacher else None)
+    manifest = {
+        "config": config_to_dict(cfg), "base_model": spec, "base_model_path": str(resolve_model(spec)),
+        "plan": str(Path(plan_path).resolve()), "plan_sha256": file_sha256(plan_path),
+        "split_sha256": D.split_sha256(data.split), "seed": cfg.seed, "task": data.task, "layers": chosen,
+        "n_layers": n_layers, "world_size": dist.world, "init_adapter": str(init_adapter) if init_adapter else None,
+        "teacher": teacher, "system_prompt": D.DEFAULT_SYSTEM, "versions": _versions(),
+        "n_train": len(data.train), "n_val": int((data.split["split"] == "val").sum()),
+        "n_val_scored": len(data.val), "n_test": int((data.split["split"] == "test").sum()),
+        "truncated": data.truncated, "total_steps": steps,
+    }
+    setup_s = time.time() - t_start
+    result = _loop(ctx, data, batches, state, steps, out, metrics, params, manifest)
+    manifest["timings"] = {"setup_s": round(setup_s, 2), "train_s": round(state.train_seconds, 2),
+                           "eval_s": round(state.eval_seconds, 2),
+                           "total_s": round(time.time() - t_start, 2)}
+    _finish(ctx, out, manifest, result)
+    dist.barrier()
+    return result
+
+
+def _validate_and_track(ctx: Ctx, data: RunData, state: LoopState, out: Path, rec: dict[str, Any]) -> None:
+    """Validate, record, keep the best adapter, and count validations without improvement."""
+    t0 = time.perf_counter()
+    val_loss, exact = validate(ctx, data.val, ctx.tc.eval_batch_size)
+    state.eval_seconds += time.perf_counter() - t0
+    rec.update(val_loss=val_loss, val_exact=exact)
+    if val_loss < state.best_val - ctx.tc.min_delta:
+        state.best_val, state.best_step, state.bad_evals = val_loss, state.step, 0
+        if ctx.dist.main:
+            _save_adapter(ctx.model, out / "best-adapter")
+    else:
+        state.bad_evals += 1
+
+
+def _nan_stop(ctx: Ctx, state: LoopState, out: Path, manifest: dict[str, Any]) -> None:
+    """Keep the last good weights as a checkpoint and stop with a message naming the step."""
+    path = None
+    if ctx.dist.main:
+        path = save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, max(ctx.tc.keep_checkpoints, 1) + 1)
+        manifest.update(stopped_early=True, stop_reason=f"non-finite loss at step {state.step + 1}",
+                        best_step=state.best_step if state.best_step >= 0 else None)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    raise TrainingError(f"the loss became NaN/inf at step {state.step + 1}; training stopped. The last good "
+                        f"weights (after step {state.step}) are in {path or out / 'checkpoints'}. Lower train.lr, "
+                        f"check the data for empty answers, or resume from that checkpoint with --resume")
+
+
+def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: int, out: Path,
+          metrics: list[dict[str, Any]], params: list[torch.Tensor], manifest: dict[str, Any]) -> TrainResult:
+    """Run optimizer steps until ``steps`` or early stopping; log, validate and checkpoint on the way."""
+    tc, dist = ctx.tc, ctx.dist
+    stop_reason, stopped_early = f"reached {steps} steps", False
+    bar = tqdm(total=steps, initial=state.step, disable=not dist.main, desc="train", unit="step", dynamic_ncols=True)
+    while state.step < steps:
+        t0 = time.perf_counter()
+        micro = [[data.train[i] for i in next(batches)] for _ in range(tc.grad_accum)]
+        s = train_step(ctx, micro, params)
+        if not s.finite:
+            bar.close()
+            _nan_stop(ctx, state, out, manifest)
+        state.train_seconds += time.perf_counter() - t0
+        state.step, state.epoch, state.batch_idx = state.step + 1, batches.epoch, batches.idx
+        state.tokens, state.examples = state.tokens + s.tokens, state.examples + s.examples
+        tps = state.tokens / max(state.train_seconds, 1e-9)
+        rec = {"step": state.step, "epoch": round(state.epoch + state.batch_idx / max(1, batches.per_epoch()), 4),
+               "train_loss": s.loss, "lr": s.lr, "tokens_per_s": round(tps, 2),
+               "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 3)}
+        if data.val and ((tc.eval_every and state.step % tc.eval_every == 0) or state.step == steps):
+            _validate_and_track(ctx, data, state, out, rec)
+        metrics.append(rec)
+        if dist.main:
+            _append_metrics(out, rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tps:.0f}",
+                        **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+        if tc.patience and state.bad_evals >= tc.patience:
+            stopped_early = True
+            stop_reason = (f"early stopping at step {state.step}: validation loss did not improve for "
+                           f"{tc.patience} validations (best {state.best_val:.4f} at step {state.best_step})")
+        if dist.main and (stopped_early or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0)):
+            save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, tc.keep_checkpoints)
+        if stopped_early:
+            break
+    bar.close()
+    train_losses = [m["train_loss"] for m in metrics]
+    return TrainResult(
+        run_dir=out, adapter_dir=out / "adapter", steps=state.step, layers=manifest["layers"],
+        best_step=state.best_step if state.best_step >= 0 else None,
+        best_val_loss=state.best_val if math.isfinite(state.best_val) else None,
+        final_train_loss=train_losses[-1] if train_losses else None, stopped_early=stopped_early,
+        stop_reason=stop_reason, train_seconds=state.train_seconds,
+        examples_per_s=state.examples / max(state.train_seconds, 1e-9),
+        tokens_per_s=state.tokens / max(state.train_seconds, 1e-9), n_train=manifest["n_train"],
+        n_val=manifest["n_val"], n_test=manifest["n_test"], metrics=metrics)
+
+
+def _finish(ctx: Ctx, out: Path, manifest: dict[str, Any], result: TrainResult) -> None:
+    """Write RUN/adapter (the best-validated one when kept) and RUN/manifest.json."""
+    if not ctx.dist.main:
+        return
+    best = out / "best-adapter"
+    if ctx.tc.keep_best and result.best_step is not None and best.is_dir():
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best, tmp)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        tmp.rename(out / "adapter")
+        manifest["adapter_step"] = result.best_step
+    else:
+        _save_adapter(ctx.model, out / "adapter")
+        manifest["adapter_step"] = result.steps
+    manifest.update(
+        steps=result.steps, best_step=result.best_step, best_val_loss=result.best_val_loss,
+        stopped_early=result.stopped_early, stop_reason=result.stop_reason,
+        tokens_per_s=round(result.tokens_per_s, 2), examples_per_s=round(result.examples_per_s, 3),
+        peak_memory_mb=round(peak_memory_mb(ctx.dist.device), 1),
+    )
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.replace(out / "manifest.json")
