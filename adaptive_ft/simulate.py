@@ -564,8 +564,8 @@ class SimulateResult:
 
 
 def truth_path_for(out: Path) -> Path:
-    """``logs.jsonl`` -> ``logs.truth.json`` (beside the log)."""
-    return out.with_name(out.name.split(".")[0] + ".truth.json")
+    """``logs.jsonl`` -> ``logs.truth.json``, ``logs.chat.jsonl`` -> ``logs.chat.truth.json`` (beside the log)."""
+    return out.with_name(out.stem + ".truth.json")
 
 
 def _run_tag(cfg: SimulateConfig, pool: Pool, seed: int, responder: bool) -> str:
@@ -683,23 +683,36 @@ def _events_per_query(cfg: SimulateConfig, world: World) -> float:
 
 def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str | Path | Pool = "builtin",
              seed: int = 0, responder: Responder | None = None) -> SimulateResult:
-    """Generate a log of about ``cfg.events`` events at ``out`` (in ``fmt``) and its truth file beside it."""
+    """Generate a log of about ``cfg.events`` events at ``out`` (in ``fmt``) and its truth file beside it.
+
+    ``pool``: "builtin", "banking77", a CSV path or a :class:`Pool`. ``responder``: answers a batch of
+    prompts; when given, its answers (right when equal to the reference) replace the planted failures.
+    """
     t0 = time.perf_counter()
     validate(cfg)
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
     the_pool = pool if isinstance(pool, Pool) else load_pool(pool)
+    # Independent streams per stage: a responder run sees exactly the users and queries of a planted run.
     world_rng, query_rng, answer_rng, event_rng = (np.random.default_rng(s)
                                                    for s in np.random.SeedSequence(seed).spawn(4))
-    world = plant_world(cfg, the_pool, world_rng)
-    n_queries = max(1, math.ceil(cfg.events / _events_per_query(cfg, world)))
-    q = sample_queries(world, n_queries, cfg, query_rng)
-    ans = (responder_answers(the_pool, q, responder) if responder is not None
-           else planted_answers(world, the_pool, q, answer_rng))
-    ev = sample_feedback(q, ans.correct, cfg, event_rng)
-    frame = build_frame(world, the_pool, q, ans, ev, cfg, seed, _run_tag(cfg, the_pool, seed, responder is not None))
-    write_log(frame, out, fmt)
+    # A bar only where it helps: large runs on a terminal (tqdm hides it elsewhere when disable=None).
+    with tqdm(total=5, desc="simulate", unit="step", leave=False,
+              disable=None if cfg.events >= 500_000 else True) as bar:
+        world = plant_world(cfg, the_pool, world_rng)
+        q = sample_queries(world, max(1, math.ceil(cfg.events / _events_per_query(cfg, world))), cfg, query_rng)
+        bar.update()
+        ans = (responder_answers(the_pool, q, responder) if responder is not None
+               else planted_answers(world, the_pool, q, answer_rng))
+        bar.update()
+        ev = sample_feedback(q, ans.correct, cfg, event_rng)
+        bar.update()
+        tag = _run_tag(cfg, the_pool, seed, responder is not None)
+        frame = build_frame(world, the_pool, q, ans, ev, cfg, seed, tag)
+        bar.update()
+        write_log(frame, out, fmt)
+        bar.update()
     truth = build_truth(world, the_pool, q, ans, cfg, seed, frame.height, fmt)
     truth_path = truth_path_for(out)
     truth_path.write_text(json.dumps(truth, indent=2) + "\n")

@@ -330,3 +330,27 @@ def test_a_million_events_in_seconds(tmp_path: Path):
     assert res.n_events == pytest.approx(1_000_000, rel=0.02)
     assert res.seconds < 30, f"1M events took {res.seconds:.1f}s (about 2.5s on the 2-core dev machine)"
     assert pl.scan_parquet(res.log_path).select(pl.len()).collect().item() == res.n_events
+
+
+# ------------------------------------------------------------------------------------------- into the store
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "chat"])
+def test_every_format_ingests_completely_and_all_formats_share_ids(tmp_path: Path, fmt: str):
+    store = pytest.importorskip("adaptive_ft.store")
+    cfg = SimulateConfig(events=1500, users=60)
+    res = simulate(cfg, tmp_path / f"log.{fmt}", fmt=fmt, seed=9)
+    db = tmp_path / "s.duckdb"
+    first = store.ingest([res.log_path], db, fmt=fmt).files[0]
+    assert (first.error, first.rows_ok, first.rows_rejected) == (None, res.n_events, 0)
+    # the same run in another format holds the same event ids: nothing new
+    other = simulate(cfg, tmp_path / "other.parquet", fmt="parquet", seed=9)
+    again = store.ingest([other.log_path], db, fmt="parquet").files[0]
+    assert (again.rows_ok, again.rows_duplicate) == (0, res.n_events)
+    log = pl.read_parquet(other.log_path)
+    with store.Store.open(db, read_only=True) as s:
+        examples = s.examples()
+        counts = s.segment_domain_counts().sort("segment", "domain", "event")
+    assert examples.height == res.n_examples and examples["reference"].null_count() == 0
+    expected = log.group_by("segment", "domain", "event").len("n").sort("segment", "domain", "event")
+    assert counts.select("segment", "domain", "event", pl.col("n").cast(pl.UInt32)).equals(expected)
