@@ -1,0 +1,365 @@
+"""Bulk, idempotent, transactional ingest of interaction logs into the store.
+
+One file is one batch and one transaction: a DuckDB reader streams the file into a staging table where
+SQL validates every record (a CASE expression yields the reason a record is bad), bad records go to
+``rejected`` with their line and raw text, and good ones are appended to ``events`` unless their
+``event_id`` is already stored. There is no Python loop over records anywhere on this path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from adaptive_ft.config import EVENT_TYPES, IngestConfig
+from adaptive_ft.errors import InputError, StoreError
+from adaptive_ft.store.db import Store
+from adaptive_ft.store.sources import (
+    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, ident, jsonl_reader, parquet_reader, q,
+    review_reader,
+)
+
+# Called as on_stage(source, stage_name) when a file enters a stage; the CLI drives its progress with it.
+StageHook = Callable[[Source, str], None]
+STAGES = ("read + validate", "resolve examples", "write", "commit")
+
+
+@dataclass
+class FileReport:
+    """What one input file gave."""
+
+    path: str
+    format: str = ""
+    batch_id: int | None = None
+    rows_ok: int = 0
+    rows_duplicate: int = 0
+    rows_rejected: int = 0
+    rows_skipped: int = 0
+    seconds: float = 0.0
+    error: str | None = None  # the file could not be read at all
+    note: str | None = None  # e.g. already ingested
+
+
+@dataclass
+class IngestReport:
+    """The result of :func:`ingest`: one report per file, and totals."""
+
+    store: str
+    files: list[FileReport] = field(default_factory=list)
+    users_upserted: int = 0
+
+    def total(self, name: str) -> int:
+        return sum(getattr(f, name) for f in self.files)
+
+    @property
+    def seconds(self) -> float:
+        return sum(f.seconds for f in self.files)
+
+    @property
+    def anything_read(self) -> bool:
+        """Whether any file yielded valid records (new or already stored) or a users file was loaded."""
+        return self.users_upserted > 0 or any(f.rows_ok + f.rows_duplicate > 0 or f.note for f in self.files)
+
+    def summary(self) -> str:
+        ok, dup, rej = self.total("rows_ok"), self.total("rows_duplicate"), self.total("rows_rejected")
+        rate = ok / self.seconds if self.seconds > 0 else 0.0
+        skipped = self.total("rows_skipped")
+        extra = f", {skipped:,} skipped" if skipped else ""
+        return (
+            f"{ok:,} ok, {dup:,} duplicate, {rej:,} rejected{extra} in {self.seconds:.2f} s "
+            f"({rate:,.0f} events/s) -> {self.store}"
+        )
+
+
+def ingest(
+    paths: Sequence[str | Path],
+    store: str | Path | None = None,
+    config: IngestConfig | None = None,
+    fmt: str = "auto",
+    users: str | Path | None = None,
+    force: bool = False,
+    on_stage: StageHook | None = None,
+) -> IngestReport:
+    """Ingest log files (and optionally a users file) into the store; each file is one batch.
+
+    A file that cannot be read at all (missing, empty, binary) is reported in its :class:`FileReport`
+    and the others still go in. A file whose sha256 matches an earlier batch is passed over unless
+    ``force``; re-reading it adds nothing anyway, since event ids are stable.
+    """
+    cfg = config or IngestConfig()
+    with Store.open(store, memory_limit=cfg.memory_limit, threads=cfg.threads) as st:
+        report = IngestReport(str(st.path))
+        for path in paths:
+            report.files.append(_ingest_file(st, Path(path), fmt, cfg, force, on_stage))
+        if users is not None:
+            report.users_upserted = ingest_users(st, Path(users))
+    return report
+
+
+def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool, hook: StageHook | None) -> FileReport:
+    rep = FileReport(str(path))
+    try:
+        src = check_source(path, fmt)
+    except InputError as e:
+        rep.error = str(e)
+        return rep
+    rep.format = src.format
+    prev = st.con.execute(
+        "SELECT batch_id, rows_ok + rows_duplicate FROM batches WHERE sha256 = ? ORDER BY batch_id LIMIT 1", [src.sha256]
+    ).fetchall()
+    prev = prev[0] if prev else None
+    if prev and not force:
+        rep.rows_duplicate, rep.note = int(prev[1]), f"already ingested as batch {prev[0]} (same sha256); --force re-reads it"
+        return rep
+    try:
+        _load(st, src, cfg, rep, hook)
+    except duckdb.Error as e:
+        st.con.execute("ROLLBACK")
+        rep.error = f"{path}: could not be read as {src.format}: {str(e).splitlines()[0]}"
+    return rep
+
+
+def _reader(src: Source, rejects: str) -> Reader:
+    if src.format == "jsonl":
+        return jsonl_reader(src)
+    if src.format == "chat":
+        return chat_reader(src)
+    if src.format == "csv":
+        return csv_reader(src, rejects)
+    if src.format == "review":
+        return review_reader(src, rejects)
+    return parquet_reader(src)
+
+
+def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: StageHook | None) -> None:
+    """Read, validate and write one file as one transaction (a kill at any point leaves no trace)."""
+    con, t0 = st.con, time.perf_counter()
+    if src.format == "parquet":
+        desc = con.execute(f"DESCRIBE SELECT * FROM read_parquet({q(str(src.path))})").fetchall()
+        src.types = {name: typ for name, typ, *_ in desc}
+    con.execute("BEGIN TRANSACTION")
+    (batch,) = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM batches").fetchall()[0]
+    rep.batch_id = int(batch)
+    con.execute(
+        "INSERT INTO batches (batch_id, source, format, sha256, rows_ok, rows_duplicate, rows_rejected, "
+        "started_at, bytes) VALUES (?, ?, ?, ?, 0, 0, 0, now()::TIMESTAMP, ?)",
+        [batch, str(src.path.resolve()), src.format, src.sha256, src.bytes],
+    )
+    reader = _reader(src, f"_rejects_{batch}")
+    _stage(hook, src, 0)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
+    if reader.csv_rejects:
+        _csv_rejects(con, reader.csv_rejects, batch)
+    _stage(hook, src, 1)
+    _resolve_examples(con)
+    _stage(hook, src, 2)
+    _write(con, batch, cfg, rep)
+    rep.seconds = time.perf_counter() - t0
+    con.execute(
+        "UPDATE batches SET rows_ok = ?, rows_duplicate = ?, rows_rejected = ?, rows_skipped = ?, "
+        "finished_at = now()::TIMESTAMP, seconds = ? WHERE batch_id = ?",
+        [rep.rows_ok, rep.rows_duplicate, rep.rows_rejected, rep.rows_skipped, rep.seconds, batch],
+    )
+    _stage(hook, src, 3)
+    con.execute("COMMIT")
+    con.execute("DROP TABLE IF EXISTS _stage")
+
+
+def _stage(hook: StageHook | None, src: Source, i: int) -> None:
+    if hook is not None:
+        hook(src, STAGES[i])
+
+
+# ------------------------------------------------------------------------------------- validation SQL
+
+_TS_TEXT = (
+    "coalesce(try_cast({ts} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', "
+    "CASE WHEN try_cast({ts} AS DOUBLE) >= 0 AND try_cast({ts} AS DOUBLE) < 1e11 "  # epoch seconds, not ms
+    "THEN to_timestamp(try_cast({ts} AS DOUBLE))::TIMESTAMP END)"
+)
+
+
+def _reason_sql(cfg: IngestConfig) -> str:
+    """The CASE that names the first thing wrong with a record (NULL when it is fine)."""
+    events = ", ".join(q(e) for e in EVENT_TYPES)
+    limit = cfg.max_field_chars
+    too_long = " ".join(
+        f"WHEN strlen({ident(f)}) > {limit} AND length({ident(f)}) > {limit} "
+        f"THEN 'field too long: {f} (' || length({ident(f)}) || ' chars > {limit})'"
+        for f in FIELDS
+    )
+    return f"""CASE
+        WHEN pre_reason IS NOT NULL THEN pre_reason
+        {too_long}
+        WHEN user_id IS NULL THEN 'missing required field: user_id'
+        WHEN ts IS NULL THEN 'missing required field: ts'
+        WHEN event IS NULL THEN 'missing required field: event'
+        WHEN example_id IS NULL AND prompt IS NULL THEN 'missing required field: example_id or prompt'
+        WHEN ts_p IS NULL THEN 'unparseable timestamp: ' || left(ts, 100) || ' (expected ISO-8601 or epoch seconds)'
+        WHEN event_n NOT IN ({events}) THEN 'unknown event type: ' || left(event, 100)
+        WHEN value IS NOT NULL AND value_p IS NULL THEN 'wrong type: value is not a number: ' || left(value, 100)
+    END"""
+
+
+def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
+    """One pass over the file: text fields, parsed ts/value, the reason, stable ids.
+
+    The raw record is kept only for rows rejected here or that :func:`_resolve_examples` may reject.
+    """
+    fields = ", ".join(f"{expr} AS {ident(name)}" for name, expr in r.fields.items())
+    ts_p = r.ts_parsed or _TS_TEXT.format(ts="ts")
+    value_p = r.value_parsed or "try_cast(value AS DOUBLE)"
+    norm_prompt = "lower(regexp_replace(trim(prompt), '\\s+', ' ', 'g'))"
+    event_key = (
+        "concat_ws(chr(31), user_id, strftime(ts_p, '%Y-%m-%dT%H:%M:%S.%f'), event_n, example_id_f, "
+        "coalesce(value_p::VARCHAR, ''), coalesce(model_version, ''))"
+    )
+    return f"""
+    WITH f AS (SELECT *, {r.line} AS line, {r.pre_reason} AS pre_reason, {r.skip} AS skipped, {fields}
+               FROM ({r.base})),
+    p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(event) AS event_n,
+                 coalesce(example_id, md5({norm_prompt})) AS example_id_f FROM f),
+    v AS (SELECT *, CASE WHEN skipped THEN NULL ELSE {_reason_sql(cfg)} END AS reason FROM p)
+    SELECT line, reason, skipped,
+           CASE WHEN reason IS NOT NULL OR prompt IS NULL OR domain IS NULL THEN {r.raw} END AS raw,
+           CASE WHEN reason IS NULL THEN coalesce(event_id, md5({event_key})) END AS event_id,
+           ts_p AS ts, user_id, segment, example_id_f AS example_id, domain, prompt, response, reference,
+           event_n AS event, value_p AS value, model_version
+    FROM v"""
+
+
+def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None:
+    """Rows that break CSV rules (DuckDB skipped them): record them, and correct later rows' line numbers.
+
+    The staging line was (data row + 1); each rejected line before a row pushes it one line further.
+    """
+    (n,) = con.execute(f"SELECT count(*) FROM {ident(table)}").fetchall()[0]
+    if n:
+        con.execute(
+            f"""INSERT INTO _stage (line, reason, skipped, raw)
+            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || error_message || ')', false, csv_line
+            FROM {ident(table)}"""
+        )
+        con.execute(
+            f"""UPDATE _stage SET line = _stage.line + (
+                SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) - 1 AS g FROM {ident(table)}) r
+                WHERE r.g < _stage.line - 1)
+            WHERE NOT starts_with(coalesce(reason, ''), 'malformed CSV')"""
+        )
+    con.execute(f"DROP TABLE IF EXISTS {ident(table)}")
+    con.execute(f"DROP TABLE IF EXISTS {ident(table + '_scan')}")
+
+
+def _resolve_examples(con: duckdb.DuckDBPyConnection) -> None:
+    """Reject records whose example has no prompt or no domain in this file nor in the store."""
+    (n,) = con.execute(
+        "SELECT count(*) FROM _stage WHERE reason IS NULL AND NOT skipped AND (prompt IS NULL OR domain IS NULL)"
+    ).fetchall()[0]
+    if not n:
+        return
+    con.execute(
+        """
+        UPDATE _stage SET reason = CASE WHEN k.prompt IS NULL
+            THEN 'missing required field: prompt (example ' || _stage.example_id || ' has none in this file or the store)'
+            ELSE 'missing required field: domain (example ' || _stage.example_id || ' has none in this file or the store)' END
+        FROM (
+            WITH needy AS (SELECT DISTINCT example_id FROM _stage
+                           WHERE reason IS NULL AND NOT skipped AND (prompt IS NULL OR domain IS NULL))
+            SELECT example_id, max(prompt) AS prompt, max(domain) AS domain FROM (
+                SELECT example_id, prompt, domain FROM _stage WHERE reason IS NULL AND NOT skipped
+                    AND example_id IN (SELECT example_id FROM needy)
+                UNION ALL
+                SELECT example_id, prompt, domain FROM examples WHERE example_id IN (SELECT example_id FROM needy)
+            ) GROUP BY example_id
+        ) k
+        WHERE _stage.example_id = k.example_id AND _stage.reason IS NULL AND NOT _stage.skipped
+          AND (k.prompt IS NULL OR k.domain IS NULL)
+        """
+    )
+
+
+def _write(con: duckdb.DuckDBPyConnection, batch: int, cfg: IngestConfig, rep: FileReport) -> None:
+    """Rejected rows, then examples and users (upserts), then events not already stored."""
+    n_raw = cfg.max_raw_chars
+    con.execute(
+        f"""INSERT INTO rejected SELECT ?, line,
+            CASE WHEN length(raw) > {n_raw} THEN left(raw, {n_raw}) || '... (' || length(raw) || ' chars)' ELSE raw END,
+            reason FROM _stage WHERE reason IS NOT NULL ORDER BY line""",
+        [batch],
+    )
+    rep.rows_rejected, rep.rows_skipped, n_valid, n_distinct = con.execute(
+        "SELECT count(*) FILTER (reason IS NOT NULL), count(*) FILTER (skipped), "
+        "count(*) FILTER (reason IS NULL AND NOT skipped), "
+        "count(DISTINCT event_id) FILTER (reason IS NULL AND NOT skipped) FROM _stage"
+    ).fetchall()[0]
+    con.execute(
+        """INSERT INTO examples SELECT example_id, max(domain), max(prompt), max(reference), ?
+           FROM _stage WHERE reason IS NULL AND NOT skipped GROUP BY example_id
+           ON CONFLICT (example_id) DO UPDATE SET domain = coalesce(examples.domain, excluded.domain),
+               prompt = coalesce(examples.prompt, excluded.prompt),
+               reference = coalesce(examples.reference, excluded.reference)""",
+        [batch],
+    )
+    con.execute(
+        """INSERT INTO users SELECT user_id, arg_max(segment, ts) FILTER (segment IS NOT NULL), NULL
+           FROM _stage WHERE reason IS NULL AND NOT skipped GROUP BY user_id
+           ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(users.segment, excluded.segment)"""
+    )
+    good = "(SELECT * FROM _stage WHERE reason IS NULL AND NOT skipped)"
+    if n_distinct < n_valid:  # the same event twice in one file: keep its first line
+        good = f"(SELECT * FROM {good} QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY line) = 1)"
+    (inserted,) = con.execute(
+        f"""INSERT INTO events SELECT event_id, ts, user_id, segment, example_id, domain, event, value,
+               model_version, response, ? FROM {good} s
+           WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)""",
+        [batch],
+    ).fetchall()[0]
+    rep.rows_ok, rep.rows_duplicate = int(inserted), int(n_valid) - int(inserted)
+
+
+# ------------------------------------------------------------------------------------- users file
+
+
+def ingest_users(st: Store, path: Path) -> int:
+    """Load per-user attributes (user_id, segment, anything else -> attributes JSON); later files win."""
+    src = check_source(path, "auto")
+    if src.format == "review":
+        src.format = "csv"
+    reader = {
+        "parquet": f"read_parquet({q(str(path))})",
+        "csv": f"read_csv({q(str(path))}, header=true, all_varchar=true)",
+    }.get(src.format, f"read_json({q(str(path))}, format='newline_delimited')")
+    con = st.con
+    try:
+        cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {reader}").fetchall()]
+    except duckdb.Error as e:
+        raise InputError(f"{path}: cannot read users file: {str(e).splitlines()[0]}") from None
+    if "user_id" not in cols:
+        raise InputError(f"{path}: a users file needs a user_id column (found: {', '.join(cols)})")
+    seg = "nullif(trim(CAST(segment AS VARCHAR)), '')" if "segment" in cols else "NULL::VARCHAR"
+    extra = [c for c in cols if c not in ("user_id", "segment")]
+    attrs = f"to_json(struct_pack({', '.join(f'{ident(c)} := {ident(c)}' for c in extra)}))" if extra else "NULL::JSON"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        (batch,) = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM batches").fetchall()[0]
+        (n,) = con.execute(
+            f"""INSERT INTO users SELECT CAST(user_id AS VARCHAR), last({seg}), last({attrs})
+                FROM {reader} WHERE user_id IS NOT NULL GROUP BY 1
+                ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(excluded.segment, users.segment),
+                    attributes = coalesce(excluded.attributes, users.attributes)"""
+        ).fetchall()[0]
+        con.execute(
+            "INSERT INTO batches (batch_id, source, format, sha256, rows_ok, rows_duplicate, rows_rejected, "
+            "started_at, finished_at, seconds, bytes) VALUES (?, ?, 'users', ?, ?, 0, 0, now()::TIMESTAMP, "
+            "now()::TIMESTAMP, 0, ?)",
+            [batch, str(path.resolve()), src.sha256, n, src.bytes],
+        )
+        con.execute("COMMIT")
+    except duckdb.Error as e:
+        con.execute("ROLLBACK")
+        raise StoreError(f"{path}: users file could not be loaded: {str(e).splitlines()[0]}") from None
+    return int(n)

@@ -1,0 +1,355 @@
+"""Input files: checking them, telling their format, and the SQL that reads each format in bulk.
+
+Every format is read by a DuckDB reader into rows of the flat log (DESIGN.md) as text columns, plus a
+line number, the raw record for the ``rejected`` table, and a format-level reason when the record is
+unusable as read (malformed JSON, a field of the wrong JSON type...). Validation common to all formats
+lives in :mod:`adaptive_ft.store.ingest`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adaptive_ft.errors import InputError
+
+FORMATS = ("auto", "jsonl", "csv", "parquet", "chat", "review")
+# Fields of the flat log, in DESIGN.md order. All arrive as text; ts and value are parsed in SQL.
+FIELDS = ("event_id", "ts", "user_id", "segment", "example_id", "domain", "prompt", "response",
+          "reference", "event", "value", "model_version")
+_SHORT = ("event_id", "ts", "user_id", "segment", "example_id", "domain", "event", "value", "model_version")
+REVIEW_COLUMNS = ("review_id", "example_id", "segment", "domain", "model", "prompt", "reference",
+                  "response", "rating", "reviewer", "comment")
+_SNIFF_BYTES = 64 * 1024
+_LINE_MAX = 2**31 - 1  # DuckDB's largest max_line_size: a 10 MB line must be read, then rejected as too long
+
+
+@dataclass
+class Source:
+    """A checked input file and how to read it."""
+
+    path: Path
+    format: str
+    sha256: str
+    bytes: int
+    crlf: bool = False
+    columns: list[str] = field(default_factory=list)  # csv / review header, parquet schema names
+    types: dict[str, str] = field(default_factory=dict)  # parquet column types
+    mtime_iso: str = ""
+
+
+def q(s: str) -> str:
+    """A SQL string literal."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def ident(name: str) -> str:
+    """A SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ------------------------------------------------------------------------------------- checking files
+
+
+def _head(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_text(path: Path, head: bytes) -> str:
+    """Decode the head of a text file, or explain why it is not one."""
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise InputError(
+            f"{path}: binary data (a NUL byte at offset {nul}), not a JSONL/CSV log; "
+            "pass Parquet as .parquet or check the file"
+        )
+    try:
+        return head.decode("utf-8") if len(head) < _SNIFF_BYTES else head[:-4].decode("utf-8", "ignore")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); re-encode it as UTF-8") from None
+
+
+def _guess(path: Path, head: bytes, text: str) -> str:
+    """Format from the extension, else from the content."""
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    ext = suffixes[-1] if suffixes else ""
+    if ext in (".parquet", ".pq") or head[:4] == b"PAR1":
+        return "parquet"
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    if ext in (".jsonl", ".ndjson", ".json") or first.lstrip().startswith("{"):
+        try:
+            return "chat" if "messages" in json.loads(first) else "jsonl"
+        except (ValueError, TypeError):
+            return "jsonl"  # the first line is malformed: rejected line by line later
+    header = set(_header(text))
+    return "review" if {"review_id", "rating"} <= header else "csv"
+
+
+def _header(text: str) -> list[str]:
+    first = text.splitlines()[0] if text else ""
+    delim = "\t" if "\t" in first and "," not in first else ","
+    return [c.strip() for c in next(csv.reader(io.StringIO(first), delimiter=delim), [])]
+
+
+def check_source(path: str | Path, fmt: str = "auto") -> Source:
+    """Check that ``path`` is a readable, non-empty log and settle its format; raise :class:`InputError` if not."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; pass the log files inside it (e.g. {path}/*.jsonl)")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), nothing to ingest")
+    head = _head(path)
+    is_parquet = head[:4] == b"PAR1"
+    text = "" if is_parquet or fmt == "parquet" else _check_text(path, head)
+    if fmt == "auto":
+        fmt = _guess(path, head, text)
+    if not text.strip() and fmt != "parquet":
+        raise InputError(f"{path}: only whitespace, nothing to ingest")
+    if fmt == "parquet" and not is_parquet:
+        raise InputError(f"{path}: not a Parquet file (no PAR1 magic); pick --format jsonl or csv")
+    mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+    src = Source(path, fmt, _sha256(path), size, crlf="\r\n" in text, mtime_iso=mtime.isoformat())
+    if fmt in ("csv", "review"):
+        src.columns = _header(text)
+        if not any(src.columns):
+            raise InputError(f"{path}: the first line should be a CSV header (e.g. ts,user_id,event,...)")
+    return src
+
+
+# ------------------------------------------------------------------------------------- reading SQL
+#
+# Each reader yields a relation with: _line (1-based line of the record in the file), _raw (the record's
+# text, or a struct turned into JSON for rejected rows only), _r (the record as a struct), plus per field
+# a text expression over _r, and a format-level reason (NULL when fine).
+
+
+@dataclass
+class Reader:
+    """SQL pieces that read one source into the flat log's text fields."""
+
+    base: str  # FROM-able relation with _line, _raw, _r (and helper columns)
+    fields: dict[str, str]  # field name -> text expression over the base relation
+    pre_reason: str = "NULL"  # format-level reason for rejection
+    raw: str = "_raw"  # expression giving the raw record text (evaluated for rejected rows only)
+    ts_parsed: str | None = None  # TIMESTAMP expression when the source is typed (parquet)
+    value_parsed: str | None = None  # DOUBLE expression when the source is typed
+    skip: str = "false"  # rows dropped and counted as skipped (review rows without a rating)
+    line: str = "_line"  # the record's line number in the file
+    csv_rejects: str | None = None  # DuckDB rejects table of a CSV read (rows that break CSV rules)
+
+
+def _lines_relation(src: Source) -> str:
+    """The file as (line number, text) rows, one per physical line, read in parallel by read_csv.
+
+    A 4-byte delimiter no log line contains and no quoting turn the CSV reader into a line splitter.
+    It also breaks at a lone carriage return, so CRLF files yield an empty row after every line: for
+    them the line number is halved and the phantom rows dropped.
+    """
+    rc = (
+        f"read_csv({q(str(src.path))}, columns={{'_raw': 'VARCHAR'}}, delim='\x01\x02\x03\x04', quote='', "
+        f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_LINE_MAX})"
+    )
+    numbered = f"SELECT row_number() OVER () AS _n, _raw FROM {rc}"
+    if src.crlf:
+        return f"SELECT (_n + 1) // 2 AS _line, _raw FROM ({numbered}) WHERE _n % 2 = 1"
+    return f"SELECT _n AS _line, _raw FROM ({numbered})"
+
+
+def _json_struct(keys: dict[str, str]) -> str:
+    return q(json.dumps(keys))
+
+
+def _text(expr: str, short: bool) -> str:
+    """Empty text is missing; identifiers and scalars are trimmed (prompts are kept as written)."""
+    return f"nullif(trim({expr}), '')" if short else f"nullif({expr}, '')"
+
+
+def _json_type_reason(name: str) -> str:
+    """A CASE branch: a string field given as a JSON object or array is the wrong type."""
+    return (
+        f"WHEN left(_r.{ident(name)}, 1) IN ('{{', '[') AND json_type(_raw, {q('$.' + name)}) IN ('OBJECT', 'ARRAY') "
+        f"THEN 'wrong type: {name} is a JSON ' || lower(json_type(_raw, {q('$.' + name)})) || ', expected a string'"
+    )
+
+
+def _json_base(src: Source, keys: dict[str, str]) -> str:
+    """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later."""
+    kinds = (
+        f"SELECT _line, _raw, CASE WHEN json_valid(_raw) THEN json_type(_raw) ELSE 'INVALID' END AS _kind "
+        f"FROM ({_lines_relation(src)}) WHERE _raw IS NOT NULL AND trim(_raw) <> ''"
+    )
+    return f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r FROM ({kinds})"
+
+
+def _json_record_reason() -> str:
+    return (
+        "WHEN _kind = 'INVALID' THEN 'malformed JSON' "
+        "WHEN _kind <> 'OBJECT' THEN 'wrong type: record is a JSON ' || lower(_kind) || ', expected an object'"
+    )
+
+
+def jsonl_reader(src: Source) -> Reader:
+    """The flat format as JSON lines; blank lines are not records and are passed over."""
+    keys = {f: "VARCHAR" for f in FIELDS}
+    wrong = " ".join(_json_type_reason(f) for f in FIELDS if f != "value")
+    return Reader(
+        base=_json_base(src, keys),
+        fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
+        pre_reason=f"CASE {_json_record_reason()} {wrong} END",
+    )
+
+
+# Feedback words of chat logs mapped onto event types (anything else must itself be an event type).
+_UP = ("up", "thumbs_up", "thumbsup", "positive", "good", "like", "helpful", "+1")
+_DOWN = ("down", "thumbs_down", "thumbsdown", "negative", "bad", "dislike", "unhelpful", "-1")
+
+
+def _chat_content(msg: str) -> str:
+    """Text of a chat message; content given as parts ([{"type":"text","text":...}]) is joined."""
+    return (
+        f"CASE WHEN json_type({msg}, '$.content') = 'ARRAY' "
+        f"THEN array_to_string(json_extract_string({msg}, '$.content[*].text'), chr(10)) "
+        f"ELSE json_extract_string({msg}, '$.content') END"
+    )
+
+
+def chat_reader(src: Source) -> Reader:
+    """OpenAI-style chat JSONL: the last user turn is the prompt, the last assistant turn the response.
+
+    ``event`` if present, else ``feedback`` (up/down words, true/false, or a number = a rating), else
+    an impression. See interactions/README.md for the full mapping.
+    """
+    keys = {f: "VARCHAR" for f in FIELDS if f not in ("prompt", "response")}
+    keys |= {"messages": "JSON", "feedback": "JSON"}
+    turn = "list_filter(json_extract(_r.messages, '$[*]'), m -> json_extract_string(m, '$.role') = {role})[-1]"
+    base = (
+        f"SELECT *, CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('user'))} END AS _u, "
+        f"CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('assistant'))} END AS _a, "
+        f"json_type(_r.feedback) AS _ft, lower(trim(json_extract_string(_r.feedback, '$'))) AS _fv "
+        f"FROM ({_json_base(src, keys)})"
+    )
+    up, down = ", ".join(map(q, _UP)), ", ".join(map(q, _DOWN))
+    feedback_event = (
+        "CASE WHEN _ft IN ('BIGINT', 'UBIGINT', 'DOUBLE') THEN 'rating' "
+        "WHEN _ft = 'BOOLEAN' THEN CASE WHEN _fv = 'true' THEN 'thumbs_up' ELSE 'thumbs_down' END "
+        f"WHEN _fv IN ({up}) THEN 'thumbs_up' WHEN _fv IN ({down}) THEN 'thumbs_down' ELSE _fv END"
+    )
+    fields = {f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS if f not in ("prompt", "response")}
+    fields["prompt"] = _text(_chat_content("_u"), False)
+    fields["response"] = _text(_chat_content("_a"), False)
+    fields["event"] = f"coalesce({fields['event']}, {feedback_event}, 'impression')"
+    fields["value"] = f"coalesce({fields['value']}, CASE WHEN _ft IN ('BIGINT', 'UBIGINT', 'DOUBLE') THEN _fv END)"
+    wrong = " ".join(_json_type_reason(f) for f in keys if f not in ("value", "messages", "feedback"))
+    pre = (
+        f"CASE {_json_record_reason()} "
+        "WHEN _r.messages IS NULL THEN 'missing required field: messages' "
+        "WHEN json_type(_r.messages) <> 'ARRAY' THEN 'wrong type: messages is a JSON ' || lower(json_type(_r.messages)) "
+        "|| ', expected a list of {role, content}' "
+        "WHEN _u IS NULL THEN 'missing required field: messages has no user turn' "
+        f"WHEN _ft IN ('OBJECT', 'ARRAY') THEN 'wrong type: feedback is a JSON ' || lower(_ft) {wrong} END"
+    )
+    return Reader(base=base, fields=fields, pre_reason=pre)
+
+
+def _csv_relation(src: Source, cols: list[str], rejects: str) -> str:
+    delim = "\\t" if src.path.suffix.lower() == ".tsv" else ","
+    columns = "{" + ", ".join(f"{q(c)}: 'VARCHAR'" for c in cols) + "}"
+    return (
+        f"read_csv({q(str(src.path))}, header=true, auto_detect=false, columns={columns}, delim=E'{delim}', "
+        f"quote='\"', escape='\"', store_rejects=true, rejects_table={q(rejects)}, "
+        f"rejects_scan={q(rejects + '_scan')}, max_line_size={_LINE_MAX})"
+    )
+
+
+def _csv_columns(src: Source) -> list[str]:
+    """Header names made unique and non-empty (DuckDB needs distinct column names)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, c in enumerate(src.columns):
+        c = c or f"column{i}"
+        seen[c] = seen.get(c, 0) + 1
+        out.append(c if seen[c] == 1 else f"{c}_{seen[c]}")
+    return out
+
+
+def csv_reader(src: Source, rejects: str) -> Reader:
+    """The flat format as CSV with a header; rows that break CSV rules are collected from DuckDB's rejects."""
+    cols = _csv_columns(src)
+    base = f"SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r"
+    fields = {f: (_text(f"_r.{ident(f)}", f in _SHORT) if f in cols else "NULL::VARCHAR") for f in FIELDS}
+    return Reader(base=base, fields=fields, raw="to_json(_r)::VARCHAR", line="_n + 1", csv_rejects=rejects)
+
+
+def review_reader(src: Source, rejects: str) -> Reader:
+    """The expert-review CSV (docs/contracts.md): each rated row becomes a ``review`` event."""
+    cols = _csv_columns(src)
+    base = f"SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r"
+
+    def col(name: str, short: bool = True) -> str:
+        return _text(f"_r.{ident(name)}", short) if name in cols else "NULL::VARCHAR"
+
+    rating, reviewer = col("rating"), f"coalesce({col('reviewer')}, 'reviewer')"
+    fields = {
+        "event_id": f"md5(concat_ws(chr(31), 'review', coalesce({col('review_id')}, ''), coalesce({col('example_id')}, ''), "
+        f"coalesce({col('model')}, ''), {reviewer}, {rating}))",
+        "ts": f"coalesce({col('reviewed_at')}, {q(src.mtime_iso)})",
+        "user_id": reviewer, "segment": col("segment"), "example_id": col("example_id"), "domain": col("domain"),
+        "prompt": col("prompt", False), "response": col("response", False), "reference": col("reference", False),
+        "event": "'review'", "value": rating, "model_version": col("model"),
+    }
+    pre = (
+        f"CASE WHEN try_cast({rating} AS DOUBLE) IS NOT NULL AND NOT (try_cast({rating} AS DOUBLE) BETWEEN 1 AND 5) "
+        f"THEN 'rating out of range: ' || {rating} || ' (expected 1-5)' END"
+    )
+    return Reader(base=base, fields=fields, pre_reason=pre, raw="to_json(_r)::VARCHAR", skip=f"{rating} IS NULL",
+                  line="_n + 1", csv_rejects=rejects)
+
+
+_PARQUET_TEXT = ("VARCHAR",)
+
+
+def parquet_reader(src: Source) -> Reader:
+    """Parquet with the flat columns; typed ts (TIMESTAMP[_TZ], DATE, epoch number) and value are used as is."""
+    base = f"SELECT row_number() OVER () AS _n, _r FROM read_parquet({q(str(src.path))}) AS _r"
+    fields, ts_parsed, value_parsed = {}, None, None
+    for f in FIELDS:
+        t = src.types.get(f)
+        if t is None:
+            fields[f] = "NULL::VARCHAR"
+        elif t in _PARQUET_TEXT:
+            fields[f] = _text(f"_r.{ident(f)}", f in _SHORT)
+        else:
+            fields[f] = f"CAST(_r.{ident(f)} AS VARCHAR)"
+    ts_t, v_t = src.types.get("ts", ""), src.types.get("value", "")
+    if ts_t.startswith("TIMESTAMP WITH TIME ZONE"):
+        ts_parsed = "(_r.ts AT TIME ZONE 'UTC')"
+    elif ts_t.startswith("TIMESTAMP") or ts_t == "DATE":
+        ts_parsed = "CAST(_r.ts AS TIMESTAMP)"
+    if v_t and v_t not in _PARQUET_TEXT and v_t != "BOOLEAN":
+        value_parsed = "CAST(_r.value AS DOUBLE)"
+    return Reader(base=base, fields=fields, raw="to_json(_r)::VARCHAR", ts_parsed=ts_parsed, value_parsed=value_parsed,
+                  line="_n")
