@@ -245,7 +245,7 @@ def chat_reader(src: Source) -> Reader:
     """
     keys = {f: "VARCHAR" for f in FIELDS if f not in ("prompt", "response")}
     keys |= {"messages": "JSON", "feedback": "JSON"}
-    turn = "list_filter(json_extract(_r.messages, '$[*]'), m -> json_extract_string(m, '$.role') = {role})[-1]"
+    turn = "list_filter(json_extract(_r.messages, '$[*]'), lambda m: json_extract_string(m, '$.role') = {role})[-1]"
     base = (
         f"SELECT *, CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('user'))} END AS _u, "
         f"CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('assistant'))} END AS _a, "
