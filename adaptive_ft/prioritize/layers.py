@@ -8,8 +8,8 @@ loss drop (loss_before - loss_after) / loss_before. This measures what adapting 
 criterion DESIGN.md asks for -- rather than a proxy such as an initial gradient norm, which on SmolLM2
 picked layers that trained worst. Its cost is one forward pass plus a backward pass down to layer l per
 step, so probing every cell of a 30-layer model is expensive; only ``probe_fraction`` of the cells are
-probed (every row and column at least once) and the rest are completed by a low-rank factorization
-(bias + rank-r, fit by alternating ridge regression on the observed cells).
+probed (every row and column at least twice where possible) and the rest are completed: row and
+column effects plus a rank-r residual by soft-impute (:func:`complete`).
 
 Selection weighs score against compute: the backward pass runs down to the lowest adapted layer, so the
 cost of a set of layers is its depth (L - min(layer)) / L. The plan keeps the k layers maximizing
@@ -134,57 +134,63 @@ def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: 
 
 
 def choose_cells(n_rows: int, n_cols: int, fraction: float, seed: int) -> np.ndarray:
-    """A (rows, cols) bool mask with about ``fraction`` of the cells, every row and column at least once."""
+    """A balanced (rows, cols) bool mask with about ``fraction`` of the cells.
+
+    Every column (layer) gets the same number m = round(fraction x rows) of rows, at least 2 where
+    there are 2 (a bias plus a rank-1 factor per layer needs two measurements to be identified). Each
+    column takes the rows measured least so far, ties broken at random: balanced across rows, and
+    random enough that the pattern is connected (a fixed round-robin can split into blocks that share
+    no row or column, and then no factorization can relate them).
+    """
     rng = np.random.default_rng(seed)
+    m = min(n_rows, max(min(2, n_rows), int(round(fraction * n_rows))))
+    counts = np.zeros(n_rows)
     mask = np.zeros((n_rows, n_cols), dtype=bool)
-    # a wrapped diagonal covers every row and every column with max(rows, cols) cells
-    for j in range(max(n_rows, n_cols)):
-        mask[j % n_rows, j % n_cols] = True
-    want = int(round(fraction * n_rows * n_cols))
-    free = np.flatnonzero(~mask.ravel())
-    extra = max(0, want - int(mask.sum()))
-    if extra and len(free):
-        mask.ravel()[rng.choice(free, min(extra, len(free)), replace=False)] = True
+    for j in range(n_cols):
+        rows = np.argsort(counts + rng.random(n_rows), kind="stable")[:m]
+        mask[rows, j] = True
+        counts[rows] += 1
+    for r in np.flatnonzero(~mask.any(axis=1)):  # more rows than cells handed out: one each
+        mask[r, rng.integers(n_cols)] = True
     return mask
 
 
 # ------------------------------------------------------------------------------------------- completion
 
 
-def complete(values: np.ndarray, observed: np.ndarray, rank: int = 1, reg: float = 0.1, iters: int = 50,
-             seed: int = 0) -> np.ndarray:
-    """Fill the unobserved cells of ``values`` with mu + a_d + b_l + U_d . V_l fit on the observed cells.
+def complete(values: np.ndarray, observed: np.ndarray, rank: int = 1, shrink: float = 0.05, iters: int = 200
+             ) -> np.ndarray:
+    """Fill the unobserved cells of ``values``: additive row + column effects, plus a low-rank residual.
 
-    Alternating ridge regression: with V fixed, each row's [a_d, U_d] is a small least-squares problem on
-    that row's observed cells, and vice versa. Values are standardized first so ``reg`` is scale-free.
+    1. mu + a_d + b_l by alternating least squares on the observed cells (a domain's overall
+       sensitivity, a layer's overall sensitivity).
+    2. The residual's interaction by soft-impute (Mazumder, Hastie & Tibshirani 2010): fill the missing
+       cells with the current estimate, take the SVD, shrink the singular values by ``shrink`` x the
+       largest and keep ``rank`` of them; repeat. Unlike an alternating factorization with free
+       factors, this cannot blow up on a column whose few observed rows happen to be alike.
+
     Observed cells are returned as measured.
     """
-    d, l_ = values.shape
-    obs = values[observed]
-    mu, sd = float(obs.mean()), float(obs.std()) or 1.0
-    y = np.where(observed, (values - mu) / sd, 0.0)
-    rng = np.random.default_rng(seed)
-    u = rng.normal(0, 0.1, (d, rank))
-    v = rng.normal(0, 0.1, (l_, rank))
-    a, b = np.zeros(d), np.zeros(l_)
+    base = _additive(values, observed)
+    resid = np.where(observed, values - base, 0.0)
+    z = np.zeros_like(resid)
     for _ in range(iters):
-        a, u = _ridge_side(y - b[None, :], observed, v, reg)
-        b, v = _ridge_side((y - a[:, None]).T, observed.T, u, reg)
-    pred = (a[:, None] + b[None, :] + u @ v.T) * sd + mu
-    return np.where(observed, values, pred)
+        u, s, vt = np.linalg.svd(np.where(observed, resid, z), full_matrices=False)
+        s = np.maximum(s - shrink * s[0], 0.0)
+        s[rank:] = 0.0
+        z = (u * s) @ vt
+    return np.where(observed, values, base + z)
 
 
-def _ridge_side(y: np.ndarray, observed: np.ndarray, other: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each row r: least squares of y[r, obs] on [1, other[obs]] with an L2 penalty: (bias, factors)."""
-    n, rank = y.shape[0], other.shape[1]
-    bias, fac = np.zeros(n), np.zeros((n, rank))
-    design_all = np.hstack([np.ones((other.shape[0], 1)), other])
-    for r in range(n):
-        m = observed[r]
-        x = design_all[m]
-        sol = np.linalg.solve(x.T @ x + reg * np.eye(rank + 1), x.T @ y[r, m])
-        bias[r], fac[r] = sol[0], sol[1:]
-    return bias, fac
+def _additive(values: np.ndarray, observed: np.ndarray, iters: int = 100) -> np.ndarray:
+    """mu + a_d + b_l fit to the observed cells (alternating means of the residuals)."""
+    mu = float(values[observed].mean())
+    a, b = np.zeros(values.shape[0]), np.zeros(values.shape[1])
+    n_row, n_col = np.maximum(observed.sum(axis=1), 1), np.maximum(observed.sum(axis=0), 1)
+    for _ in range(iters):
+        a = np.where(observed, values - mu - b[None, :], 0.0).sum(axis=1) / n_row
+        b = np.where(observed, values - mu - a[:, None], 0.0).sum(axis=0) / n_col
+    return mu + a[:, None] + b[None, :]
 
 
 # -------------------------------------------------------------------------------------------- selection
@@ -255,7 +261,7 @@ def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str,
     for di, li in tqdm(cells, desc="layer probes", disable=not progress):
         values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
     seconds = time.perf_counter() - start
-    filled = values if mask.all() else complete(values, mask, rank=completion_rank, seed=seed)
+    filled = values if mask.all() else complete(values, mask, rank=completion_rank)
     score = layer_scores(filled, shares)
     selected, depth = select_layers(score, k, cost_weight)
     pattern = rank_pattern(score, selected, base_rank) if by_score else {}

@@ -1,0 +1,103 @@
+"""Layer probes, completion and selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_ft.prioritize.layers import (choose_cells, complete, encode_examples, layer_scores, probe_cell,
+                                           probe_layers, rank_pattern, select_layers, spearman)
+
+TEXTS = ["how do I reset my card pin", "my transfer has not arrived", "what is the exchange rate",
+         "card_pin", "transfer_pending", "exchange_rate", "why was I charged twice", "duplicate_charge"]
+
+
+def test_completion_recovers_a_planted_low_rank_matrix():
+    rng = np.random.default_rng(0)
+    d, l_ = 8, 30  # the shape of 8 domains x SmolLM2's 30 layers
+    rows, cols = rng.normal(size=(d, 1)), rng.normal(size=(1, l_))
+    truth = 1.0 + rows + cols + 0.5 * rng.normal(size=(d, 1)) @ rng.normal(size=(1, l_))
+    mask = choose_cells(d, l_, 0.5, seed=0)
+    filled = complete(np.where(mask, truth, 0.0), mask, rank=1, shrink=0.0)
+    assert (filled[mask] == truth[mask]).all()  # measured cells are kept as measured
+    assert np.median(np.abs(filled - truth)[~mask]) < 0.2  # the interaction has sd 0.5
+    assert spearman(filled[~mask], truth[~mask]) > 0.95
+    # a purely additive matrix (layer effect + domain effect) is recovered exactly
+    additive = 1.0 + rows + cols
+    assert complete(np.where(mask, additive, 0.0), mask, rank=1) == pytest.approx(additive, abs=1e-6)
+
+
+def test_choose_cells_covers_every_row_and_column():
+    mask = choose_cells(4, 10, 0.5, seed=1)
+    assert (mask.sum(axis=0) == 2).all()  # every layer measured for half the domains
+    assert mask.sum(axis=1).min() == 5 == mask.sum(axis=1).max()  # and every domain as often
+    assert (choose_cells(6, 10, 0.1, seed=1).sum(axis=0) == 2).all()  # at least 2 per layer: identifiable
+    assert choose_cells(3, 5, 1.0, 0).all()
+
+
+def test_selection_by_score_and_by_cost():
+    score = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3])
+    assert select_layers(score, 2, cost_weight=0.0) == ([0, 3], 1.0)
+    # adapting layer 0 means a backward pass through all 6 layers: a cost weight of 1 moves the choice up
+    chosen, depth = select_layers(score, 2, cost_weight=1.0)
+    assert chosen == [3, 4] and depth == pytest.approx(3 / 6)
+
+
+def test_layer_scores_normalize_each_domain_and_weigh_shares():
+    values = np.array([[2.0, 1.0], [0.1, 0.4]])  # domain 0 on a 5x larger loss scale
+    assert layer_scores(values, np.array([0.5, 0.5])) == pytest.approx([(1.0 + 0.25) / 2, (0.5 + 1.0) / 2])
+
+
+def test_rank_pattern_scales_with_score():
+    assert rank_pattern(np.array([0.2, 0.4, 0.6]), [0, 1, 2], 8) == {"0": 4, "1": 8, "2": 12}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from adaptive_ft.models import build_tiny_model, load_model
+
+    torch.set_num_threads(1)
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS, n_layers=4, hidden=32)
+    return load_model(folder)
+
+
+def test_answer_tokens_only_carry_loss(tiny):
+    _, tok = tiny
+    batch = encode_examples(tok, [("reset my pin", "card_pin"), ("what is the exchange rate today", "exchange_rate")])
+    labelled = batch["input_ids"][batch["labels"] != -100]
+    answer = tok(tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "card_pin"}],
+                                         tokenize=False), add_special_tokens=False)["input_ids"]
+    assert tok.decode(labelled[: len(labelled)]).count("card_pin") == 1
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert len(answer) > 0
+
+
+def test_probe_leaves_the_model_unchanged_and_is_repeatable(tiny):
+    model, tok = tiny
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = encode_examples(tok, [("reset my pin", "card_pin"), ("why was I charged twice", "duplicate_charge")])
+    a = probe_cell(model, batch, 1, ["q_proj", "v_proj", "down_proj"], rank=2, steps=3, lr=1e-2, seed=0)
+    b = probe_cell(model, batch, 1, ["q_proj", "v_proj", "down_proj"], rank=2, steps=3, lr=1e-2, seed=0)
+    assert a == b and np.isfinite(a) and a > 0  # a few steps on the batch lower its loss
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_probe_layers_records_measured_and_completed_cells(tiny):
+    model, tok = tiny
+    examples = {"cards": [("reset my pin", "card_pin")], "transfers": [("my transfer has not arrived", "transfer_pending")],
+                "fx": [("what is the exchange rate", "exchange_rate")]}
+    res = probe_layers(model, tok, examples, np.array([0.5, 0.3, 0.2]), fraction=0.5, rank=2, steps=2, lr=1e-2,
+                       targets=["q_proj", "v_proj"], completion_rank=1, k=2, cost_weight=0.0, base_rank=8,
+                       by_score=True, seed=0)
+    assert res.values.shape == (3, 4) and np.isfinite(res.values).all()
+    assert res.measured.sum() == 8 and (res.measured.sum(axis=0) == 2).all()  # round(0.5 x 3) -> at least 2
+    assert len(res.selected) == 2 and set(res.rank_pattern) == {str(i) for i in res.selected}
+
+
+def test_spearman_helper():
+    assert spearman(np.array([1, 2, 3.0]), np.array([10, 20, 30.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 1, 1.0]), np.array([1, 2, 3.0])) == 0.0
