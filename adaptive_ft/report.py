@@ -100,9 +100,20 @@ class Tile:
 
 
 @dataclass
+class Bullet:
+    """A summary sentence with sub-points (e.g. each top domain and why)."""
+
+    text: str
+    children: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return " ".join([self.text, *self.children])
+
+
+@dataclass
 class Summary:
     tiles: list[Tile] = field(default_factory=list)
-    bullets: list[str] = field(default_factory=list)
+    bullets: list[str | Bullet] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +136,7 @@ class ReportResult:
     sections: list[str]
     figures: int
     summary: dict[str, Any]
+    bullets: list[str] = field(default_factory=list)  # the summary's sentences, as plain text
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -149,7 +161,8 @@ def build_report(inputs: ReportInputs, out: str | Path) -> ReportResult:
     json_path.write_text(json.dumps(render.to_json(report), indent=2, allow_nan=False, default=str) + "\n")
     return ReportResult(html=html_path, markdown=md_path, json=json_path,
                         sections=[s.id for s in report.sections],
-                        figures=sum(len(s.figures) for s in report.sections), summary=report.summary.data)
+                        figures=sum(len(s.figures) for s in report.sections), summary=report.summary.data,
+                        bullets=[str(b).replace("**", "") for b in report.summary.bullets])
 
 
 def _html_path(out: Path) -> Path:
@@ -339,6 +352,8 @@ class EvalView:
         models = self.models
         base = "base" if "base" in models else (models[0] if models else None)
         rest = [m for m in models if m != base]
+        if self.doc.get("finetuned_model") in rest:  # evaluate says which model is the fine-tune
+            return base, self.doc["finetuned_model"]
         if run_hint is not None:
             for m in rest:
                 if Path(m).name == run_hint.name or Path(m) == run_hint:
@@ -374,6 +389,11 @@ class EvalView:
         b, t = self.value(self.base, scope, segment, domain), self.value(self.tuned, scope, segment, domain)
         return None if b is None or t is None or self.tuned is None else t - b
 
+    def paired_delta(self, segment: str) -> dict[str, Any] | None:
+        """evaluate's paired-bootstrap delta (fine-tuned − base) for a segment, with its CI, when it wrote one."""
+        return next((d for d in self.doc.get("deltas") or [] if isinstance(d, dict) and d.get("model") == self.tuned
+                     and d.get("segment") == segment and d.get("metric", self.metric) == self.metric), None)
+
     def flags(self) -> list[dict[str, Any]]:
         return [f for f in self.doc.get("flags") or [] if isinstance(f, dict)]
 
@@ -396,9 +416,10 @@ def _summary_plan(arts: Artifacts, s: Summary) -> None:
         return
     top = arts.plan.domains[:TOP_WHY]
     s.data["trained_on"] = [{"domain": d.domain, "priority": d.priority, "why": d.why} for d in top]
-    reasons = "; ".join(f"**{d.domain}**" + (f" — {d.why}" if d.why else "") for d in top)
-    more = len(arts.plan.domains) - len(top)
-    s.bullets.append(f"Trained on {reasons}" + (f" (and {more} more domains)" if more > 0 else "") + ".")
+    n = len(arts.plan.domains)
+    head = (f"Trained on {n} domain{'s' if n != 1 else ''}, led by (expected unmet need, highest first):"
+            if n > len(top) else "Trained on (expected unmet need, highest first):")
+    s.bullets.append(Bullet(head, [f"**{d.domain}**" + (f" — {d.why}" if d.why else "") for d in top]))
     if arts.plan.layers:
         s.data["layers"] = arts.plan.layers.selected
         s.bullets.append(f"LoRA on layers {_ranges(arts.plan.layers.selected)}, chosen by the plan.")
@@ -415,7 +436,8 @@ def _summary_eval(arts: Artifacts, s: Summary) -> None:
     s.tiles.append(Tile(ev.metric, fmt_value(t if t is not None else b, ev.pct),
                         f"{fmt_value(b, ev.pct)} base → {fmt_delta(d, ev.pct)}" if d is not None else "overall",
                         _tone(d, ev.metric)))
-    per_seg = {seg: ev.delta("segment", seg) for seg in ev.names("segment")}
+    per_seg = {seg: _num((ev.paired_delta(seg) or {}).get("delta")) or ev.delta("segment", seg)
+               for seg in ev.names("segment")}
     s.data["segment_delta"] = per_seg
     parts = [f"{seg} {fmt_delta(dl, ev.pct)}" for seg, dl in per_seg.items() if dl is not None]
     if parts:
@@ -468,8 +490,8 @@ def _summary_run(arts: Artifacts, s: Summary) -> None:
     s.data["run"] = {"base_model": man.get("base_model"), "best_step": best, "stop_reason": man.get("stop_reason")}
     if man.get("base_model"):
         stop = f", {man['stop_reason']}" if man.get("stop_reason") else ""
-        s.bullets.append(f"Fine-tuned {man['base_model']} with LoRA; best step {best if best is not None else '—'}"
-                         f"{stop}.")
+        s.bullets.append(f"Fine-tuned {man['base_model']} with LoRA; best step "
+                         f"{f'{best:g}' if best is not None else '—'}{stop}.")
 
 
 def _ranges(xs: list[int]) -> str:
@@ -518,8 +540,10 @@ def _domain_dict(d: Any) -> dict[str, Any]:
 
 
 def _segments_table(segments: list[dict[str, Any]]) -> Table:
-    cols = ["segment"] + [k for k in ("weight", "traffic_share") if any(k in s for s in segments)]
-    rows = [[str(s.get("segment", "?"))] + [_fmt_any(s.get(k)) for k in cols[1:]] for s in segments]
+    keys = dict.fromkeys(k for s in segments for k, v in s.items()
+                         if k != "segment" and isinstance(v, (int, float, str)) and not isinstance(v, bool))
+    cols = ["segment"] + [k.replace("_", " ") for k in keys]
+    rows = [[str(s.get("segment", "?"))] + [_fmt_any(s.get(k)) for k in keys] for s in segments]
     return Table(cols, rows, "Segment weights used by the plan")
 
 
@@ -560,7 +584,7 @@ def _layers_section(arts: Artifacts) -> Section | None:
     sec = Section("layers", "Which layers get adapters",
                   intro=f"Selected: layers {_ranges(lay.selected)}. A fraction of the domain × layer cells is "
                         "measured by a probe; the rest is completed by matrix factorization.")
-    grid = layer_grid(lay.scores)
+    grid = layer_matrix(arts.plan.extra.get("layer_matrix")) or layer_grid(lay.scores)
     if grid is not None:
         rows, layers, score, measured = grid
         png = plots.layer_heatmap(rows, layers, score, measured, lay.selected)
@@ -578,6 +602,17 @@ def _layers_section(arts: Artifacts) -> Section | None:
             lay.rank_pattern.items(), key=lambda kv: int(kv[0]))], "Per-layer LoRA rank"))
     sec.data.update(selected=lay.selected, rank_pattern=lay.rank_pattern, spearman_vs_full=lay.spearman_vs_full)
     return sec
+
+
+def layer_matrix(doc: Any) -> tuple[list[str], list[int], np.ndarray, np.ndarray] | None:
+    """The grid from plan.json's ``layer_matrix`` (domains, values (D, L), measured (D, L)), as prioritize writes."""
+    if not isinstance(doc, dict) or not doc.get("values") or not doc.get("domains"):
+        return None
+    score = np.array([[np.nan if _num(v) is None else v for v in row] for row in doc["values"]], dtype=float)
+    measured = np.array(doc.get("measured") or np.zeros_like(score), dtype=bool)
+    if score.ndim != 2 or score.shape[0] != len(doc["domains"]) or measured.shape != score.shape:
+        return None
+    return [str(d) for d in doc["domains"]], list(range(score.shape[1])), score, measured
 
 
 def layer_grid(scores: list[dict[str, Any]]) -> tuple[list[str], list[int], np.ndarray, np.ndarray] | None:
@@ -680,6 +715,10 @@ def _recommender_section(arts: Artifacts) -> Section | None:
     rows = recommender_rows(rec) if rec else []
     if not rows:
         return None
+    k = rec.get("k") if isinstance(rec, dict) else None
+    for r in rows:  # prioritize writes "ndcg"; say "ndcg@10" as readers know it
+        if k and "@" not in r["metric"] and r["metric"] != "coverage":
+            r["metric"] = f"{r['metric']}@{k}"
     algo = rec.get("algorithm") if isinstance(rec, dict) else None
     label = f"collaborative filtering ({algo})" if algo else "collaborative filtering"
     groups = list(dict.fromkeys(r["group"] for r in rows))
@@ -702,7 +741,8 @@ def _recommender_section(arts: Artifacts) -> Section | None:
 
 def _recommender_table(groups: list[str], metrics: list[str], methods: list[str], values: dict,
                        names: dict[str, str]) -> Table:
-    cols, rows = ["group", "metric"] + [names[m] for m in methods], []
+    lift = methods == ["model", "popularity"]
+    cols, rows = ["group", "metric"] + [names[m] for m in methods] + (["vs baseline"] if lift else []), []
     for g in groups:
         for m in metrics:
             vals = [values.get((g, m, k)) for k in methods]
@@ -713,6 +753,8 @@ def _recommender_table(groups: list[str], metrics: list[str], methods: list[str]
             for v in vals:
                 cells.append(Cell(f"{v:.3f}" if v is not None else "—",
                                   tone="good" if v is not None and v == best and len(methods) > 1 else ""))
+            if lift:
+                cells.append(f"×{vals[0] / vals[1]:.2f}" if vals[0] is not None and vals[1] else "—")
             rows.append(cells)
     return Table(cols, rows)
 
@@ -819,7 +861,7 @@ def _scope_section(ev: EvalView, scope: str) -> Section | None:
         names.sort(key=lambda n: -abs(ev.delta("domain", domain=n) or 0.0))
     title = "Did it help? Per segment" if scope == "segment" else "Per domain"
     sec = Section(f"eval-{scope}", title,
-                  intro=f"{ev.metric} of every model on the same held-out test split, with bootstrap 95% "
+                  intro=f"{ev.metric.capitalize()} of every model on the same held-out test split, with bootstrap 95% "
                         f"intervals. {ev.doc.get('n_test_examples', '?')} test examples, "
                         f"{ev.doc.get('n_test_queries', '?')} test queries.")
     if scope == "segment":
@@ -865,10 +907,19 @@ def _scope_table(ev: EvalView, scope: str, names: list[str]) -> Table:
         cells.append(str(next((r.get("n") for r in ns if r and r.get("n") is not None), "—")))
         cells += [_metric_cell(r, ev.pct) for r in ns]
         if ev.tuned:
-            d = ev.delta(scope, **{key: name})
-            cells.append(Cell(fmt_delta(d, ev.pct), tone=_tone(d, ev.metric)))
+            cells.append(_delta_cell(ev, scope, name))
         rows.append(cells)
     return Table(cols, rows)
+
+
+def _delta_cell(ev: EvalView, scope: str, name: str) -> Cell:
+    """Δ of the primary metric; for segments with evaluate's paired-bootstrap interval, which is what flags use."""
+    paired = ev.paired_delta(name) if scope == "segment" else None
+    d = _num(paired.get("delta")) if paired else ev.delta(scope, **{scope: name})
+    note = ""
+    if paired and _num(paired.get("ci_low")) is not None and _num(paired.get("ci_high")) is not None:
+        note = f"{fmt_delta(paired['ci_low'], ev.pct)} to {fmt_delta(paired['ci_high'], ev.pct)}"
+    return Cell(fmt_delta(d, ev.pct), note, _tone(d, ev.metric))
 
 
 def _metric_cell(row: dict[str, Any] | None, pct: bool) -> Cell:
@@ -947,13 +998,16 @@ def _variant_records(arts: Artifacts) -> list[dict[str, Any]]:
     if arts.export:
         recs = [dict(v) for v in arts.export["variants"] if isinstance(v, dict) and v.get("name")]
     elif arts.eval and isinstance(arts.eval.doc.get("variants"), dict):
-        recs = [{"name": Path(k).name, "model": k, **v} for k, v in arts.eval.doc["variants"].items()
-                if isinstance(v, dict)]
+        recs = [{"model": k, **v, "name": v.get("name") or Path(k).name}
+                for k, v in arts.eval.doc["variants"].items() if isinstance(v, dict)]
     ev = arts.eval
     for v in recs:
         model = v.get("model") or (_match_model(ev, v) if ev else None)
         v["model"] = model
         v["quality"] = ev.value(model, "overall") if ev and model else None
+        if ev and v["quality"] is None and v["name"] == "merged" and ev.tuned and not ev.is_variant(ev.tuned):
+            # the merged model is the run with its adapter folded in: same weights up to float rounding
+            v["quality"], v["quality_from"] = ev.value(ev.tuned, "overall"), ev.tuned
     return recs
 
 
@@ -968,20 +1022,23 @@ def _export_section(arts: Artifacts) -> Section | None:
         return None
     ev = arts.eval
     merged = next((v.get("size_bytes") for v in recs if v["name"] == "merged" and v.get("size_bytes")), None)
-    use_eval = ev is not None and sum(v["quality"] is not None for v in recs) >= 1
-    qlabel = ev.metric if use_eval else "top-1 agreement with merged"
-    quality = [v["quality"] if use_eval else _num(v.get("agreement")) for v in recs]
     sec = Section("export", "Deployable variants: size vs quality",
-                  intro="Each exported variant's size on disk, CPU speed and quality" +
-                        (f" ({ev.metric} on the test split)" if use_eval else
-                         " (next-token agreement with the merged model on the probe set)") + ".")
-    as_pct = ev.pct if use_eval else True  # agreement is a rate too
-    png = plots.size_quality([v["name"] for v in recs], [(v.get("size_bytes") or 0) / 1e6 for v in recs], quality,
-                             qlabel, as_pct)
+                  intro="Each exported variant's size on disk, CPU speed, agreement with the merged model on the "
+                        "probe set (top-1 next token)" + (f" and {ev.metric} on the test split" if ev else "") + ".")
+    panels = [{"label": "top-1 agreement with merged", "values": [_num(v.get("agreement")) for v in recs],
+               "percent": True, "reference": None}]
+    if ev is not None and any(v["quality"] is not None for v in recs):
+        base = ev.value(ev.base, "overall")
+        panels.insert(0, {"label": f"{ev.metric} on the test split", "values": [v["quality"] for v in recs],
+                          "percent": ev.pct, "reference": (f"{ev.base} {fmt_value(base, ev.pct)}", base)})
+    png = plots.size_quality([v["name"] for v in recs], [(v.get("size_bytes") or 0) / 1e6 for v in recs], panels)
     if png:
         sec.figures.append(Figure(png, "Size on disk against quality per variant"))
+    if any(v.get("quality_from") for v in recs):
+        sec.callouts.append(("info", f"merged is the fine-tuned run with its adapter folded in; its {ev.metric} "
+                                     f"is the run's ({ev.tuned})."))
     sec.tables.append(_export_table(recs, merged, ev))
-    sec.data = {"variants": recs, "merged_size_bytes": merged, "quality_metric": qlabel}
+    sec.data = {"variants": recs, "merged_size_bytes": merged}
     return sec
 
 

@@ -64,7 +64,7 @@ def _color(i: int) -> str:
 
 
 def _percent_axis(ax: plt.Axes, axis: str = "x") -> None:
-    fmt = matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=0)
+    fmt = matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=None)  # auto: no "62%" for a 62.5% tick
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
 
 
@@ -82,11 +82,13 @@ def metric_dots(categories: Sequence[str], models: Sequence[str], values: dict[t
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH_IN, height))
         step = 0.7 / max(1, len(models))
+        for i in range(0, len(cats), 2):  # banding keeps each category's dots together
+            ax.axhspan(i - 0.5, i + 0.5, color="#f3f5f8", zorder=0, linewidth=0)
         for j, model in enumerate(models):
             offset = (j - (len(models) - 1) / 2) * step
             _model_dots(ax, cats, model, values, offset, j)
         ax.set_yticks(range(len(cats)), cats)
-        ax.invert_yaxis()
+        ax.set_ylim(len(cats) - 0.5, -0.5)
         ax.grid(axis="y", visible=False)
         ax.set_xlabel(f"{metric} (dot) with 95% bootstrap interval (line)")
         if as_percent:
@@ -198,7 +200,7 @@ def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float,
     if not train and not val:
         return None
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4))
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.0))
         if train:
             ax.plot(*zip(*train), color=_color(0), linewidth=1.4, label="train loss", alpha=0.9)
         if val:
@@ -209,34 +211,51 @@ def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float,
             ax.axvline(best_step, color=_color(5), linestyle="--", linewidth=1.3, label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
-        ax.legend(loc="upper right")
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, handlelength=1.8)
         return _png(fig)
 
 
-def size_quality(names: Sequence[str], sizes_mb: Sequence[float], quality: Sequence[float | None],
-                 quality_label: str, as_percent: bool) -> bytes | None:
-    """One point per export variant: size on disk (x) against quality (y), each point labelled."""
-    points = [(n, s, q) for n, s, q in zip(names, sizes_mb, quality) if s and q is not None]
-    if not points:
+def size_quality(names: Sequence[str], sizes_mb: Sequence[float], panels: Sequence[dict]) -> bytes | None:
+    """Size on disk (x) against quality (y) per export variant, one panel per quality measure.
+
+    Each panel: ``{"label", "values" (one per name, None = not measured), "percent", "reference": (label, y) | None}``;
+    a panel with no measured variant is dropped, so GGUF files without an evaluation still show their agreement.
+    """
+    panels = [p for p in panels if any(v is not None and s for v, s in zip(p["values"], sizes_mb))]
+    if not panels:
         return None
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.4))
-        for j, (name, size, q) in enumerate(points):
-            ax.plot(size, q, MARKERS[j % len(MARKERS)], color=_color(j), markersize=9)
-            ax.annotate(name, (size, q), textcoords="offset points", xytext=(7, 5), fontsize=9, color=INK)
-        sizes = [s for _, s, _ in points]
-        if max(sizes) / max(1e-9, min(sizes)) > 8:
-            ax.set_xscale("log")
-        qs = [q for *_, q in points]
-        span = max(qs) - min(qs)
-        pad = max(span * 0.35, 0.02 if as_percent else 0.05 * max(1e-9, abs(max(qs))))
-        ax.set_ylim(min(qs) - pad, max(qs) + pad)
-        ax.set_xlim(min(sizes) * 0.8, max(sizes) * 1.3)
-        ax.set_xlabel("size on disk (MB)")
-        ax.set_ylabel(quality_label)
-        if as_percent:
-            _percent_axis(ax, "y")
+        fig, axes = plt.subplots(1, len(panels), figsize=(WIDTH_IN, 3.3), squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            _size_panel(ax, names, sizes_mb, panel)
+        fig.tight_layout(w_pad=2.5)
         return _png(fig)
+
+
+def _size_panel(ax: plt.Axes, names: Sequence[str], sizes_mb: Sequence[float], panel: dict) -> None:
+    points = [(j, n, s, q) for j, (n, s, q) in enumerate(zip(names, sizes_mb, panel["values"])) if s and q is not None]
+    for j, name, size, q in points:
+        ax.plot(size, q, MARKERS[j % len(MARKERS)], color=_color(j), markersize=9)
+        ax.annotate(name, (size, q), textcoords="offset points", xytext=(6, 6), fontsize=8.5, color=INK)
+    qs = [q for *_, q in points]
+    ref = panel.get("reference")
+    if ref is not None and ref[1] is not None:
+        ax.axhline(ref[1], color=MUTED, linestyle=":", linewidth=1.2)
+        ax.annotate(ref[0], (1.0, ref[1]), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize=8, color=MUTED, textcoords="offset points", xytext=(0, 2))
+        qs.append(ref[1])
+    span = max(qs) - min(qs)
+    pad = max(span * 0.25, 0.01 if panel["percent"] else 0.05 * max(1e-9, abs(max(qs))))
+    top = max(qs) + pad * 1.6
+    if panel["percent"] and max(qs) <= 1.0:
+        top = min(top, 1.0 + pad * 0.6)  # room for the labels, but no axis climbing past 100%
+    ax.set_ylim(min(qs) - pad, top)
+    sizes = [s for _, _, s, _ in points]
+    ax.set_xlim(0, max(sizes) * 1.25)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_title(panel["label"], fontsize=9.5)
+    if panel["percent"]:
+        _percent_axis(ax, "y")
 
 
 def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
@@ -253,15 +272,17 @@ def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
     hatches = ["", "////", "..", "xx"]
     with plt.rc_context(_STYLE):
         fig, axes = plt.subplots(nrows, cols, figsize=(WIDTH_IN, 2.5 * nrows + 0.4), squeeze=False)
-        x = np.arange(len(groups))
         width = 0.8 / max(1, len(methods))
         for ax, metric in zip(axes.flat, metrics):
+            shown = [g for g in groups if any((g, metric, m) in values for m in methods)]  # no empty slots
+            x = np.arange(len(shown))
             for j, method in enumerate(methods):
-                v = [values.get((g, metric, method), np.nan) for g in groups]
+                v = [values.get((g, metric, method), np.nan) for g in shown]
                 ax.bar(x + (j - (len(methods) - 1) / 2) * width, v, width, color=_color(j if j == 0 else 1 + j),
                        hatch=hatches[j % len(hatches)], edgecolor="white", label=method)
             ax.set_title(metric, fontsize=9.5)
-            ax.set_xticks(x, list(groups), rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4
+            ax.set_xlim(-0.6, max(len(shown), 2.2) - 0.4)
+            ax.set_xticks(x, shown, rotation=30 if len(shown) > 4 else 0, ha="right" if len(shown) > 4
                           else "center", fontsize=8)
             ax.grid(axis="x", visible=False)
         for ax in list(axes.flat)[len(metrics):]:
@@ -286,7 +307,7 @@ def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.nda
     signed = shown if higher_is_better else -shown
     lim = float(np.nanmax(np.abs(signed))) if np.isfinite(signed).any() else 1.0
     with plt.rc_context({**_STYLE, "axes.grid": False}):
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, 0.42 * len(segments) + 1.6)))
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, 0.36 * len(segments) + 1.7)))
         img = ax.imshow(np.ma.masked_invalid(signed), cmap="PuOr", vmin=-lim or -1, vmax=lim or 1, aspect="auto")
         for (r, c), v in np.ndenumerate(d):
             if not enough[r, c] or not np.isfinite(v):
@@ -299,7 +320,9 @@ def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.nda
         ax.set_yticks(range(len(segments)), list(segments))
         ax.spines[:].set_visible(False)
         cbar = fig.colorbar(img, ax=ax, fraction=0.03, pad=0.02)
-        cbar.set_label("better ▲ / worse ▼" if higher_is_better else "better (lower) ▲ / worse ▼")
+        cbar.set_label("worse  ←  0  →  better", fontsize=8.5)
+        ax.set_title(f"fine-tuned − base ({'points' if as_percent else 'metric units'}); purple = better, "
+                     "orange = worse", fontsize=9.5, fontweight="normal", color=INK)
         return _png(fig)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_ft.report import Cell, Figure, Report, Section, Table
+from adaptive_ft.report import Bullet, Cell, Figure, Report, Section, Table
 
-_NUMERIC = re.compile(r"^[+\-−]?[\d.,]+\s*(%|pts|[kMG]?B|s)?$|^—$")
+_NUMERIC = re.compile(r"^[+\-−×]?[\d.,]+\s*(%|pts|[kMG]?B|s)?$|^—$")
 _TONE_ICON = {"good": "✓", "bad": "⚠", "warn": "!", "info": "i"}
 FOLD_ROWS = 15  # longer tables fold behind a <details> so the page stays scannable
 
@@ -75,12 +75,19 @@ def _summary_html(report: Report) -> str:
         f'<div class="tile {t.tone}"><div class="tile-label">{html.escape(t.label)}</div>'
         f'<div class="tile-value">{html.escape(t.value)}</div>'
         f'<div class="tile-detail">{html.escape(t.detail)}</div></div>' for t in report.summary.tiles)
-    bullets = "".join(f"<li>{_inline(b)}</li>" for b in report.summary.bullets)
+    bullets = "".join(_bullet_html(b) for b in report.summary.bullets)
     if not tiles and not bullets:
         return ""
     return (f'<section class="card summary" id="summary"><h2>Summary</h2>'
             f'{f"<div class=tiles>{tiles}</div>" if tiles else ""}'
             f'{f"<ul class=bullets>{bullets}</ul>" if bullets else ""}</section>')
+
+
+def _bullet_html(b: str | Bullet) -> str:
+    if isinstance(b, Bullet):
+        kids = "".join(f"<li>{_inline(c)}</li>" for c in b.children)
+        return f"<li>{_inline(b.text)}<ul class=sub>{kids}</ul></li>"
+    return f"<li>{_inline(b)}</li>"
 
 
 def _section_html(sec: Section, number: int) -> str:
@@ -114,8 +121,14 @@ def _cell_html(cell: Cell | str, header: str) -> str:
     return f'<td{cls} data-label="{html.escape(header)}">{html.escape(c.text)}{note}</td>'
 
 
+def _numeric_column(t: Table, j: int) -> bool:
+    texts = [(c.text if isinstance(c, Cell) else str(c)) for r in t.rows if j < len(r) for c in [r[j]]]
+    return bool(texts) and all(_NUMERIC.match(x) or x == "too few" for x in texts)
+
+
 def _table_html(t: Table) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+    head = "".join(f'<th{" class=num" if _numeric_column(t, j) else ""}>{html.escape(c)}</th>'
+                   for j, c in enumerate(t.columns))
     rows = "".join("<tr>" + "".join(_cell_html(c, h) for c, h in zip(r, t.columns)) + "</tr>" for r in t.rows)
     cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
     compact = " compact" if len(t.columns) <= 3 else ""
@@ -151,7 +164,10 @@ def to_markdown(report: Report) -> str:
         lines += ["## Summary", ""]
         lines += [f"- **{t.label}: {t.value}** {('— ' + t.detail) if t.detail else ''}".rstrip()
                   for t in report.summary.tiles]
-        lines += [f"- {b}" for b in report.summary.bullets] + [""]
+        for b in report.summary.bullets:
+            lines.append(f"- {b.text if isinstance(b, Bullet) else b}")
+            lines += [f"  - {c}" for c in (b.children if isinstance(b, Bullet) else [])]
+        lines.append("")
     for i, sec in enumerate(report.sections, 1):
         lines += [f"## {i}. {sec.title}", ""]
         if sec.intro:
@@ -188,7 +204,8 @@ def to_json(report: Report) -> dict[str, Any]:
         "title": report.title,
         "generated": report.generated,
         "inputs": report.inputs,
-        "summary": {"tiles": [vars(t) for t in report.summary.tiles], "bullets": report.summary.bullets,
+        "summary": {"tiles": [vars(t) for t in report.summary.tiles],
+                    "bullets": [vars(b) if isinstance(b, Bullet) else b for b in report.summary.bullets],
                     **report.summary.data},
         "sections": [{"id": s.id, "title": s.title, "intro": s.intro,
                       "callouts": [{"tone": a, "text": b} for a, b in s.callouts],

@@ -29,25 +29,30 @@ N_LAYERS = 12
 
 
 def make_plan(folder: Path) -> Path:
-    """A plan whose top domains carry a readable 'why', a 6 x 12 layer grid half measured, and recommender metrics."""
+    """A plan as prioritize writes it: top domains with a 'why', a 6 x 12 layer matrix half measured (in
+    ``layer_matrix``), and recommender metrics as ``{method: {"overall": {...}, "segments": {...}}}``."""
     rng = np.random.default_rng(0)
     domains = [DomainScore(d, priority=round(0.4 / (i + 1), 4), demand=round(0.9 - 0.1 * i, 3),
                            failure=round(0.45 - 0.05 * i, 3), share=round(0.3 / (i + 1), 4),
-                           why=f"free users ask it most and {45 - 5 * i}% of answers fail")
+                           why=f"free users drive {70 - 5 * i}% of the need; {45 - 5 * i}% expected failure")
                for i, d in enumerate(DOMAINS)]
-    scores = [{"domain": d, "layer": layer, "score": float(rng.random()), "measured": bool((i + layer) % 2)}
-              for i, d in enumerate(DOMAINS) for layer in range(N_LAYERS)]
-    rec = {"algorithm": "als", "k": 10,
-           "overall": {"model": {"ndcg@10": 0.41, "precision@10": 0.22, "recall@10": 0.35},
-                       "popularity": {"ndcg@10": 0.25, "precision@10": 0.14, "recall@10": 0.21}},
-           "segments": {s: {"model": {"ndcg@10": 0.3 + 0.05 * i, "precision@10": 0.2},
-                            "popularity": {"ndcg@10": 0.2 + 0.02 * i, "precision@10": 0.1}}
-                        for i, s in enumerate(SEGMENTS)}}
+    values = rng.random((len(DOMAINS), N_LAYERS))
+    measured = (np.add.outer(np.arange(len(DOMAINS)), np.arange(N_LAYERS)) % 2).astype(bool)
+    scores = [{"layer": j, "score": float(values[:, j].mean()), "measured": bool(measured[:, j].all())}
+              for j in range(N_LAYERS)]
+    rec = {"k": 10, "users_evaluated": 300}
+    for method, scale in (("model", 1.0), ("popularity", 0.6)):
+        rec[method] = {"overall": {"users": 300, "precision": 0.22 * scale, "recall": 0.35 * scale,
+                                   "ndcg": 0.41 * scale, "map": 0.18 * scale, "coverage": 0.5 * scale},
+                       "segments": {s: {"users": 100, "precision": (0.2 + 0.02 * i) * scale,
+                                        "ndcg": (0.3 + 0.05 * i) * scale} for i, s in enumerate(SEGMENTS)}}
     plan = Plan(domains=domains, layers=LayerPlan(selected=[6, 7, 8, 10], rank_pattern={"6": 16}, scores=scores,
                                                   spearman_vs_full=0.83),
-                recommender=rec, segments=[{"segment": s, "weight": 1 / 3, "traffic_share": w}
+                recommender=rec, segments=[{"segment": s, "weight": w, "traffic_share": w}
                                            for s, w in zip(SEGMENTS, [0.6, 0.3, 0.1])],
-                inputs={"store": "abc123", "seed": 0}, created="2026-11-26T14:00:00Z")
+                inputs={"store": "abc123", "seed": 0}, created="2026-11-26T14:00:00Z",
+                extra={"layer_matrix": {"domains": DOMAINS, "values": values.tolist(),
+                                        "measured": measured.tolist()}})
     return plan.save(folder / "plan.json")
 
 
@@ -97,6 +102,10 @@ def make_eval(folder: Path) -> Path:
            "worst_segment": {"model": "runs/r1", "segment": "enterprise", "metric": "accuracy", "value": 0.62},
            "largest_gap": {"model": "runs/r1", "metric": "accuracy", "best": "pro", "worst": "enterprise",
                            "gap": 0.16},
+           "finetuned_model": "runs/r1",
+           "deltas": [{"model": "runs/r1", "segment": s, "metric": "accuracy", "base": b, "finetuned": t,
+                       "delta": round(t - b, 4), "ci_low": round(t - b - 0.05, 4), "ci_high": round(t - b + 0.05, 4),
+                       "n": 300} for s, b, t in zip(SEGMENTS, SEG_ACC["base"], SEG_ACC["runs/r1"])],
            "flags": [{"segment": "enterprise", "metric": "accuracy", "base": 0.70, "finetuned": 0.62,
                       "delta": -0.08, "ci_low": -0.13, "ci_high": -0.03, "reason": "dropped from base to fine-tuned"}],
            "representation": [{"kind": "segment", "name": s, "train_share": t, "traffic_share": f,
