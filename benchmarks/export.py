@@ -1,0 +1,90 @@
+"""Size on disk and CPU latency per generated token of every export variant, beside the merged fp32 model.
+
+One run builds (or takes) a train run, exports merged, int8, nf4, GGUF Q8_0 and F16 through
+``adaptive_ft.export.export`` — the same code the CLI runs — and prints each variant's figures and its ratio to
+merged fp32. Latency is greedy decoding, batch 1, KV cache on, wall clock on this machine's CPU threads.
+
+    .venv/bin/python benchmarks/export.py                 # a tiny Llama (4 layers, hidden 256), seconds
+    .venv/bin/python benchmarks/export.py --smollm2       # SmolLM2-135M-Instruct + a random LoRA (minutes)
+    .venv/bin/python benchmarks/export.py --run runs/r1   # an existing train run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptive_ft.config import ExportConfig  # noqa: E402
+from adaptive_ft.export import export  # noqa: E402
+
+
+def make_run(root: Path, base: Path, seed: int = 0) -> Path:
+    """A train-run folder around ``base`` with a random non-zero LoRA (r=16, all linear layers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    run = root / "run"
+    model.save_pretrained(run / "adapter")
+    (run / "manifest.json").write_text(json.dumps({"base_model": str(base), "base_model_path": str(base),
+                                                   "task": "label", "seed": seed}))
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny model")
+    parser.add_argument("--run", type=Path, default=None, help="benchmark this existing train run")
+    parser.add_argument("--out", type=Path, default=None, help="keep the export here (default: a temp folder)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per timed prompt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run = args.run
+        if run is None:
+            if args.smollm2:
+                from adaptive_ft.models import resolve_model
+
+                base = resolve_model("smollm2")
+            else:
+                from adaptive_ft.models import build_tiny_model
+
+                base = build_tiny_model(root / "base", n_layers=4, hidden=256, heads=8, kv_heads=4)
+            run = make_run(root, base)
+        cfg = ExportConfig(probe_prompts=8, latency_prompts=3, latency_tokens=args.tokens)
+        start = time.perf_counter()
+        result = export(run, args.out or root / "export", cfg)
+        took = time.perf_counter() - start
+        report(result.variants, run, took, args.threads)
+
+
+def report(variants: list, run: Path, took: float, threads: int) -> None:
+    merged = next(v for v in variants if v.name == "merged")
+    print(f"\nexport of {run} ({took:.0f} s), CPU, {threads} threads, torch {torch.__version__}")
+    print(f"{'variant':<11} {'size MB':>9} {'x merged':>9} {'ms/token':>9} {'x merged':>9} {'load s':>7} "
+          f"{'top-1 agree':>11}")
+    for v in variants:
+        print(f"{v.name:<11} {v.size_bytes / 2**20:>9.2f} {v.size_bytes / merged.size_bytes:>9.3f} "
+              f"{v.ms_per_token:>9.2f} {v.ms_per_token / merged.ms_per_token:>9.2f} {v.load_seconds:>7.2f} "
+              f"{100 * v.agreement:>10.1f}%")
+
+
+if __name__ == "__main__":
+    main()
