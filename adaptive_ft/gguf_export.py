@@ -46,7 +46,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, qtype: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     _write_hparams(writer, cfg, name, gguf.LlamaFileType[FILE_TYPES[qtype]])
-    _write_tokenizer(writer, tokenizer, cfg.vocab_size)
+    _write_tokenizer(writer, tokenizer, cfg.vocab_size, name)
     _write_tensors(writer, model, cfg, gguf.GGMLQuantizationType[QTYPES[qtype]])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -135,10 +135,10 @@ def tokenizer_tables(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[i
     return tokens, token_types, merges
 
 
-def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, model_name: str) -> None:
     tokens, token_types, merges = tokenizer_tables(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    name = (getattr(tokenizer, "name_or_path", "") or "").lower()
+    name = f"{model_name} {getattr(tokenizer, 'name_or_path', '') or ''}".lower()
     # llama.cpp picks its pre-tokenizer split regex by this name; SmolLM2 has its own entry.
     writer.add_tokenizer_pre("smollm" if "smollm" in name else "gpt-2")
     writer.add_token_list(tokens)

@@ -99,7 +99,7 @@ def tiny_run(root: Path, task: str = "label", seed: int = 0) -> Path:
 
 
 def split_frame() -> pl.DataFrame:
-    """12 examples over 2 domains: 6 train, 2 val, 4 test... the test split is e1..e4 (see ``test_ids``)."""
+    """12 examples over 2 domains (cards / transfers): e0..e5 test, e6, e7 val, e8..e11 train."""
     rows = []
     labels = {"cards": ["card_arrival", "card_declined"], "transfers": ["transfer_pending", "exchange_rate"]}
     for i in range(12):

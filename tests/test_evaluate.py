@@ -188,3 +188,36 @@ def test_text_task_reports_loss_and_perplexity(tiny, tmp_path):
     ppl = _cell(data, str(tiny), "overall", "perplexity")
     assert loss["value"] > 0 and ppl["value"] == pytest.approx(np.exp(loss["value"]), rel=1e-4)
     assert data["primary_metric"] == "token_f1" and data["n_test_queries"] == 6  # no store: each example once
+
+
+def test_export_variants_evaluate_like_the_run_and_carry_their_figures(tiny, tmp_path):
+    from adaptive_ft.config import ExportConfig
+    from adaptive_ft.export import export
+
+    export(tiny, tmp_path / "export", ExportConfig(variants=["int8", "gguf"], gguf_types=["q8_0"], probe_prompts=4,
+                                                   latency_prompts=1, latency_tokens=2))
+    int8, gguf = str(tmp_path / "export" / "int8"), str(tmp_path / "export" / "model-q8_0.gguf")
+    cfg = EvaluateConfig(bootstrap=20, min_count=2, min_examples=2, max_new_tokens=4)
+    result = evaluate(None, [str(tiny), int8, gguf], tmp_path / "eval.json", cfg)
+    assert set(result.data["variants"]) == {int8, gguf}
+    assert result.data["variants"][gguf]["size_bytes"] == (tmp_path / "export" / "model-q8_0.gguf").stat().st_size
+    outputs = pl.read_parquet(result.outputs_path)
+    answers = {m: outputs.filter(pl.col("model") == m).sort("example_id")["response"].to_list()
+               for m in (str(tiny), gguf)}
+    # The merged Q8_0 GGUF, read back by transformers with its own tokenizer, answers as the adapter run does.
+    same = sum(a == b for a, b in zip(answers[str(tiny)], answers[gguf]))
+    assert same >= 5, answers
+
+
+def test_evaluate_command(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from adaptive_ft.cli import cli
+
+    store = tmp_path / "s.duckdb"
+    _store_with_traffic(store, pl.read_parquet(tiny / "split.parquet"))
+    result = CliRunner().invoke(cli, ["evaluate", "--store", str(store), "--models", f"base,{tiny}", "--out",
+                                      str(tmp_path / "e.json"), "evaluate.bootstrap=30", "evaluate.min_count=5",
+                                      "evaluate.min_examples=2", "evaluate.max_new_tokens=2"])
+    assert result.exit_code == 0, result.output
+    assert "test examples" in result.output and (tmp_path / "e.json").is_file()
