@@ -613,17 +613,40 @@ def write_log(frame: pl.DataFrame, out: Path, fmt: str) -> None:
     elif fmt == "csv":
         frame.with_columns(_iso("ts")).write_csv(out)
     elif fmt == "chat":
-        chat_records(frame).write_ndjson(out)
+        # Each line is already JSON: written as is (no quoting), one per event.
+        chat_lines(frame).write_csv(out, include_header=False, quote_style="never")
     else:
         raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def chat_records(frame: pl.DataFrame) -> pl.DataFrame:
-    """The chat format (module docstring): one record per event, prompt and response as ``messages``."""
-    user_msg = pl.struct(pl.lit("user").alias("role"), pl.col("prompt").alias("content"))
-    bot_msg = pl.struct(pl.lit("assistant").alias("role"), pl.col("response").alias("content"))
-    return frame.select(pl.concat_list(user_msg, bot_msg).alias("messages"), "event_id", _iso("ts"), "user_id",
-                        "segment", "domain", "example_id", "reference", "event", "value", "model_version")
+def _json_text(frame: pl.DataFrame, col: str) -> pl.Expr:
+    """``col`` as JSON string literals. Polars' JSON encoder is slow per row, so only the column's distinct
+    values are encoded (prompts, labels, segments: thousands at most) and mapped back onto the rows."""
+    encode = pl.struct(pl.col(col).alias("c")).struct.json_encode().str.slice(5).str.head(-1)  # {"c":X} -> X
+    vocab = frame.select(pl.col(col).unique()).select(col, encode.alias("_json"))
+    return pl.col(col).replace_strict(vocab[col], vocab["_json"], return_dtype=pl.String)
+
+
+def chat_lines(frame: pl.DataFrame) -> pl.DataFrame:
+    """The chat format (module docstring) as one column of JSON lines, one per event.
+
+    Ids, user ids and timestamps are generated here from safe characters, so they are only quoted.
+    """
+    def quoted(e: pl.Expr) -> pl.Expr:
+        return pl.concat_str(pl.lit('"'), e, pl.lit('"'))
+
+    parts = [
+        pl.lit('{"messages":[{"role":"user","content":'), _json_text(frame, "prompt"),
+        pl.lit('},{"role":"assistant","content":'), _json_text(frame, "response"),
+        pl.lit('}],"event_id":'), quoted(pl.col("event_id")), pl.lit(',"ts":'), quoted(_iso("ts")),
+        pl.lit(',"user_id":'), quoted(pl.col("user_id")),
+        pl.lit(',"segment":'), _json_text(frame, "segment"), pl.lit(',"domain":'), _json_text(frame, "domain"),
+        pl.lit(',"example_id":'), quoted(pl.col("example_id")),
+        pl.lit(',"reference":'), _json_text(frame, "reference"), pl.lit(',"event":'), _json_text(frame, "event"),
+        pl.lit(',"value":'), pl.col("value").cast(pl.String).fill_null("null"),
+        pl.lit(',"model_version":'), _json_text(frame, "model_version"), pl.lit("}"),
+    ]
+    return frame.select(pl.concat_str(parts).alias("line"))
 
 
 def build_truth(world: World, pool: Pool, q: Queries, ans: Answers, cfg: SimulateConfig, seed: int,

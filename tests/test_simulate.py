@@ -15,7 +15,7 @@ from adaptive_ft.cli import cli
 from adaptive_ft.config import SimulateConfig
 from adaptive_ft.errors import ConfigError, InputError
 from adaptive_ft.simulate import (
-    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, builtin_pool, csv_pool, example_id_for, simulate,
+    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, simulate,
 )
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"
@@ -288,6 +288,19 @@ def test_formats_round_trip_the_same_records(tmp_path: Path):
     assert chat.equals(ref)
     assert list(ref.columns) == ["event_id", "ts", "user_id", "segment", "example_id", "domain", "prompt",
                                  "response", "reference", "event", "value", "model_version"]
+
+
+def test_chat_lines_escape_any_text(tmp_path: Path):
+    tricky = ['He said "refund" \\ twice', "line one\nline two\ttab", "café ☕ naïve", "{\"json\": [1]}"]
+    frame = pl.DataFrame({"domain": ["a", "a", "b", "b"], "prompt": tricky,
+                          "reference": ['lab "x"', "lab\\y", "ünï", "z"]})
+    pool = Pool("tricky", frame.with_columns(pl.Series("example_id", [example_id_for(p) for p in tricky])))
+    cfg = SimulateConfig(events=400, segments=['se"g', "plain"], model_version="v\\1")
+    res = simulate(cfg, tmp_path / "t.chat.jsonl", fmt="chat", pool=pool)
+    assert res.truth_path.name == "t.chat.truth.json"
+    flat = pl.read_parquet(simulate(cfg, tmp_path / "t.parquet", fmt="parquet", pool=pool).log_path)
+    assert _flatten_chat(res.log_path).equals(flat.with_columns(pl.col("ts").dt.to_string("%Y-%m-%dT%H:%M:%SZ")))
+    assert set(flat["prompt"]) == set(tricky)
 
 
 def test_bad_config_reports_every_problem_at_once(tmp_path: Path):
