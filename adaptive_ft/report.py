@@ -13,6 +13,7 @@ Rendering is in :mod:`adaptive_ft.report_render`, plots in :mod:`adaptive_ft.rep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -142,10 +143,11 @@ class ReportResult:
 # ----------------------------------------------------------------------------------------------- entry
 
 
-def build_report(inputs: ReportInputs, out: str | Path) -> ReportResult:
+def build_report(inputs: ReportInputs, out: str | Path, draw: bool = True) -> ReportResult:
     """Read the given artifacts and write ``report.html``, ``report.md`` and ``report.json``.
 
     ``out`` is the HTML path (the other two take its stem) or a folder to write ``report.*`` into.
+    ``draw=False`` leaves the plots out (tables and numbers only, several times faster).
     """
     from adaptive_ft import report_render as render
 
@@ -153,7 +155,8 @@ def build_report(inputs: ReportInputs, out: str | Path) -> ReportResult:
         raise InputError("report: nothing to report on. Give at least one of --store, --plan, --run, --eval, "
                          "--export.")
     html_path = _html_path(Path(out))
-    report = assemble(load_artifacts(inputs), inputs)
+    with contextlib.nullcontext() if draw else plots.disabled():
+        report = assemble(load_artifacts(inputs), inputs)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     md_path, json_path = html_path.with_suffix(".md"), html_path.with_suffix(".json")
     html_path.write_text(render.to_html(report), encoding="utf-8")
@@ -433,7 +436,8 @@ def _summary_eval(arts: Artifacts, s: Summary) -> None:
     d = None if b is None or t is None else t - b
     s.data.update(primary_metric=ev.metric, base_model=ev.base, finetuned_model=ev.tuned,
                   overall={"base": b, "finetuned": t, "delta": d})
-    s.tiles.append(Tile(ev.metric, fmt_value(t if t is not None else b, ev.pct),
+    s.tiles.append(Tile(f"{ev.metric} · fine-tuned" if t is not None else f"{ev.metric} · base",
+                        fmt_value(t if t is not None else b, ev.pct),
                         f"{fmt_value(b, ev.pct)} base → {fmt_delta(d, ev.pct)}" if d is not None else "overall",
                         _tone(d, ev.metric)))
     per_seg = {seg: _num((ev.paired_delta(seg) or {}).get("delta")) or ev.delta("segment", seg)

@@ -8,9 +8,12 @@ colour distinction is doubled by a marker shape, a hatch or a label, so nothing 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 
 import matplotlib
 
@@ -51,6 +54,26 @@ _STYLE = {
 }
 
 
+_ENABLED: ContextVar[bool] = ContextVar("report_plots_enabled", default=True)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every plot function returns None at once (``report --no-plots``: tables only)."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def _plot(fn: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if _ENABLED.get() else None
+    return wrapper
+
+
 def _png(fig: plt.Figure) -> bytes:
     """The figure as PNG bytes (no metadata, so the same data gives the same bytes), and close it."""
     buf = io.BytesIO()
@@ -68,6 +91,7 @@ def _percent_axis(ax: plt.Axes, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
 
 
+@_plot
 def metric_dots(categories: Sequence[str], models: Sequence[str], values: dict[tuple[str, str], tuple],
                 metric: str, as_percent: bool) -> bytes | None:
     """One row per category (segment or domain), one dot per model with its 95% CI as a whisker.
@@ -118,6 +142,7 @@ def _model_dots(ax: plt.Axes, cats: list[str], model: str, values: dict, offset:
                 markerfacecolor="none", markersize=6, label=None if ys else model)
 
 
+@_plot
 def priority_bars(domains: Sequence[str], priority: Sequence[float], demand: Sequence[float],
                   failure: Sequence[float]) -> bytes | None:
     """Three panels sharing the domain axis: priority, and the demand and failure it is the product of."""
@@ -146,6 +171,7 @@ def priority_bars(domains: Sequence[str], priority: Sequence[float], demand: Seq
         return _png(fig)
 
 
+@_plot
 def layer_heatmap(rows: Sequence[str], layers: Sequence[int], score: np.ndarray, measured: np.ndarray,
                   selected: Sequence[int]) -> bytes | None:
     """Domain x layer scores; measured cells carry a dot, completed (matrix-factorised) cells a hatch.
@@ -194,6 +220,7 @@ def _mark_cells(ax: plt.Axes, score: np.ndarray, measured: np.ndarray) -> None:
                                    linewidth=0, alpha=0.3))
 
 
+@_plot
 def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float, float]],
                 best_step: float | None, stop_note: str | None) -> bytes | None:
     """Train and validation loss against step; the best (kept) step is a vertical line."""
@@ -215,6 +242,7 @@ def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float,
         return _png(fig)
 
 
+@_plot
 def size_quality(names: Sequence[str], sizes_mb: Sequence[float], panels: Sequence[dict]) -> bytes | None:
     """Size on disk (x) against quality (y) per export variant, one panel per quality measure.
 
@@ -258,6 +286,7 @@ def _size_panel(ax: plt.Axes, names: Sequence[str], sizes_mb: Sequence[float], p
         _percent_axis(ax, "y")
 
 
+@_plot
 def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
                      values: dict[tuple[str, str, str], float], methods: Sequence[str]) -> bytes | None:
     """Small multiples, one panel per ranking metric: groups (overall, segments) x methods (model, popularity).
@@ -293,6 +322,7 @@ def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
         return _png(fig)
 
 
+@_plot
 def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.ndarray, enough: np.ndarray,
                   as_percent: bool, higher_is_better: bool) -> bytes | None:
     """Segment x domain change of the primary metric (fine-tuned minus base); thin cells are left blank.
@@ -326,6 +356,7 @@ def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.nda
         return _png(fig)
 
 
+@_plot
 def share_bars(names: Sequence[str], train_share: Sequence[float], traffic_share: Sequence[float],
                underserved: Sequence[bool]) -> bytes | None:
     """Each segment's or domain's share of the training sample beside its share of traffic."""

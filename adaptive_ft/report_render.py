@@ -132,11 +132,11 @@ def _table_html(t: Table) -> str:
     rows = "".join("<tr>" + "".join(_cell_html(c, h) for c, h in zip(r, t.columns)) + "</tr>" for r in t.rows)
     cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
     compact = " compact" if len(t.columns) <= 3 else ""
-    table = f'<div class="table-wrap{compact}"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+    table = (f'<div class="table-wrap{compact}"><table>{cap}<thead><tr>{head}</tr></thead>'
+             f"<tbody>{rows}</tbody></table></div>")
     if len(t.rows) > FOLD_ROWS:
-        what = t.caption or "the table"
-        return f"<details><summary>Show {html.escape(what.lower() if t.caption else what)} ({len(t.rows)} rows)" \
-               f"</summary>{table}</details>"
+        what = html.escape(t.caption.lower()) if t.caption else "the table"
+        return f"<details><summary>Show {what} ({len(t.rows)} rows)</summary>{table}</details>"
     return table
 
 

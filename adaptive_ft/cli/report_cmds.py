@@ -20,8 +20,9 @@ import click
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="report.html to write (report.md and report.json go beside it), or a folder.")
 @click.option("--title", default="adaptive-ft report", show_default=True, help="Page title.")
+@click.option("--no-plots", is_flag=True, help="Tables and numbers only (faster, smaller page).")
 def report_cmd(store: Path | None, plan: Path | None, run: Path | None, eval_path: Path | None,
-               export: Path | None, out: Path, title: str) -> None:
+               export: Path | None, out: Path, title: str, no_plots: bool) -> None:
     """Write a self-contained HTML report (and the same as Markdown and JSON).
 
     Give any subset of the inputs; each adds its sections, and a plot whose data is missing is left out.
@@ -37,7 +38,7 @@ def report_cmd(store: Path | None, plan: Path | None, run: Path | None, eval_pat
     from adaptive_ft.report import ReportInputs, build_report
 
     inputs = ReportInputs(store=store, plan=plan, run=run, eval=eval_path, export=export, title=title)
-    result = build_report(inputs, out)
+    result = build_report(inputs, out, draw=not no_plots)
     for line in result.bullets:
         click.echo(f"- {line}")
     click.echo(f"wrote {result.html} ({len(result.sections)} sections, {result.figures} plots), "
