@@ -105,8 +105,8 @@ def find_run(models: list[str], run: str | Path | None) -> Path:
         path = Path(spec)
         if is_run(path):
             return path
-        manifest = (path if path.is_dir() else path.parent) / "manifest.json"
-        for candidate in (manifest, path.parent.parent / "manifest.json"):
+        # An EXPORT folder, or a variant inside one (EXPORT/int8, EXPORT/model-q8_0.gguf): its manifest names the run.
+        for candidate in (path / "manifest.json", path.parent / "manifest.json"):
             if candidate.is_file() and "variants" in (text := candidate.read_text()):
                 return Path(json.loads(text)["run"])
     raise InputError("evaluate: none of the models is a train run or an export of one; pass --run RUN "

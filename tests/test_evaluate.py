@@ -221,3 +221,14 @@ def test_evaluate_command(tiny, tmp_path):
                                       "evaluate.min_examples=2", "evaluate.max_new_tokens=2"])
     assert result.exit_code == 0, result.output
     assert "test examples" in result.output and (tmp_path / "e.json").is_file()
+
+
+def test_the_run_is_found_from_an_export_variant(tmp_path):
+    from adaptive_ft.evaluate import find_run
+
+    (tmp_path / "export" / "int8").mkdir(parents=True)
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({"run": "runs/r1", "variants": []}))
+    assert str(find_run([str(tmp_path / "export" / "int8")], None)) == "runs/r1"
+    assert str(find_run([str(tmp_path / "export" / "model-q8_0.gguf")], None)) == "runs/r1"
+    with pytest.raises(Exception, match="--run"):
+        find_run(["base"], None)
