@@ -215,15 +215,17 @@ def csv_pool(path: str | Path) -> Pool:
     return Pool(name, _with_ids(raw.select("domain", "prompt", "reference")))
 
 
-def find_banking77(start: Path | None = None) -> Path:
-    """``../shared/data/banking77/train.csv`` seen from the working directory or from this package's repo."""
-    bases = [(start or Path.cwd()).resolve(), Path(__file__).resolve().parents[1]]
+def find_banking77(bases: list[Path] | None = None) -> Path:
+    """``shared/data/banking77/train.csv`` in a folder above the working directory or above this package
+    (so ``../shared/data/banking77`` of the repository is found from anywhere inside it)."""
+    bases = bases if bases is not None else [Path.cwd().resolve(), Path(__file__).resolve().parents[1]]
     for base in bases:
         for parent in (base, *base.parents):
             candidate = parent / "shared" / "data" / "banking77" / "train.csv"
             if candidate.is_file():
                 return candidate
-    raise InputError("Banking77 not found under ../shared/data/banking77/; pass --examples PATH/train.csv")
+    raise InputError("Banking77 not found in ../shared/data/banking77/ above the working directory or the "
+                     "package; pass --examples PATH/train.csv")
 
 
 def load_pool(pool: str | Path) -> Pool:

@@ -15,7 +15,8 @@ from adaptive_ft.cli import cli
 from adaptive_ft.config import SimulateConfig
 from adaptive_ft.errors import ConfigError, InputError
 from adaptive_ft.simulate import (
-    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, simulate,
+    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, find_banking77,
+    simulate,
 )
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"
@@ -79,6 +80,16 @@ def test_csv_pool_with_domains_and_its_errors(tmp_path: Path):
         csv_pool(unmapped)
     with pytest.raises(InputError, match="not found"):
         csv_pool(tmp_path / "missing.csv")
+
+
+def test_find_banking77_looks_in_shared_data_above(tmp_path: Path):
+    with pytest.raises(InputError, match="pass --examples PATH/train.csv"):
+        find_banking77([tmp_path])
+    data = tmp_path / "shared" / "data" / "banking77"
+    data.mkdir(parents=True)
+    (data / "train.csv").write_text("text,category\nmy card?,card_arrival\n")
+    deep = tmp_path / "main" / "runs"
+    assert find_banking77([deep]) == data / "train.csv"
 
 
 def test_banking77_mapping_lists_77_intents_once_in_8_domains():
@@ -335,6 +346,16 @@ def test_cli_errors_are_one_line(tmp_path: Path):
     assert "Error: example pool not found" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "x.jsonl"), "simulate.noise=2"])
     assert result.exit_code == 1 and "simulate.noise: 2.0 must be in [0, 1]" in result.output
+
+
+@pytest.mark.shared_data
+@needs_banking77
+def test_cli_pool_banking77(tmp_path: Path):
+    result = CliRunner().invoke(cli, ["simulate", "--out", str(tmp_path / "b.csv"), "--pool", "banking77",
+                                      "--events", "300"])
+    assert result.exit_code == 0, result.output
+    assert "[csv]" in result.output
+    assert json.loads((tmp_path / "b.truth.json").read_text())["pool"] == "banking77"
 
 
 @pytest.mark.slow
