@@ -67,6 +67,8 @@ class SimulateConfig:
     feedback_rate: float = _f(0.6, "probability that a query gets feedback beyond its impression")
     start: str = _f("2025-01-01", "first day (UTC) of the simulated time window, YYYY-MM-DD")
     model_version: str = _f("sim-v1", "model_version written on every event (name the responder's model here)")
+    pool_size: int = _f(0, "use only this many examples of the pool, spread over its domains (0 = all); the same "
+                        "ones for every seed, so a responder answers a fixed set")
 
 
 @dataclass

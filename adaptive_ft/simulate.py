@@ -237,6 +237,24 @@ def load_pool(pool: str | Path) -> Pool:
     return csv_pool(pool)
 
 
+def subset_pool(pool: Pool, size: int) -> Pool:
+    """At most about ``size`` examples, each domain keeping its share (at least one example).
+
+    The kept examples are those with the smallest example ids: a hash, so an unbiased pick that is the
+    same for every seed and every run.
+    """
+    if size <= 0 or size >= pool.frame.height:
+        return pool
+    quota = (pool.frame.group_by("domain").len()
+             .with_columns((pl.col("len") * size / pool.frame.height).round().clip(lower_bound=1).alias("quota")))
+    kept = (pool.frame.join(quota.select("domain", "quota"), on="domain")
+            .with_columns(pl.col("example_id").rank("ordinal").over("domain").alias("_rank"))
+            .filter(pl.col("_rank") <= pl.col("quota"))
+            .select(pool.frame.columns))
+    # keep the pool's own order so the subset is a plain filter of it
+    return Pool(pool.name, pool.frame.filter(pl.col("example_id").is_in(kept["example_id"].implode())))
+
+
 # ---------------------------------------------------------------------------------------------- the world
 
 
@@ -283,6 +301,8 @@ def validate(cfg: SimulateConfig) -> None:
             p.append(f"simulate.{name}: {getattr(cfg, name)} must be > 0")
     if cfg.bad_cells < 0:
         p.append(f"simulate.bad_cells: {cfg.bad_cells} must be >= 0")
+    if cfg.pool_size < 0:
+        p.append(f"simulate.pool_size: {cfg.pool_size} must be >= 0 (0 = the whole pool)")
     try:
         _start_epoch(cfg.start)
     except ValueError:
@@ -718,7 +738,7 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
-    the_pool = pool if isinstance(pool, Pool) else load_pool(pool)
+    the_pool = subset_pool(pool if isinstance(pool, Pool) else load_pool(pool), cfg.pool_size)
     # Independent streams per stage: a responder run sees exactly the users and queries of a planted run.
     world_rng, query_rng, answer_rng, event_rng = (np.random.default_rng(s)
                                                    for s in np.random.SeedSequence(seed).spawn(4))
@@ -748,5 +768,5 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
 
 __all__ = [
     "BANKING77_DOMAINS", "FORMATS", "KINDS", "Pool", "SimulateResult", "builtin_pool", "csv_pool",
-    "example_id_for", "find_banking77", "load_pool", "simulate", "truth_path_for", "validate",
+    "example_id_for", "find_banking77", "load_pool", "simulate", "subset_pool", "truth_path_for", "validate",
 ]

@@ -16,7 +16,7 @@ from adaptive_ft.config import SimulateConfig
 from adaptive_ft.errors import ConfigError, InputError
 from adaptive_ft.simulate import (
     BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, find_banking77,
-    simulate,
+    simulate, subset_pool,
 )
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"
@@ -90,6 +90,25 @@ def test_find_banking77_looks_in_shared_data_above(tmp_path: Path):
     (data / "train.csv").write_text("text,category\nmy card?,card_arrival\n")
     deep = tmp_path / "main" / "runs"
     assert find_banking77([deep]) == data / "train.csv"
+
+
+def test_pool_size_keeps_each_domains_share_and_the_same_examples():
+    pool = builtin_pool()
+    small = subset_pool(pool, 60)
+    assert small.frame.group_by("domain").len()["len"].to_list() == [10] * 6  # 50 each -> 60 * 50/300
+    # the smallest example ids of each domain: independent of any seed
+    expected = pool.frame.sort("example_id").group_by("domain", maintain_order=True).head(10)["example_id"]
+    assert set(small.frame["example_id"]) == set(expected)
+    assert subset_pool(pool, 0) is pool and subset_pool(pool, 1000) is pool
+
+
+def test_simulate_with_pool_size_asks_only_that_subset(tmp_path: Path):
+    allowed = set(subset_pool(builtin_pool(), 30).frame["example_id"])
+    for seed in (0, 1):
+        res = simulate(SimulateConfig(events=2000, pool_size=30), tmp_path / f"p{seed}.parquet", fmt="parquet",
+                       seed=seed)
+        assert set(pl.read_parquet(res.log_path)["example_id"]) <= allowed
+        assert json.loads(res.truth_path.read_text())["pool_size"] == 30
 
 
 def test_banking77_mapping_lists_77_intents_once_in_8_domains():
