@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from adaptive_ft.cli import cli
-from adaptive_ft.config import SimulateConfig
+from adaptive_ft.config import SimulateConfig, load_config
 from adaptive_ft.errors import ConfigError, InputError
 from adaptive_ft.simulate import (
     BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, find_banking77,
-    simulate, subset_pool,
+    simulate, subset_pool, validate,
 )
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"
@@ -342,6 +342,16 @@ def test_bad_config_reports_every_problem_at_once(tmp_path: Path):
         "simulate.users", "simulate.noise", "simulate.segment_shares", "simulate.start"}
     with pytest.raises(InputError, match="unknown format 'xml'"):
         simulate(SimulateConfig(), tmp_path / "x.xml", fmt="xml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_simulate(path: Path, tmp_path: Path):
+    cfg = load_config(path)
+    validate(cfg.simulate)
+    cfg.simulate.events = min(cfg.simulate.events, 1000)
+    res = simulate(cfg.simulate, tmp_path / "c.parquet", fmt="parquet", seed=cfg.seed)
+    assert json.loads(res.truth_path.read_text())["segments"] == cfg.simulate.segments
 
 
 # ------------------------------------------------------------------------------------------- CLI
