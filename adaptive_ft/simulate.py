@@ -31,6 +31,9 @@ reads (``adaptive_ft/store/sources.py``): the flat fields, with prompt and respo
      "example_id": "...", "reference": "<the ideal answer>", "event": "thumbs_down", "value": null,
      "model_version": "..."}
 
+With ``users_file``, ``<stem>.users.csv`` (user_id, segment, region, signup_date) is written too, the file
+``adaptive-ft ingest --users`` reads; with ``segment_in_log: false`` only that file knows each user's segment.
+
 Ids are stable, so re-ingesting a log adds nothing: ``event_id`` = a tag hashed from the seed, the pool, the
 config and the model version, plus the event's index; ``example_id`` = :func:`example_id_for` of the prompt;
 ``user_id`` = ``u<seed>-<index>``. Everything is vectorized with numpy and Polars (millions of events in
@@ -257,6 +260,8 @@ def subset_pool(pool: Pool, size: int) -> Pool:
 
 # ---------------------------------------------------------------------------------------------- the world
 
+REGIONS: tuple[str, ...] = ("emea", "amer", "apac")
+
 
 @dataclass
 class World:
@@ -274,6 +279,8 @@ class World:
     example_domain: np.ndarray     # (E,) domain index
     example_logit: np.ndarray      # (E,) difficulty offset on the logit scale
     example_popularity: np.ndarray  # (E,) popularity within its domain (sums to 1 per domain)
+    user_region: np.ndarray        # (U,) index into REGIONS: an attribute for the users file
+    user_signup_days: np.ndarray   # (U,) days before the window's start the user signed up
 
 
 def validate(cfg: SimulateConfig) -> None:
@@ -382,11 +389,13 @@ def plant_world(cfg: SimulateConfig, pool: Pool, rng: np.random.Generator) -> Wo
     user_pref = user_rng.gamma(cfg.user_concentration * (segment_pref[user_segment] + 1e-3))
     user_pref /= user_pref.sum(axis=1, keepdims=True)
     activity = user_rng.lognormal(0.0, cfg.activity_skew, cfg.users)
+    region = user_rng.choice(len(REGIONS), size=cfg.users, p=[0.45, 0.35, 0.2])
+    signup = user_rng.integers(0, 730, cfg.users)
     return World(
         segments=list(cfg.segments), domains=domains, segment_share=share, segment_pref=segment_pref,
         user_segment=user_segment, user_pref=user_pref, user_activity=activity / activity.sum(),
         cell_failure=failure, bad_cells=bad, example_domain=example_domain, example_logit=example_logit,
-        example_popularity=popularity,
+        example_popularity=popularity, user_region=region, user_signup_days=signup,
     )
 
 
@@ -583,6 +592,7 @@ class SimulateResult:
     seconds: float
     n_queries: int = 0
     format: str = "jsonl"
+    users_path: Path | None = None
 
 
 def truth_path_for(out: Path) -> Path:
@@ -602,12 +612,13 @@ def build_frame(world: World, pool: Pool, q: Queries, ans: Answers, ev: EventInd
     """The flat event table (DESIGN.md columns, in that order; ``ts`` a UTC datetime), one row per event."""
     n = ev.query.size
     example = q.example[ev.query]
-    users = pl.Series([f"u{seed}-{i:06d}" for i in range(world.user_segment.size)])
+    users = pl.Series(user_ids(world, seed))
     return pl.DataFrame({
         "event_id": pl.Series(np.arange(n, dtype=np.int64)),
         "ts": pl.Series(ev.ts * 1000).cast(pl.Datetime("ms")),
         "user_id": users.gather(q.user[ev.query]),
-        "segment": pl.Series(world.segments).gather(world.user_segment[q.user[ev.query]]),
+        "segment": (pl.Series(world.segments).gather(world.user_segment[q.user[ev.query]]) if cfg.segment_in_log
+                    else pl.repeat(None, n, dtype=pl.String, eager=True)),
         "example_id": pool.frame["example_id"].gather(example),
         "domain": pool.frame["domain"].gather(example),
         "prompt": pool.frame["prompt"].gather(example),
@@ -619,6 +630,23 @@ def build_frame(world: World, pool: Pool, q: Queries, ans: Answers, ev: EventInd
     }).with_columns(
         pl.concat_str(pl.lit(tag + "-"), pl.col("event_id").cast(pl.String).str.zfill(10)).alias("event_id"),
     )
+
+
+def user_ids(world: World, seed: int) -> list[str]:
+    """``u<seed>-<index>``: runs with different seeds never share a user."""
+    return [f"u{seed}-{i:06d}" for i in range(world.user_segment.size)]
+
+
+def write_users(world: World, seed: int, start: str, path: Path) -> Path:
+    """The users file ``adaptive-ft ingest --users`` reads: user_id, segment, and two attributes."""
+    signup = (pl.Series(_start_epoch(start) - world.user_signup_days.astype(np.int64) * 86_400) * 1000)
+    pl.DataFrame({
+        "user_id": user_ids(world, seed),
+        "segment": pl.Series(world.segments).gather(world.user_segment),
+        "region": pl.Series(REGIONS).gather(world.user_region),
+        "signup_date": signup.cast(pl.Datetime("ms")).dt.date(),
+    }).write_csv(path)
+    return path
 
 
 def _iso(col: str) -> pl.Expr:
@@ -761,7 +789,8 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
     truth = build_truth(world, the_pool, q, ans, cfg, seed, frame.height, fmt)
     truth_path = truth_path_for(out)
     truth_path.write_text(json.dumps(truth, indent=2) + "\n")
-    return SimulateResult(log_path=out, truth_path=truth_path, n_events=frame.height,
+    users_path = write_users(world, seed, cfg.start, out.with_name(out.stem + ".users.csv")) if cfg.users_file else None
+    return SimulateResult(log_path=out, truth_path=truth_path, users_path=users_path, n_events=frame.height,
                           n_users=truth["n_users"], n_examples=truth["n_examples"],
                           seconds=time.perf_counter() - t0, n_queries=q.example.size, format=fmt)
 

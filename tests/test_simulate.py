@@ -417,3 +417,25 @@ def test_every_format_ingests_completely_and_all_formats_share_ids(tmp_path: Pat
     assert examples.height == res.n_examples and examples["reference"].null_count() == 0
     expected = log.group_by("segment", "domain", "event").len("n").sort("segment", "domain", "event")
     assert counts.select("segment", "domain", "event", pl.col("n").cast(pl.UInt32)).equals(expected)
+
+
+def test_segments_only_in_the_users_file_reach_the_store(tmp_path: Path):
+    store = pytest.importorskip("adaptive_ft.store")
+    res = simulate(SimulateConfig(events=1500, users=80, segment_in_log=False, users_file=True),
+                   tmp_path / "l.jsonl", seed=4)
+    assert res.users_path == tmp_path / "l.users.csv"
+    log = pl.read_ndjson(res.log_path)
+    assert log["segment"].null_count() == log.height
+    users = pl.read_csv(res.users_path)
+    assert users.columns == ["user_id", "segment", "region", "signup_date"] and users.height == 80
+    assert set(users["region"]) <= {"emea", "amer", "apac"}
+    # the same seed with segments in the log: the users file says exactly what the log would have said
+    with_seg = pl.read_ndjson(simulate(SimulateConfig(events=1500, users=80), tmp_path / "w.jsonl", seed=4).log_path)
+    truth = with_seg.select("user_id", "segment").unique()
+    assert truth.join(users, on="user_id")["segment_right"].equals(truth.join(users, on="user_id")["segment"])
+    db = tmp_path / "s.duckdb"
+    store.ingest([res.log_path], db, users=res.users_path)
+    with store.Store.open(db, read_only=True) as s:
+        got = s.events().select("user_id", "segment").unique()
+    assert got.join(truth, on="user_id", how="inner").filter(pl.col("segment") != pl.col("segment_right")).height == 0
+    assert got["segment"].null_count() == 0 and "unknown" not in set(got["segment"])

@@ -63,7 +63,7 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
                       seed=cfg.seed if seed is None else seed)
     click.echo(f"wrote {result.n_events:,} events ({result.n_queries:,} queries, {result.n_users:,} users, "
                f"{result.n_examples:,} examples) to {result.log_path} [{result.format}] in {result.seconds:.1f}s; "
-               f"truth: {result.truth_path}")
+               f"truth: {result.truth_path}" + (f"; users: {result.users_path}" if result.users_path else ""))
 
 
 COMMANDS = [simulate_cmd]
