@@ -78,9 +78,9 @@ class PrioritizeConfig:
     """Collaborative-filtering scores for domains, examples and layers."""
 
     algorithm: str = _f("als", "factorization: als | bpr | lmf")
-    factors: int = _f(32, "latent factors")
+    factors: int = _f(8, "latent factors (few: simulated catalogues are small; 32 lost to popularity there)")
     iterations: int = _f(15, "training iterations of the factorization")
-    regularization: float = _f(0.05, "L2 regularization of the factorization")
+    regularization: float = _f(1.0, "L2 regularization of the factorization")
     event_weights: dict[str, float] = _f(
         {"impression": 1.0, "click": 2.0, "thumbs_up": 3.0, "thumbs_down": 3.0, "rating": 2.0,
          "edit": 3.0, "regenerate": 2.0, "escalate": 4.0, "resolve": 2.0, "abandon": 1.0, "review": 3.0},
@@ -107,8 +107,8 @@ class PrioritizeConfig:
     neighbours: int = _f(20, "look-alike examples (item-factor kNN) a failure prior is borrowed from")
     duplicate_threshold: float = _f(0.98, "item-factor cosine at or above which examples are near-duplicates")
     duplicate_min_exposures: int = _f(5, "interactions both examples need before factor similarity can merge them")
-    refit_iterations: int = _f(3, "ALS iterations on the full log after the hold-out fit (warm start)")
-    eval_users: int = _f(20_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
+    refit_iterations: int = _f(2, "ALS iterations on the full log after the hold-out fit (warm start)")
+    eval_users: int = _f(10_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
     layer_domains: int = _f(6, "top domains whose layer sensitivity is probed")
     probe_steps: int = _f(3, "optimizer steps of a layer probe's trial LoRA")
     probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")
