@@ -143,3 +143,28 @@ def test_unknown_variant_is_reported(tmp_path):
     (run / "manifest.json").write_text(json.dumps({"base_model_path": str(tmp_path)}))
     with pytest.raises(InputError, match="unknown variants"):
         export(run, tmp_path / "out", ExportConfig(variants=["merged", "fp8"]))
+
+
+def test_export_command_merged_only(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from adaptive_ft.cli import cli
+
+    run, _ = exported
+    result = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "ex"), "--variants", "merged",
+                                      "export.probe_prompts=2", "export.latency_prompts=1", "export.latency_tokens=2"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "ex" / "manifest.json").read_text())
+    assert [v["name"] for v in manifest["variants"]] == ["merged"] and "merged" in result.output
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == ["manifest.json", "merged"]
+
+
+def test_a_run_without_adapter_is_reported(tmp_path):
+    from ship_helpers import tiny_base
+
+    base = tiny_base(tmp_path / "base")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"base_model_path": str(base)}))
+    with pytest.raises(InputError, match="adapter_config.json"):
+        export(run, tmp_path / "out", ExportConfig(variants=["merged"]))
