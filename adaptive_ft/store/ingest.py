@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
 from adaptive_ft.store.db import Store
 from adaptive_ft.store.sources import (
-    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, ident, jsonl_reader, parquet_reader, q,
-    review_reader,
+    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, file_sha256, ident, jsonl_reader, parquet_reader,
+    q, review_reader,
 )
 
 # Called as on_stage(source, stage_name) when a file enters a stage; the CLI drives its progress with it.
@@ -108,19 +109,32 @@ def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool
         rep.error = str(e)
         return rep
     rep.format = src.format
-    prev = st.con.execute(
-        "SELECT batch_id, rows_ok + rows_duplicate FROM batches WHERE sha256 = ? ORDER BY batch_id LIMIT 1", [src.sha256]
-    ).fetchall()
-    prev = prev[0] if prev else None
-    if prev and not force:
-        rep.rows_duplicate, rep.note = int(prev[1]), f"already ingested as batch {prev[0]} (same sha256); --force re-reads it"
-        return rep
-    try:
-        _load(st, src, cfg, rep, hook)
-    except duckdb.Error as e:
-        st.con.execute("ROLLBACK")
-        rep.error = f"{path}: could not be read as {src.format}: {str(e).splitlines()[0]}"
+    # Only a file of the same size as an earlier batch can be that batch again: hash it now to check.
+    # Any other file is hashed in a thread while DuckDB reads it (the batch records the hash at the end).
+    same_size = st.con.execute("SELECT batch_id, sha256, rows_ok + rows_duplicate FROM batches WHERE bytes = ? "
+                               "ORDER BY batch_id", [src.bytes]).fetchall()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sha: Future[str] = pool.submit(file_sha256, src.path)
+        if same_size:
+            prev = next((b for b in same_size if b[1] == sha.result()), None)
+            if prev and not force:
+                rep.rows_duplicate = int(prev[2])
+                rep.note = f"already ingested as batch {prev[0]} (same sha256); --force re-reads it"
+                return rep
+        try:
+            _load(st, src, cfg, rep, hook, sha)
+        except duckdb.Error as e:
+            _rollback(st)
+            rep.error = f"{path}: could not be read as {src.format}: {str(e).splitlines()[0]}"
     return rep
+
+
+def _rollback(st: Store) -> None:
+    """Undo the open batch, if the failure came after it began."""
+    try:
+        st.con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction was open
 
 
 def _reader(src: Source, rejects: str) -> Reader:
@@ -135,7 +149,8 @@ def _reader(src: Source, rejects: str) -> Reader:
     return parquet_reader(src)
 
 
-def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: StageHook | None) -> None:
+def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: StageHook | None,
+          sha: Future[str]) -> None:
     """Read, validate and write one file as one transaction (a kill at any point leaves no trace)."""
     con, t0 = st.con, time.perf_counter()
     if src.format == "parquet":
@@ -145,9 +160,9 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
     (batch,) = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM batches").fetchall()[0]
     rep.batch_id = int(batch)
     con.execute(
-        "INSERT INTO batches (batch_id, source, format, sha256, rows_ok, rows_duplicate, rows_rejected, "
-        "started_at, bytes) VALUES (?, ?, ?, ?, 0, 0, 0, now()::TIMESTAMP, ?)",
-        [batch, str(src.path.resolve()), src.format, src.sha256, src.bytes],
+        "INSERT INTO batches (batch_id, source, format, rows_ok, rows_duplicate, rows_rejected, "
+        "started_at, bytes) VALUES (?, ?, ?, 0, 0, 0, now()::TIMESTAMP, ?)",
+        [batch, str(src.path.resolve()), src.format, src.bytes],
     )
     reader = _reader(src, f"_rejects_{batch}")
     _stage(hook, src, 0)
@@ -158,11 +173,11 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
     _resolve_examples(con)
     _stage(hook, src, 2)
     _write(con, batch, cfg, rep)
-    rep.seconds = time.perf_counter() - t0
+    rep.seconds = time.perf_counter() - t0  # the sha256 wait and the commit are outside the batch's own time
     con.execute(
-        "UPDATE batches SET rows_ok = ?, rows_duplicate = ?, rows_rejected = ?, rows_skipped = ?, "
+        "UPDATE batches SET sha256 = ?, rows_ok = ?, rows_duplicate = ?, rows_rejected = ?, rows_skipped = ?, "
         "finished_at = now()::TIMESTAMP, seconds = ? WHERE batch_id = ?",
-        [rep.rows_ok, rep.rows_duplicate, rep.rows_rejected, rep.rows_skipped, rep.seconds, batch],
+        [sha.result(), rep.rows_ok, rep.rows_duplicate, rep.rows_rejected, rep.rows_skipped, rep.seconds, batch],
     )
     _stage(hook, src, 3)
     con.execute("COMMIT")
@@ -305,7 +320,7 @@ def _write(con: duckdb.DuckDBPyConnection, batch: int, cfg: IngestConfig, rep: F
         [batch],
     )
     con.execute(
-        """INSERT INTO users SELECT user_id, arg_max(segment, ts) FILTER (segment IS NOT NULL), NULL
+        """INSERT INTO users SELECT user_id, max(segment), NULL
            FROM _stage WHERE reason IS NULL AND NOT skipped GROUP BY user_id
            ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(users.segment, excluded.segment)"""
     )
@@ -356,7 +371,7 @@ def ingest_users(st: Store, path: Path) -> int:
             "INSERT INTO batches (batch_id, source, format, sha256, rows_ok, rows_duplicate, rows_rejected, "
             "started_at, finished_at, seconds, bytes) VALUES (?, ?, 'users', ?, ?, 0, 0, now()::TIMESTAMP, "
             "now()::TIMESTAMP, 0, ?)",
-            [batch, str(path.resolve()), src.sha256, n, src.bytes],
+            [batch, str(path.resolve()), file_sha256(path), n, src.bytes],
         )
         con.execute("COMMIT")
     except duckdb.Error as e:

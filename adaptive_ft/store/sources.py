@@ -36,7 +36,6 @@ class Source:
 
     path: Path
     format: str
-    sha256: str
     bytes: int
     crlf: bool = False
     columns: list[str] = field(default_factory=list)  # csv / review header, parquet schema names
@@ -66,7 +65,8 @@ def _head(path: Path) -> bytes:
         raise InputError(f"{path}: cannot read ({e})") from None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hashlib releases the GIL, so it can run beside a DuckDB query)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -132,7 +132,7 @@ def check_source(path: str | Path, fmt: str = "auto") -> Source:
     if fmt == "parquet" and not is_parquet:
         raise InputError(f"{path}: not a Parquet file (no PAR1 magic); pick --format jsonl or csv")
     mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
-    src = Source(path, fmt, _sha256(path), size, crlf="\r\n" in text, mtime_iso=mtime.isoformat())
+    src = Source(path, fmt, size, crlf="\r\n" in text, mtime_iso=mtime.isoformat())
     if fmt in ("csv", "review"):
         src.columns = _header(text)
         if not any(src.columns):
@@ -198,8 +198,10 @@ def _json_type_reason(name: str) -> str:
 
 def _json_base(src: Source, keys: dict[str, str]) -> str:
     """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later."""
+    # a valid JSON text that starts with '{' is an object: one parse instead of json_valid + json_type
     kinds = (
-        f"SELECT _line, _raw, CASE WHEN json_valid(_raw) THEN json_type(_raw) ELSE 'INVALID' END AS _kind "
+        f"SELECT _line, _raw, CASE WHEN NOT json_valid(_raw) THEN 'INVALID' WHEN starts_with(ltrim(_raw), '{{') "
+        f"THEN 'OBJECT' ELSE json_type(_raw) END AS _kind "
         f"FROM ({_lines_relation(src)}) WHERE _raw IS NOT NULL AND trim(_raw) <> ''"
     )
     return f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r FROM ({kinds})"

@@ -1,0 +1,140 @@
+"""Ingest throughput against a bare DuckDB load of the same file, in one run.
+
+Generates an N-event interaction log (default 5 million) as Parquet and as JSONL, then, each in its own
+child process so peak RSS is measured per step (``os.wait4``):
+
+* bare: ``CREATE TABLE t AS SELECT * FROM read_parquet(...)`` / ``read_json(...)`` into a fresh DuckDB
+  file (the same storage the store uses), with the same memory_limit and threads as ingest;
+* ingest: :func:`adaptive_ft.store.ingest` into a fresh store (validation, rejected rows, stable ids,
+  examples/users upserts, de-duplication, one transaction).
+
+Prints events/s, the ratio ingest/bare, and peak RSS. Targets (issue 2): ratio >= 0.5 for both formats,
+peak RSS < 2 GiB.
+
+    .venv/bin/python benchmarks/ingest.py                 # 5M events
+    .venv/bin/python benchmarks/ingest.py --events 1000000 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_GENERATE = """
+COPY (
+  SELECT 'ev-' || i AS event_id,
+         strftime(TIMESTAMP '2024-01-01' + to_seconds(i * 0.5), '%Y-%m-%dT%H:%M:%SZ') AS ts,
+         'u' || (hash(i, 1) % 50000) AS user_id,
+         ['free', 'pro', 'enterprise'][1 + (hash(i, 2) % 3)::INT] AS segment,
+         'x' || (hash(i, 3) % 20000) AS example_id,
+         ['billing', 'cards', 'transfers', 'account', 'security', 'loans', 'fx', 'other'][1 + ((hash(i, 3) % 20000) % 8)::INT] AS domain,
+         'How do I solve problem number ' || (hash(i, 3) % 20000) || ' with my account?' AS prompt,
+         CASE WHEN i % 5 = 0 THEN 'You can do that from the settings page.' END AS response,
+         ['impression', 'impression', 'click', 'thumbs_up', 'thumbs_down', 'rating', 'escalate', 'resolve'][1 + (hash(i, 4) % 8)::INT] AS event,
+         CASE WHEN hash(i, 4) % 8 = 5 THEN 1 + (hash(i, 5) % 5)::INT END AS value,
+         'v1' AS model_version
+  FROM range({n}) t(i)
+) TO '{path}' ({opts})
+"""
+
+_BARE = """
+import duckdb, sys, time
+path, db, reader, mem, threads = sys.argv[1:6]
+con = duckdb.connect(db, config={"memory_limit": mem, **({"threads": int(threads)} if int(threads) else {})})
+t0 = time.perf_counter()
+con.execute(f"CREATE TABLE t AS SELECT * FROM {reader}('{path}')")
+n = con.execute("SELECT count(*) FROM t").fetchall()[0][0]
+con.close()
+print(n, time.perf_counter() - t0)
+"""
+
+_INGEST = """
+import sys, time
+from adaptive_ft.config import IngestConfig
+from adaptive_ft.store import ingest
+path, db, mem, threads = sys.argv[1:5]
+t0 = time.perf_counter()
+r = ingest([path], store=db, config=IngestConfig(memory_limit=mem, threads=int(threads)))
+f = r.files[0]
+assert f.error is None and f.rows_rejected == 0, f
+print(f.rows_ok, time.perf_counter() - t0)
+"""
+
+
+def generate(n: int, out: Path) -> tuple[Path, Path]:
+    """Write the log as Parquet and JSONL with DuckDB (seconds, not minutes)."""
+    import duckdb
+
+    pq, js = out / f"log{n}.parquet", out / f"log{n}.jsonl"
+    con = duckdb.connect()
+    if not pq.exists():
+        con.execute(_GENERATE.format(n=n, path=pq, opts="FORMAT parquet"))
+    if not js.exists():
+        con.execute(f"COPY (SELECT * FROM read_parquet('{pq}')) TO '{js}' (FORMAT json)")
+    return pq, js
+
+
+def run_child(code: str, args: list[str]) -> tuple[int, float, float]:
+    """Run ``code`` in a fresh Python; return (rows, seconds it reports, its peak RSS in GiB)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    if status != 0:
+        raise SystemExit(f"child failed ({status}): {code[:60]}... {args}\n{out}")
+    rows, seconds = out.split()[-2:]
+    return int(rows), float(seconds), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def _fresh(path: Path) -> str:
+    for p in (path, Path(f"{path}.wal")):
+        p.unlink(missing_ok=True)
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=5_000_000)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate bare/ingest this many times; best time kept")
+    ap.add_argument("--memory-limit", default="1GB")
+    ap.add_argument("--threads", type=int, default=0, help="DuckDB threads for both (0 = all cores)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the logs and stores go (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="aft-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pq, js = generate(args.events, work)
+    print(f"log: {args.events:,} events; parquet {pq.stat().st_size / 2**20:.0f} MiB, jsonl "
+          f"{js.stat().st_size / 2**20:.0f} MiB (generated in {time.perf_counter() - t0:.1f} s) in {work}")
+    print(f"cpu cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.1f} "
+          "(other work on the machine slows both sides alike)")
+    results = []
+    for fmt, path, reader in (("parquet", pq, "read_parquet"), ("jsonl", js, "read_json")):
+        best: dict[str, tuple[int, float, float]] = {}
+        for _ in range(args.repeat):
+            common = [args.memory_limit, str(args.threads)]
+            bare = run_child(_BARE, [str(path), _fresh(work / "bare.duckdb"), reader, *common])
+            ours = run_child(_INGEST, [str(path), _fresh(work / "store.duckdb"), *common])
+            for name, r in (("bare", bare), ("ingest", ours)):
+                if name not in best or r[1] < best[name][1]:
+                    best[name] = (r[0], r[1], max(r[2], best.get(name, r)[2]))
+        (nb, tb, mb), (ni, ti, mi) = best["bare"], best["ingest"]
+        assert nb == ni == args.events, (nb, ni)
+        row = {"format": fmt, "events": ni, "bare_s": tb, "bare_events_per_s": nb / tb, "bare_peak_rss_gib": mb,
+               "ingest_s": ti, "ingest_events_per_s": ni / ti, "ingest_peak_rss_gib": mi, "ratio": tb / ti}
+        results.append(row)
+        print(f"{fmt:8s} bare {nb / tb:>10,.0f} ev/s ({tb:6.1f} s, peak {mb:.2f} GiB) | ingest {ni / ti:>10,.0f} ev/s "
+              f"({ti:6.1f} s, peak {mi:.2f} GiB) | ratio {tb / ti:.2f}x "
+              f"[{'ok' if tb / ti >= 0.5 and mi < 2 else 'MISSES TARGET'}]", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
