@@ -68,6 +68,7 @@ class Table:
     columns: list[str]
     rows: list[list[Cell | str]]
     caption: str = ""
+    kind: str = ""  # "facts": a two-column key/value list
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Bullet:
 class Summary:
     tiles: list[Tile] = field(default_factory=list)
     bullets: list[str | Bullet] = field(default_factory=list)
+    chips: list[Tile] = field(default_factory=list)  # per-segment change of the primary metric
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -443,6 +445,9 @@ def _summary_eval(arts: Artifacts, s: Summary) -> None:
     per_seg = {seg: _num((ev.paired_delta(seg) or {}).get("delta")) or ev.delta("segment", seg)
                for seg in ev.names("segment")}
     s.data["segment_delta"] = per_seg
+    flagged = {f.get("segment") for f in ev.flags()}
+    s.chips = [Tile(seg, fmt_delta(dl, ev.pct), "flagged" if seg in flagged else "",
+                    "bad" if seg in flagged else _tone(dl, ev.metric)) for seg, dl in per_seg.items() if dl is not None]
     parts = [f"{seg} {fmt_delta(dl, ev.pct)}" for seg, dl in per_seg.items() if dl is not None]
     if parts:
         s.bullets.append(f"{ev.metric.capitalize()} from {ev.base} to {ev.tuned}, per segment: " + ", ".join(parts)
@@ -797,7 +802,7 @@ def _run_section(arts: Artifacts) -> Section | None:
     if not man:
         sec.callouts.append(("warn", "manifest.json is missing: the run is still training or crashed."))
     facts = _run_facts(man, rows, best, val)
-    sec.tables.append(Table(["", ""], [[k, v] for k, v in facts.items()], "Run facts"))
+    sec.tables.append(Table(["fact", "value"], [[k, v] for k, v in facts.items()], "Run facts", kind="facts"))
     sec.data = {"best_step": best, "stopped_early": man.get("stopped_early"), "stop_reason": man.get("stop_reason"),
                 "train_loss": train, "val_loss": val, "facts": facts}
     return sec

@@ -160,7 +160,7 @@ def priority_bars(domains: Sequence[str], priority: Sequence[float], demand: Seq
             ax.barh(y, v, color=color, height=0.68)
             ax.set_title(title, fontsize=9.5)
             ax.grid(axis="y", visible=False)
-            ax.set_xlim(0, max(1e-9, float(np.nanmax(v))) * 1.12)
+            ax.set_xlim(min(0.0, float(np.nanmin(v)) * 1.12), max(1e-9, float(np.nanmax(v))) * 1.12)
             for yi, vi in zip(y, v):
                 ax.text(vi, yi, f" {vi:.2f}", va="center", fontsize=7.5, color=INK)
         axes[0].set_yticks(y, list(domains[:n]))
@@ -183,7 +183,7 @@ def layer_heatmap(rows: Sequence[str], layers: Sequence[int], score: np.ndarray,
         return None
     n_rows, n_cols = score.shape
     with plt.rc_context({**_STYLE, "axes.grid": False}):
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, 0.34 * n_rows + 1.3)))
+        fig, ax = plt.subplots(figsize=(WIDTH_IN, max(1.6, (0.34 if n_rows <= 15 else 0.24) * n_rows + 1.3)))
         img = ax.imshow(np.ma.masked_invalid(score), aspect="auto", cmap="cividis", interpolation="nearest")
         _mark_cells(ax, score, measured)
         ax.set_xticks(range(n_cols), [str(layer) for layer in layers], fontsize=7.5 if n_cols > 20 else 8.5)
@@ -200,8 +200,8 @@ def layer_heatmap(rows: Sequence[str], layers: Sequence[int], score: np.ndarray,
         cbar.set_label("score")
         handles = [Line2D([], [], marker="o", linestyle="", color=INK, markersize=4, label="measured by a probe"),
                    Patch(facecolor="white", edgecolor=MUTED, hatch="///", label="completed by factorization")]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.14 - 0.25 / max(1, n_rows)),
-                  ncol=2, fontsize=8.5)
+        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8.5,
+                  borderaxespad=0.2)
         return _png(fig)
 
 

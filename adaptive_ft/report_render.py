@@ -79,8 +79,21 @@ def _summary_html(report: Report) -> str:
     if not tiles and not bullets:
         return ""
     return (f'<section class="card summary" id="summary"><h2>Summary</h2>'
-            f'{f"<div class=tiles>{tiles}</div>" if tiles else ""}'
+            f'{f"<div class=tiles>{tiles}</div>" if tiles else ""}{_chips_html(report)}'
             f'{f"<ul class=bullets>{bullets}</ul>" if bullets else ""}</section>')
+
+
+def _chips_html(report: Report) -> str:
+    """Per-segment change of the primary metric as a row of labelled chips (sign and word, not colour alone)."""
+    chips = report.summary.chips
+    if not chips:
+        return ""
+    metric = report.summary.data.get("primary_metric", "")
+    items = "".join(f'<span class="chip {c.tone}"><span class="chip-seg">{html.escape(c.label)}</span>'
+                    f'<strong>{html.escape(c.value)}</strong>'
+                    f'{f"<em>⚠ {html.escape(c.detail)}</em>" if c.detail else ""}</span>' for c in chips)
+    return (f'<div class="chips"><span class="chips-label">{html.escape(metric)} change per segment, '
+            f'base → fine-tuned</span>{items}</div>')
 
 
 def _bullet_html(b: str | Bullet) -> str:
@@ -121,6 +134,10 @@ def _cell_html(cell: Cell | str, header: str) -> str:
     return f'<td{cls} data-label="{html.escape(header)}">{html.escape(c.text)}{note}</td>'
 
 
+def _plain(c: Cell | str) -> str:
+    return c.plain() if isinstance(c, Cell) else str(c)
+
+
 def _numeric_column(t: Table, j: int) -> bool:
     texts = [(c.text if isinstance(c, Cell) else str(c)) for r in t.rows if j < len(r) for c in [r[j]]]
     return bool(texts) and all(_NUMERIC.match(x) or x == "too few" for x in texts)
@@ -132,6 +149,10 @@ def _table_html(t: Table) -> str:
     rows = "".join("<tr>" + "".join(_cell_html(c, h) for c, h in zip(r, t.columns)) + "</tr>" for r in t.rows)
     cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
     compact = " compact" if len(t.columns) <= 3 else ""
+    if t.kind == "facts":  # key/value: labels muted, values left-aligned, no header row
+        rows = "".join(f'<tr><th scope="row">{html.escape(_plain(r[0]))}</th><td>{html.escape(_plain(r[1]))}</td></tr>'
+                       for r in t.rows)
+        return f'<div class="table-wrap compact facts"><table>{cap}<tbody>{rows}</tbody></table></div>'
     table = (f'<div class="table-wrap{compact}"><table>{cap}<thead><tr>{head}</tr></thead>'
              f"<tbody>{rows}</tbody></table></div>")
     if len(t.rows) > FOLD_ROWS:

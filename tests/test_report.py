@@ -381,3 +381,21 @@ def test_cli_writes_the_three_files(tmp_path: Path) -> None:
     assert "<img" not in out.read_text()  # --no-plots
     res = CliRunner().invoke(cli, ["report", "--out", str(out)])
     assert res.exit_code == 1 and "nothing to report on" in res.output and "Traceback" not in res.output
+
+
+def test_lower_is_better_metrics_read_as_improvements(tmp_path: Path) -> None:
+    """A text task's perplexity falling from 20 to 15 is an improvement (green), printed as a number, not a %."""
+    rows = [_row(m, "segment", "free", None, v, 40) | {"metric": "perplexity"}
+            for m, v in (("base", 20.0), ("runs/t1", 15.0))]
+    rows += [_row(m, "overall", None, None, v, 40) | {"metric": "perplexity"} for m, v in (("base", 20.0),
+                                                                                            ("runs/t1", 15.0))]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"task": "text", "models": ["base", "runs/t1"], "primary_metric": "perplexity",
+                                "metrics": rows}))
+    result = build_report(ReportInputs(eval=path), tmp_path / "r.html", draw=False)
+    doc = json.loads(result.json.read_text())
+    assert doc["summary"]["overall"] == {"base": 20.0, "finetuned": 15.0, "delta": -5.0}
+    tile = doc["summary"]["tiles"][0]
+    assert (tile["value"], tile["tone"]) == ("15.000", "good") and "-5.000" in tile["detail"]
+    html = result.html.read_text()
+    assert '<span class="chip good"><span class="chip-seg">free</span><strong>-5.000</strong>' in html
