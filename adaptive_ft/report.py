@@ -409,11 +409,25 @@ class EvalView:
 def _summary(arts: Artifacts) -> Summary:
     """The top card: trained on what and why, what improved for whom, flags, worst segment, quantized size."""
     s = Summary()
+    _summary_store(arts, s)
     _summary_plan(arts, s)
     _summary_eval(arts, s)
     _summary_size(arts, s)
     _summary_run(arts, s)
     return s
+
+
+def _summary_store(arts: Artifacts, s: Summary) -> None:
+    if arts.store is None:
+        return
+    seg, dom = traffic_tables(arts.store.get("counts") or [])
+    total = sum(r["events"] for r in seg)
+    s.data["store"] = {"events": total, "users": arts.store.get("users")}
+    worst = max((r for r in dom if r["negative_rate"] is not None), key=lambda r: r["negative_rate"], default=None)
+    text = f"Logs: {_n(total, 'event')} from {_n(arts.store.get('users'), 'user')}"
+    if worst:
+        text += f"; most negative feedback on **{worst['name']}** ({worst['negative_rate']:.0%})"
+    s.bullets.append(text + ".")
 
 
 def _summary_plan(arts: Artifacts, s: Summary) -> None:
@@ -1080,8 +1094,16 @@ def _store_section(arts: Artifacts) -> Section | None:
     seg, dom = traffic_tables(facts.get("counts") or [])
     total = sum(r["events"] for r in seg)
     sec = Section("store", "The interaction data",
-                  intro=f"{total:,} events from {facts.get('users', 0):,} users on {facts.get('examples', 0):,} "
-                        f"examples, in {facts.get('batches', 0):,} ingested batches.")
+                  intro=f"{_n(total, 'event')} from {_n(facts.get('users', 0), 'user')} on "
+                        f"{_n(facts.get('examples', 0), 'example')}, "
+                        f"in {_n(facts.get('batches', 0), 'ingested batch')}. "
+                        "Negative feedback = thumbs-down, escalations, regenerations and abandons over those plus "
+                        "thumbs-up and resolutions.")
+    png = plots.traffic_bars(*traffic_matrix(facts.get("counts") or [], [r["name"] for r in dom],
+                                             [r["name"] for r in seg]), [r["negative_rate"] for r in dom])
+    if png:
+        sec.figures.append(Figure(png, "Events per domain by segment, and negative-feedback rate",
+                                  _top_note(len(dom), "domains by traffic")))
     if facts.get("rejected"):
         sec.callouts.append(("warn", f"{facts['rejected']:,} rows were rejected at ingest; see "
                                      "`adaptive-ft stats`."))
@@ -1095,6 +1117,25 @@ def _store_section(arts: Artifacts) -> Section | None:
                 "batches": facts.get("batches"), "rejected": facts.get("rejected"),
                 "fingerprint": facts.get("fingerprint"), "segments": seg, "domains": dom}
     return sec
+
+
+def _n(count: int | None, noun: str) -> str:
+    """'1 user', '2,034 users', 'ingested batches'."""
+    count = int(count or 0)
+    plural = noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+    return f"{count:,} {noun if count == 1 else plural}"
+
+
+def traffic_matrix(counts: list[dict[str, Any]], domains: list[str], segments: list[str]
+                   ) -> tuple[list[str], list[str], np.ndarray]:
+    """(domains, segments, events (D, S)) from the store's segment x domain x event counts."""
+    m = np.zeros((len(domains), len(segments)))
+    di, si = {d: i for i, d in enumerate(domains)}, {s: j for j, s in enumerate(segments)}
+    for r in counts:
+        d, s = str(r.get("domain") or "unknown"), str(r.get("segment") or "unknown")
+        if d in di and s in si:
+            m[di[d], si[s]] += int(r.get("n") or 0)
+    return domains, segments, m
 
 
 NEGATIVE = {"thumbs_down", "escalate", "regenerate", "abandon"}

@@ -380,3 +380,39 @@ def share_bars(names: Sequence[str], train_share: Sequence[float], traffic_share
         _percent_axis(ax)
         ax.legend(loc="lower right")
         return _png(fig)
+
+
+@_plot
+def traffic_bars(domains: Sequence[str], segments: Sequence[str], events: np.ndarray,
+                 negative_rate: Sequence[float | None]) -> bytes | None:
+    """Events per domain stacked by segment (``events`` is (len(domains), len(segments))), beside each
+    domain's negative-feedback rate: where the traffic is and where it goes wrong."""
+    if not domains or not segments or events.sum() <= 0:
+        return None
+    n = min(len(domains), MAX_ROWS)
+    y = np.arange(n)
+    hatches = ["", "////", "..", "xx", "\\\\", "++"]
+    with plt.rc_context(_STYLE):
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(WIDTH_IN, max(1.8, 0.3 * n + 1.1)), sharey=True,
+                                      gridspec_kw={"width_ratios": [2.2, 1]})
+        left = np.zeros(n)
+        for j, seg in enumerate(segments):
+            ax.barh(y, events[:n, j], left=left, height=0.68, color=_color(j), hatch=hatches[j % len(hatches)],
+                    edgecolor="white", linewidth=0.5, label=seg)
+            left += events[:n, j]
+        ax.set_yticks(y, list(domains[:n]))
+        ax.set_ylim(n - 0.5, -0.5)
+        ax.grid(axis="y", visible=False)
+        ax.set_title("events by segment", fontsize=9.5)
+        ax.legend(loc="lower right", fontsize=8, ncol=min(3, len(segments)))
+        rates = np.array([np.nan if r is None else r for r in negative_rate[:n]], dtype=float)
+        ax2.barh(y, rates, height=0.68, color=_color(5))
+        for yi, r in zip(y, rates):
+            if np.isfinite(r):
+                ax2.text(r, yi, f" {r:.0%}", va="center", fontsize=7.5, color=INK)
+        ax2.set_xlim(0, max(0.05, float(np.nanmax(rates)) if np.isfinite(rates).any() else 1.0) * 1.25)
+        ax2.grid(axis="y", visible=False)
+        ax2.set_title("negative feedback", fontsize=9.5)
+        _percent_axis(ax2)
+        fig.tight_layout(w_pad=1.0)
+        return _png(fig)

@@ -38,7 +38,8 @@ def _inline(text: str) -> str:
 
 def to_html(report: Report) -> str:
     """The whole page as a string."""
-    toc = "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in report.sections)
+    toc = "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in report.sections) \
+        if len(report.sections) > 2 else ""  # a table of contents for one or two sections is noise
     body = "\n".join(_section_html(s, i + 1) for i, s in enumerate(report.sections))
     inputs = " · ".join(f"{k}: <code>{html.escape(v)}</code>" for k, v in report.inputs.items())
     return f"""<!doctype html>
@@ -60,7 +61,7 @@ def to_html(report: Report) -> str:
 </div></header>
 <main class="wrap">
 {_summary_html(report)}
-<nav class="toc" aria-label="Sections">{toc}</nav>
+{f'<nav class="toc" aria-label="Sections">{toc}</nav>' if toc else ""}
 {body}
 </main>
 <footer class="wrap">Written by <code>adaptive-ft report</code>. The same content is in report.md; every number
