@@ -824,26 +824,43 @@ def _run_section(arts: Artifacts) -> Section | None:
 
 def _run_facts(man: dict[str, Any], rows: list[dict[str, Any]], best: float | None,
                val: list[tuple[float, float]]) -> dict[str, str]:
+    """The run's key figures as label -> text, from the manifest (as train writes it) and metrics.jsonl."""
     facts: dict[str, str] = {}
-    for key, label in (("base_model", "base model"), ("task", "task"), ("seed", "seed")):
+    for key, label in (("base_model", "base model"), ("task", "task"), ("seed", "seed"),
+                       ("init_adapter", "started from adapter"), ("teacher", "distilled from")):
         if man.get(key) is not None:
             facts[label] = str(man[key])
-    if isinstance(man.get("layers"), list):
-        facts["LoRA layers"] = _ranges([x for x in man["layers"] if isinstance(x, int)]) or "all"
-    if rows:
-        facts["steps logged"] = str(max(int(r.get("step", 0)) for r in rows))
+    if "layers" in man:
+        layers = [x for x in man["layers"] or [] if isinstance(x, int)]
+        of = f" of {man['n_layers']}" if man.get("n_layers") else ""
+        facts["LoRA layers"] = f"{_ranges(layers)} ({len(layers)}{of})" if layers else f"all{of}"
+    if all(_num(man.get(k)) is not None for k in ("n_train", "n_val", "n_test")):
+        facts["examples train / val / test"] = f"{man['n_train']:,} / {man['n_val']:,} / {man['n_test']:,}"
+    steps = _num(man.get("steps")) or (max(_num(r.get("step")) or 0 for r in rows) if rows else None)
+    if steps is not None:
+        facts["steps"] = f"{steps:,.0f}" + (f" of {man['total_steps']:,}" if _num(man.get("total_steps")) else "")
     if best is not None:
         facts["best step"] = f"{best:g}"
+    if _num(man.get("adapter_step")) is not None:
+        facts["adapter kept from step"] = f"{man['adapter_step']:g}"
     if val:
         facts["best validation loss"] = f"{min(v for _, v in val):.4f}"
-    tps = [float(r["tokens_per_s"]) for r in rows if _num(r.get("tokens_per_s"))]
+    tps = _num(man.get("tokens_per_s")) or (statistics.median(
+        [float(r["tokens_per_s"]) for r in rows if _num(r.get("tokens_per_s"))] or [0]) or None)
     if tps:
-        facts["tokens / s (median)"] = f"{statistics.median(tps):,.0f}"
+        facts["tokens / s"] = f"{tps:,.0f}"
     facts.update(_flat_scalars(man.get("timings"), "time: "))
-    for key in man:
-        if "peak" in key.lower() and _num(man[key]) is not None:
-            facts[key.replace("_", " ")] = fmt_bytes(man[key]) if "byte" in key.lower() else f"{man[key]:g}"
+    facts.update(_peak_memory(man))
     return facts
+
+
+def _peak_memory(man: dict[str, Any]) -> dict[str, str]:
+    for key, value in man.items():
+        if "peak" in key.lower() and _num(value) is not None:
+            if key.lower().endswith("_mb"):
+                return {"peak memory": f"{value:,.0f} MiB"}
+            return {"peak memory": fmt_bytes(value) if "byte" in key.lower() else f"{value:g}"}
+    return {}
 
 
 def _flat_scalars(d: Any, prefix: str) -> dict[str, str]:

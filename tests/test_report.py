@@ -228,7 +228,9 @@ def test_training_section_marks_best_step_and_plan_match(tmp_path: Path) -> None
     training = next(s for s in doc["sections"] if s["id"] == "training")["data"]
     assert training["best_step"] == 60 and training["stopped_early"] is True
     assert len(training["train_loss"]) == 120 and len(training["val_loss"]) == 6
-    assert training["facts"]["best validation loss"] == "1.0000" and training["facts"]["peak memory bytes"] == "2.5 GB"
+    assert training["facts"]["LoRA layers"] == "6–8, 10 (4)" and training["facts"]["steps"] == "120"
+    assert training["facts"]["tokens / s"] == "151"  # median of 150, 151, 152 per step
+    assert training["facts"]["best validation loss"] == "1.0000" and training["facts"]["peak memory"] == "2.5 GB"
     plan_sec = next(s for s in doc["sections"] if s["id"] == "plan")
     assert plan_sec["data"]["run_used_this_plan"] is True
 
