@@ -250,20 +250,21 @@ def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
 def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None:
     """Rows that break CSV rules (DuckDB skipped them): record them, and correct later rows' line numbers.
 
-    The staging line was (data row + 1); each rejected line before a row pushes it one line further.
+    DuckDB logs one error per missing column; the first one per line is kept. The staging line was
+    (data row + 1); each rejected line before a row pushes it one line further.
     """
-    (n,) = con.execute(f"SELECT count(*) FROM {ident(table)}").fetchall()[0]
+    rej = f"(SELECT line, arg_min(error_type, column_idx) AS error_type, arg_min(error_message, column_idx) AS msg, " \
+          f"any_value(csv_line) AS csv_line FROM {ident(table)} GROUP BY line)"
+    (n,) = con.execute(f"SELECT count(*) FROM {rej}").fetchall()[0]
     if n:
         con.execute(
-            f"""INSERT INTO _stage (line, reason, skipped, raw)
-            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || error_message || ')', false, csv_line
-            FROM {ident(table)}"""
+            f"""UPDATE _stage SET line = _stage.line + (
+                SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) - 1 AS g FROM {rej}) r
+                WHERE r.g < _stage.line - 1)"""
         )
         con.execute(
-            f"""UPDATE _stage SET line = _stage.line + (
-                SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) - 1 AS g FROM {ident(table)}) r
-                WHERE r.g < _stage.line - 1)
-            WHERE NOT starts_with(coalesce(reason, ''), 'malformed CSV')"""
+            f"""INSERT INTO _stage (line, reason, skipped, raw)
+            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || msg || ')', false, csv_line FROM {rej}"""
         )
     con.execute(f"DROP TABLE IF EXISTS {ident(table)}")
     con.execute(f"DROP TABLE IF EXISTS {ident(table + '_scan')}")

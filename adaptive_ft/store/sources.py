@@ -37,7 +37,6 @@ class Source:
     path: Path
     format: str
     bytes: int
-    crlf: bool = False
     columns: list[str] = field(default_factory=list)  # csv / review header, parquet schema names
     types: dict[str, str] = field(default_factory=dict)  # parquet column types
     mtime_iso: str = ""
@@ -132,7 +131,7 @@ def check_source(path: str | Path, fmt: str = "auto") -> Source:
     if fmt == "parquet" and not is_parquet:
         raise InputError(f"{path}: not a Parquet file (no PAR1 magic); pick --format jsonl or csv")
     mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
-    src = Source(path, fmt, size, crlf="\r\n" in text, mtime_iso=mtime.isoformat())
+    src = Source(path, fmt, size, mtime_iso=mtime.isoformat())
     if fmt in ("csv", "review"):
         src.columns = _header(text)
         if not any(src.columns):
@@ -163,20 +162,15 @@ class Reader:
 
 
 def _lines_relation(src: Source) -> str:
-    """The file as (line number, text) rows, one per physical line, read in parallel by read_csv.
+    """The file as (line number, text) rows, one per physical line (LF or CRLF), read in parallel by read_csv.
 
     A 4-byte delimiter no log line contains and no quoting turn the CSV reader into a line splitter.
-    It also breaks at a lone carriage return, so CRLF files yield an empty row after every line: for
-    them the line number is halved and the phantom rows dropped.
     """
     rc = (
         f"read_csv({q(str(src.path))}, columns={{'_raw': 'VARCHAR'}}, delim='\x01\x02\x03\x04', quote='', "
         f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_LINE_MAX})"
     )
-    numbered = f"SELECT row_number() OVER () AS _n, _raw FROM {rc}"
-    if src.crlf:
-        return f"SELECT (_n + 1) // 2 AS _line, _raw FROM ({numbered}) WHERE _n % 2 = 1"
-    return f"SELECT _n AS _line, _raw FROM ({numbered})"
+    return f"SELECT row_number() OVER () AS _line, _raw FROM {rc}"
 
 
 def _json_struct(keys: dict[str, str]) -> str:
@@ -188,11 +182,20 @@ def _text(expr: str, short: bool) -> str:
     return f"nullif(trim({expr}), '')" if short else f"nullif({expr}, '')"
 
 
+def json_kind(type_expr: str) -> str:
+    """SQL naming a DuckDB json_type() result the way JSON does (string, number, object...)."""
+    return (
+        f"CASE {type_expr} WHEN 'VARCHAR' THEN 'string' WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' "
+        f"WHEN 'BOOLEAN' THEN 'boolean' WHEN 'NULL' THEN 'null' ELSE 'number' END"
+    )
+
+
 def _json_type_reason(name: str) -> str:
     """A CASE branch: a string field given as a JSON object or array is the wrong type."""
+    jtype = f"json_type(_raw, {q('$.' + name)})"
     return (
-        f"WHEN left(_r.{ident(name)}, 1) IN ('{{', '[') AND json_type(_raw, {q('$.' + name)}) IN ('OBJECT', 'ARRAY') "
-        f"THEN 'wrong type: {name} is a JSON ' || lower(json_type(_raw, {q('$.' + name)})) || ', expected a string'"
+        f"WHEN left(_r.{ident(name)}, 1) IN ('{{', '[') AND {jtype} IN ('OBJECT', 'ARRAY') "
+        f"THEN 'wrong type: {name} is a JSON ' || {json_kind(jtype)} || ', expected a string'"
     )
 
 
@@ -210,7 +213,7 @@ def _json_base(src: Source, keys: dict[str, str]) -> str:
 def _json_record_reason() -> str:
     return (
         "WHEN _kind = 'INVALID' THEN 'malformed JSON' "
-        "WHEN _kind <> 'OBJECT' THEN 'wrong type: record is a JSON ' || lower(_kind) || ', expected an object'"
+        f"WHEN _kind <> 'OBJECT' THEN 'wrong type: record is a JSON ' || {json_kind('_kind')} || ', expected an object'"
     )
 
 
@@ -269,10 +272,10 @@ def chat_reader(src: Source) -> Reader:
     pre = (
         f"CASE {_json_record_reason()} "
         "WHEN _r.messages IS NULL THEN 'missing required field: messages' "
-        "WHEN json_type(_r.messages) <> 'ARRAY' THEN 'wrong type: messages is a JSON ' || lower(json_type(_r.messages)) "
+        f"WHEN json_type(_r.messages) <> 'ARRAY' THEN 'wrong type: messages is a JSON ' || {json_kind('json_type(_r.messages)')} "
         "|| ', expected a list of {role, content}' "
         "WHEN _u IS NULL THEN 'missing required field: messages has no user turn' "
-        f"WHEN _ft IN ('OBJECT', 'ARRAY') THEN 'wrong type: feedback is a JSON ' || lower(_ft) {wrong} END"
+        f"WHEN _ft IN ('OBJECT', 'ARRAY') THEN 'wrong type: feedback is a JSON ' || {json_kind('_ft')} {wrong} END"
     )
     return Reader(base=base, fields=fields, pre_reason=pre)
 

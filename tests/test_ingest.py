@@ -1,0 +1,290 @@
+"""Ingest: every kind of bad record, unreadable files, stable ids and idempotence, and each format."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from adaptive_ft.config import IngestConfig
+from adaptive_ft.store import Store, ingest
+from store_helpers import rec, write_jsonl
+
+MAX = IngestConfig().max_field_chars
+UTC = dt.timezone.utc
+
+
+def _rejected(db: Path) -> list[tuple[int, str]]:
+    with Store.open(db, read_only=True) as s:
+        return s.sql("SELECT line, reason FROM rejected ORDER BY batch_id, line").rows()
+
+
+def _stored_ids(db: Path) -> list[str]:
+    with Store.open(db, read_only=True) as s:
+        return sorted(s.sql("SELECT event_id FROM events")["event_id"])
+
+
+def _md5(*parts: str) -> str:
+    return hashlib.md5("\x1f".join(parts).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- bad records
+
+BAD_JSONL: list[tuple[object, str | None]] = [  # (record or literal line, expected reason or None = valid)
+    (rec(1), None),
+    ("{bad json", "malformed JSON"),
+    (rec(3, user_id=None), "missing required field: user_id"),
+    (rec(4, ts="last tuesday"), "unparseable timestamp: last tuesday (expected ISO-8601 or epoch seconds)"),
+    (rec(5, event="purchase"), "unknown event type: purchase"),
+    (rec(6, value="lots"), "wrong type: value is not a number: lots"),
+    (rec(7, prompt="p" * (MAX + 1)), f"field too long: prompt ({MAX + 1} chars > {MAX})"),
+    ("", None),  # a blank line is not a record: neither stored nor rejected
+    (rec(9, user_id={"id": 1}), "wrong type: user_id is a JSON object, expected a string"),
+    ("[1, 2]", "wrong type: record is a JSON array, expected an object"),
+    (rec(11, ts=1709287211), None),  # epoch seconds
+    (rec(12, event="rating", value=4), None),
+    (rec(13, ts=None), "missing required field: ts"),
+    (rec(14, event=None), "missing required field: event"),
+    (rec(15, example_id=None, prompt=None), "missing required field: example_id or prompt"),
+    (rec(16, example_id="x_new", domain=None), "missing required field: domain (example x_new has none in this file or the store)"),
+    (rec(17, example_id="x_bare", prompt=None), "missing required field: prompt (example x_bare has none in this file or the store)"),
+    (rec(18, response="r" * 10_000_000), f"field too long: response (10000000 chars > {MAX})"),  # a 10 MB line
+    (rec(19, ts=1709287211000), "unparseable timestamp: 1709287211000 (expected ISO-8601 or epoch seconds)"),
+    (rec(20, example_id=None, prompt="  Question   FIVE "), None),
+    (rec(21, event=" Thumbs_Up "), None),
+    (rec(22, event_id=None, value=2.5, event="rating"), None),
+    (rec(23, value=True), "wrong type: value is not a number: true"),
+    ("   ", None),
+    (rec(25, ts="2024-03-01T12:00:00+02:00"), None),
+]
+
+
+def test_every_kind_of_bad_record_is_rejected_with_its_line_and_reason(tmp_path: Path):
+    log = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_JSONL])
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    expected = [(i + 1, reason) for i, (_, reason) in enumerate(BAD_JSONL) if reason]
+    valid = [r for r, reason in BAD_JSONL if reason is None and isinstance(r, dict)]
+    assert (f.error, f.rows_ok, f.rows_duplicate, f.rows_rejected) == (None, len(valid), 0, len(expected))
+    assert _rejected(db) == expected
+    with Store.open(db, read_only=True) as s:
+        ev = s.sql("SELECT event_id, ts, event, value, example_id FROM events ORDER BY ts").to_dicts()
+        raw = dict(s.sql("SELECT line, raw FROM rejected").rows())
+        prompt20 = s.sql("SELECT prompt FROM examples WHERE example_id = ?", [_md5_prompt("question five")]).item()
+    # every valid record is stored, ids as given or hashed from the normalized record
+    hashed = _md5("u1", "2024-03-01T10:00:22.000000", "rating", "x2", "2.5", "")
+    assert sorted(e["event_id"] for e in ev) == sorted(["e1", "e11", "e12", "e20", "e21", hashed, "e25"])
+    by_id = {e["event_id"]: e for e in ev}
+    assert by_id["e11"]["ts"] == dt.datetime(2024, 3, 1, 10, 0, 11)  # 1709287211 s after the epoch, in UTC
+    assert by_id["e25"]["ts"] == dt.datetime(2024, 3, 1, 10, 0, 0)  # +02:00 converted to UTC
+    assert by_id["e21"]["event"] == "thumbs_up" and by_id["e12"]["value"] == 4.0
+    assert by_id["e20"]["example_id"] == _md5_prompt("question five") and prompt20 == "  Question   FIVE "
+    # raw text kept for each rejected line, cut with a note when huge
+    assert raw[2] == "{bad json" and raw[10] == "[1, 2]"
+    assert raw[18].endswith(f"... ({len(json.dumps(rec(18, response='r' * 10_000_000)))} chars)")
+    assert len(raw[18]) < IngestConfig().max_raw_chars + 40
+
+
+def _md5_prompt(normalized: str) -> str:
+    return hashlib.md5(normalized.encode()).hexdigest()
+
+
+def test_crlf_lines_keep_their_numbers(tmp_path: Path):
+    log = tmp_path / "crlf.jsonl"
+    log.write_bytes(("\r\n".join([json.dumps(rec(1)), "{oops", "", json.dumps(rec(4, user_id=None)), json.dumps(rec(5))])
+                     + "\r\n").encode())
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    assert (f.rows_ok, f.rows_rejected) == (2, 2)
+    assert _rejected(db) == [(2, "malformed JSON"), (4, "missing required field: user_id")]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.jsonl", None, r"missing\.jsonl: no such file"),
+    ("empty.jsonl", b"", r"empty\.jsonl: empty file \(0 bytes\), nothing to ingest"),
+    ("blank.jsonl", b"\n  \n\n", r"blank\.jsonl: only whitespace, nothing to ingest"),
+    ("garbage.jsonl", bytes(range(256)) * 64, r"garbage\.jsonl: binary data \(a NUL byte at offset 0\)"),
+    ("latin1.csv", "user_id,ts\nJos\xe9,1\n".encode("latin-1"), r"latin1\.csv: not UTF-8 text \(invalid byte at offset 14\)"),
+    ("fake.parquet", b"not parquet at all", r"fake\.parquet: not a Parquet file"),
+])
+def test_unreadable_files_get_a_clear_message_and_the_others_still_go_in(tmp_path: Path, name: str,
+                                                                         content: bytes | None, message: str):
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_bytes(content)
+    good = write_jsonl(tmp_path / "good.jsonl", [rec(i) for i in range(3)])
+    report = ingest([bad, good], tmp_path / "s.duckdb")
+    assert report.files[0].error is not None
+    assert pytest.approx(0) == report.files[0].rows_ok
+    import re
+    assert re.search(message, report.files[0].error), report.files[0].error
+    assert (report.files[1].error, report.files[1].rows_ok) == (None, 3)
+    assert report.anything_read
+
+
+def test_a_directory_is_refused(tmp_path: Path):
+    report = ingest([tmp_path], tmp_path / "s.duckdb")
+    assert "is a directory" in report.files[0].error and not report.anything_read
+
+
+# ------------------------------------------------------------------------------------------- idempotence
+
+
+def test_reingest_adds_nothing_and_overlap_adds_only_new_events(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    a = write_jsonl(tmp_path / "a.jsonl", [rec(i) for i in range(100)])
+    assert ingest([a], db).files[0].rows_ok == 100
+    again = ingest([a], db).files[0]
+    assert (again.rows_ok, again.rows_duplicate) == (0, 100) and "already ingested as batch 1" in again.note
+    forced = ingest([a], db, force=True).files[0]  # really re-read: stable ids make it add nothing
+    assert (forced.rows_ok, forced.rows_duplicate, forced.rows_rejected) == (0, 100, 0)
+    b = write_jsonl(tmp_path / "b.jsonl", [rec(i) for i in range(50, 150)])
+    over = ingest([b], db).files[0]
+    assert (over.rows_ok, over.rows_duplicate) == (50, 50)
+    assert _stored_ids(db) == sorted(f"e{i}" for i in range(150))
+
+
+def test_records_without_ids_get_the_same_id_from_any_format_and_timestamp_form(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    rows = [rec(i, event_id=None) for i in range(20)]
+    ingest([write_jsonl(tmp_path / "a.jsonl", rows)], db)
+    # the same events as CSV, with epoch-second timestamps instead of ISO-8601
+    csv = pl.DataFrame(rows).with_columns(
+        pl.col("ts").str.to_datetime("%Y-%m-%dT%H:%M:%SZ", time_zone="UTC").dt.epoch("s").cast(pl.Utf8))
+    csv.write_csv(tmp_path / "b.csv")
+    f = ingest([tmp_path / "b.csv"], db).files[0]
+    assert (f.format, f.rows_ok, f.rows_duplicate) == ("csv", 0, 20)
+    assert len(_stored_ids(db)) == 20
+
+
+def test_the_same_event_twice_in_one_file_is_stored_once(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    f = ingest([write_jsonl(tmp_path / "a.jsonl", [rec(1), rec(2), rec(1), rec(1, event_id=None), rec(1, event_id=None)])],
+               db).files[0]
+    assert (f.rows_ok, f.rows_duplicate) == (3, 2)
+
+
+# ------------------------------------------------------------------------------------------- other formats
+
+
+def test_csv_rows_that_break_csv_rules_are_rejected_with_their_lines(tmp_path: Path):
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "event_id,ts,user_id,segment,example_id,domain,prompt,event,value\n"
+        'a,2024-03-01T10:00:00Z,u1,pro,x1,billing,"Hi, there",click,\n'
+        "b,2024-03-01T10:00:01Z,u2,pro,x1,billing,q,click,1,EXTRA\n"
+        "c,2024-03-01T10:00:02Z,u3,pro\n"
+        "d,2024-03-01T10:00:03Z,,pro,x1,billing,q,click,\n"
+        "e,2024-03-01T10:00:04Z,u5,free,x2,cards,q2,thumbs_down,\n"
+    )
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    assert (f.format, f.rows_ok, f.rows_rejected) == ("csv", 2, 3)
+    rejected = _rejected(db)
+    assert [line for line, _ in rejected] == [3, 4, 5]
+    assert rejected[0][1].startswith("malformed CSV: too many columns")
+    assert rejected[1][1].startswith("malformed CSV: missing columns")
+    assert rejected[2][1] == "missing required field: user_id"
+    assert _stored_ids(db) == ["a", "e"]
+
+
+def test_parquet_with_typed_columns(tmp_path: Path):
+    df = pl.DataFrame({
+        "event_id": ["p1", "p2", "p3"], "user_id": ["u1", None, "u3"], "segment": ["pro", "pro", "free"],
+        "ts": [dt.datetime(2024, 3, 1, 9), dt.datetime(2024, 3, 1, 10), dt.datetime(2024, 3, 1, 11)],
+        "example_id": ["x1", "x1", "x2"], "domain": ["billing", "billing", "cards"], "prompt": ["a", "a", "b"],
+        "event": ["rating", "click", "rating"], "value": [5.0, None, 1.0],
+    })
+    df.write_parquet(tmp_path / "log.parquet")
+    db = tmp_path / "s.duckdb"
+    f = ingest([tmp_path / "log.parquet"], db).files[0]
+    assert (f.format, f.rows_ok, f.rows_rejected) == ("parquet", 2, 1)
+    assert _rejected(db) == [(2, "missing required field: user_id")]
+    with Store.open(db, read_only=True) as s:
+        assert s.sql("SELECT event_id, ts, value FROM events ORDER BY event_id").rows() == [
+            ("p1", dt.datetime(2024, 3, 1, 9), 5.0), ("p3", dt.datetime(2024, 3, 1, 11), 1.0)]
+
+
+def _chat(i: int, **kw: object) -> dict[str, object]:
+    r: dict[str, object] = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}"},
+                     {"role": "assistant", "content": f"Answer {i}"}],
+        "user_id": f"u{i}", "segment": "pro", "domain": "cards", "ts": f"2024-03-01T10:00:{i:02d}Z",
+        "event_id": f"c{i}", "reference": f"Ref {i}",
+    }
+    r.update(kw)
+    return {k: v for k, v in r.items() if v is not None}
+
+
+def test_chat_records_map_onto_the_flat_log(tmp_path: Path):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": "Hi"}]
+    records = [
+        _chat(1, feedback="up"), _chat(2, feedback=False), _chat(3, feedback=4), _chat(4),
+        _chat(5, feedback="up", event="escalate"), _chat(6, messages=parts, feedback="thumbs_down"),
+        _chat(7, messages=None), _chat(8, messages="hi"), _chat(9, messages=[{"role": "assistant", "content": "x"}]),
+        _chat(10, feedback="meh"),
+    ]
+    db = tmp_path / "s.duckdb"
+    f = ingest([write_jsonl(tmp_path / "chats.jsonl", records)], db).files[0]
+    assert (f.format, f.rows_ok, f.rows_rejected) == ("chat", 6, 4)  # auto-detected from "messages"
+    assert _rejected(db) == [
+        (7, "missing required field: messages"),
+        (8, "wrong type: messages is a JSON string, expected a list of {role, content}"),
+        (9, "missing required field: messages has no user turn"),
+        (10, "unknown event type: meh"),
+    ]
+    with Store.open(db, read_only=True) as s:
+        ev = {r["event_id"]: r for r in s.sql(
+            "SELECT e.event_id, e.event, e.value, e.response, x.prompt, x.reference FROM events e JOIN examples x "
+            "USING (example_id)").to_dicts()}
+    assert {k: v["event"] for k, v in ev.items()} == {
+        "c1": "thumbs_up", "c2": "thumbs_down", "c3": "rating", "c4": "impression", "c5": "escalate", "c6": "thumbs_down"}
+    assert ev["c3"]["value"] == 4.0 and ev["c1"]["value"] is None
+    assert (ev["c1"]["prompt"], ev["c1"]["response"], ev["c1"]["reference"]) == ("Question 1", "Answer 1", "Ref 1")
+    assert ev["c6"]["prompt"] == "Hello\nthere"
+
+
+def test_review_csv_becomes_review_events(tmp_path: Path):
+    review = tmp_path / "review.csv"
+    review.write_text(
+        "review_id,example_id,segment,domain,model,prompt,reference,response,rating,reviewer,comment\n"
+        "r1,x1,pro,cards,runs/r1,Block my card,Use the app,Call us,4,alice,ok\n"
+        "r2,x2,free,billing,runs/r1,Refund?,Refunds take 5 days,Soon,,,\n"
+        "r3,x3,free,billing,runs/r1,Fees?,No fees,Some,great,bob,\n"
+        "r4,x4,free,billing,runs/r1,Limit?,1000,500,9,bob,\n"
+        "r5,x5,pro,cards,base,PIN?,In settings,Dunno,2,,bad\n"
+    )
+    when = dt.datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()
+    os.utime(review, (when, when))
+    db = tmp_path / "s.duckdb"
+    f = ingest([review], db).files[0]
+    assert (f.format, f.rows_ok, f.rows_rejected, f.rows_skipped) == ("review", 2, 2, 1)
+    assert _rejected(db) == [(4, "wrong type: value is not a number: great"), (5, "rating out of range: 9 (expected 1-5)")]
+    with Store.open(db, read_only=True) as s:
+        rows = s.sql("SELECT user_id, ts, event, value, example_id, segment, domain, model_version, response "
+                     "FROM events ORDER BY example_id").rows()
+        assert s.sql("SELECT rows_skipped FROM batches").item() == 1
+        assert s.sql("SELECT prompt, reference FROM examples WHERE example_id = 'x1'").row(0) == ("Block my card", "Use the app")
+    stamp = dt.datetime(2024, 5, 1, 12, 0)
+    assert rows == [("alice", stamp, "review", 4.0, "x1", "pro", "cards", "runs/r1", "Call us"),
+                    ("reviewer", stamp, "review", 2.0, "x5", "pro", "cards", "base", "Dunno")]
+    # the review's id does not depend on when the file was touched: re-reading it adds nothing
+    os.utime(review, (when + 3600, when + 3600))
+    again = ingest([review], db, fmt="review", force=True).files[0]
+    assert (again.rows_ok, again.rows_duplicate) == (0, 2)
+
+
+def test_review_reviewed_at_column_sets_the_time(tmp_path: Path):
+    review = tmp_path / "review.csv"
+    review.write_text("review_id,example_id,domain,prompt,rating,reviewer,reviewed_at\n"
+                      "r1,x1,cards,Q,5,alice,2024-06-02T08:30:00Z\n")
+    db = tmp_path / "s.duckdb"
+    assert ingest([review], db, fmt="review").files[0].rows_ok == 1
+    with Store.open(db, read_only=True) as s:
+        assert s.sql("SELECT ts FROM events").item() == dt.datetime(2024, 6, 2, 8, 30)
