@@ -141,7 +141,7 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
                 labels: list[str], cfg: EvaluateConfig) -> Scored:
     """Load ``spec``, answer every test prompt greedily and score each answer."""
     model, tokenizer = load_any(manifest["base_model_path"] if spec == "base" else spec)
-    prompts = [format_for_model(tokenizer, p) for p in test["prompt"].to_list()]
+    prompts = [format_for_model(tokenizer, p, manifest) for p in test["prompt"].to_list()]
     refs = test["reference"].to_list()
     responses = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=spec)
     if task == "label":

@@ -88,7 +88,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
             written.append((f"gguf-{qtype}", f"model-{qtype}.gguf", "gguf"))
     del merged
 
-    probes = probe_prompts(run, tokenizer, cfg.probe_prompts)
+    probes = probe_prompts(run, tokenizer, cfg.probe_prompts, manifest)
     infos = measure_variants(out, written, probes, cfg)
     if "merged" not in cfg.variants:  # it was needed to build the others, but not asked for
         shutil.rmtree(merged_dir)
@@ -147,7 +147,7 @@ def quantize_bnb(merged_dir: Path, out: Path, kind: str) -> None:
     AutoTokenizer.from_pretrained(merged_dir).save_pretrained(out)
 
 
-def probe_prompts(run: Path, tokenizer: Any, n: int) -> list[str]:
+def probe_prompts(run: Path, tokenizer: Any, n: int, manifest: dict[str, Any] | None = None) -> list[str]:
     """The fixed probe set: the first ``n`` test prompts of the run's split (by example id), chat-formatted."""
     import polars as pl
 
@@ -158,7 +158,7 @@ def probe_prompts(run: Path, tokenizer: Any, n: int) -> list[str]:
         prompts = frame["prompt"].head(n).to_list()
     if not prompts:
         prompts = ["Hello, how can I help you today?", "My card payment was declined.", "What is 2 + 2?"]
-    return [format_for_model(tokenizer, p) for p in prompts]
+    return [format_for_model(tokenizer, p, manifest) for p in prompts]
 
 
 def dir_size(path: Path) -> int:

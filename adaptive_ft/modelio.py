@@ -86,8 +86,10 @@ def _with_pad(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def format_for_model(tokenizer: Any, prompt: str) -> str:
-    """The prompt as training formatted it: ``finetune.data.format_prompt`` (chat template + generation prompt)."""
+def format_for_model(tokenizer: Any, prompt: str, manifest: dict[str, Any] | None = None) -> str:
+    """The prompt as training formatted it: ``finetune.data.format_prompt`` (chat template + generation prompt),
+    with the system turn the run recorded in its manifest (``system_prompt``), so evaluation asks what training taught.
+    """
     try:
         from adaptive_ft.finetune.data import format_prompt
     except ImportError:  # the train stage is not installed in this checkout yet: the same rule, inline
@@ -95,4 +97,6 @@ def format_for_model(tokenizer: Any, prompt: str) -> str:
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True)
         return prompt
+    if manifest is not None and "system_prompt" in manifest:
+        return format_prompt(tokenizer, prompt, system=manifest["system_prompt"])
     return format_prompt(tokenizer, prompt)
