@@ -101,6 +101,9 @@ class PrioritizeConfig:
     negative_events: list[str] = _f(
         ["thumbs_down", "regenerate", "edit", "escalate"], "event types that count as a negative signal")
     low_rating: float = _f(2.0, "a rating or review value <= this is a negative signal")
+    positive_events: list[str] = _f(["thumbs_up", "resolve"], "event types that say an answer worked")
+    high_rating: float = _f(4.0, "a rating or review value >= this is a positive signal")
+    failure_basis: str = _f("feedback", "failure rate over: feedback (interactions with a verdict) | exposure (all)")
     no_feedback: str = _f("error", "when the log has no negative signal at all: error | demand (plan by demand)")
     segment_weights: dict[str, float] = _f({}, "explicit weight per segment (overrides segment_weighting)")
     prior_strength: float = _f(10.0, "Beta prior strength on failure, in pseudo-interactions")
@@ -298,6 +301,11 @@ def _validate(cfg: Config) -> list[str]:
     for ev in pr.negative_events:
         if ev not in EVENT_TYPES:
             p.append(f"prioritize.negative_events: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})")
+    for ev in pr.positive_events:
+        if ev not in EVENT_TYPES:
+            p.append(f"prioritize.positive_events: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})")
+    if pr.failure_basis not in ("feedback", "exposure"):
+        p.append(f"prioritize.failure_basis: {pr.failure_basis!r} is not one of feedback, exposure")
     if pr.no_feedback not in ("error", "demand"):
         p.append(f"prioritize.no_feedback: {pr.no_feedback!r} is not one of error, demand")
     for name in ("factors", "iterations", "k", "layers_k", "probe_examples", "probe_steps", "probe_rank",

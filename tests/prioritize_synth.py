@@ -37,6 +37,7 @@ def planted_log(n_users: int = 300, n_domains: int = 6, per_domain: int = 20, ev
                            "neg": arr[:, 2], "t0": arr[:, 3]})
              .group_by("uix", "iix").agg(conf=pl.len().cast(pl.Float32) + pl.col("neg").sum().cast(pl.Float32) * 2,
                                          neg=pl.col("neg").max().cast(pl.Int8), t0=pl.col("t0").min())
+             .with_columns(pos=(1 - pl.col("neg")).cast(pl.Int8))
              .sort("uix", "iix"))
     users = pl.DataFrame({"uix": np.arange(n_users, dtype=np.int32),
                           "user_id": [f"u{u:05d}" for u in range(n_users)],

@@ -14,6 +14,7 @@ from adaptive_ft.config import Config, PrioritizeConfig
 from adaptive_ft.errors import InputError, PlanError
 from adaptive_ft.prioritize import build_plan, domain_scores, score_interactions
 from adaptive_ft.prioritize import demand as dm
+from adaptive_ft.prioritize.layers import spearman
 from adaptive_ft.prioritize.plan import Plan
 from prioritize_synth import planted_log
 
@@ -105,9 +106,12 @@ def test_duplicate_clusters_join_same_normalized_prompt():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_planted_highest_need_domains_come_first(seed):
     inter, truth = planted_log(seed=seed)
-    top = [d.domain for d in domain_scores(score_interactions(inter, Config(seed=seed)))]
+    scores = domain_scores(score_interactions(inter, Config(seed=seed)))
+    top = [d.domain for d in scores]
     assert len(set(top[:3]) & set(truth["top"][:3])) >= 2
-    assert top[0] == truth["top"][0]
+    assert top[0] in truth["top"][:2]  # seed 1 plants d0 and d1 within 1% of each other
+    plan_prio = np.array([next(d.priority for d in scores if d.domain == k) for k in truth["need"]])
+    assert spearman(plan_prio, np.array(list(truth["need"].values()))) >= 0.8  # 6 domains, near ties swap
 
 
 def _plan_doc(seed: int) -> dict:

@@ -100,14 +100,17 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     rec.update(algorithm=pc.algorithm, factors=pc.factors, holdout_fraction=pc.holdout_fraction)
     t = time.perf_counter()
     demand = dm.segment_demand(factors, user_segment, len(segments))
-    exposures = np.bincount(iix, minlength=n_items).astype(np.float64)
+    known, basis, notes = _known_outcome(inter.pairs, neg, pc)
+    exposures = np.bincount(iix, weights=known, minlength=n_items)
     negatives = np.bincount(iix, weights=neg, minlength=n_items)
-    neighbours = dm.item_neighbours(factors.item, pc.neighbours)
-    fail = dm.example_failure(exposures, negatives, neighbours, pc.prior_strength)
+    domain_ix = np.unique(inter.items["domain"].to_numpy(), return_inverse=True)[1]
+    neighbours = dm.item_neighbours(factors.item, pc.neighbours, groups=domain_ix)
+    fail = dm.example_failure(exposures, negatives, neighbours, pc.prior_strength, groups=domain_ix)
     seg_of_pair = user_segment[uix]
     traffic = np.bincount(seg_of_pair, minlength=len(segments)).astype(np.float64)
+    seg_known = np.bincount(seg_of_pair, weights=known, minlength=len(segments))
     seg_neg = np.bincount(seg_of_pair, weights=neg, minlength=len(segments))
-    seg_fail = (seg_neg + pc.prior_strength * fail.global_rate) / (traffic + pc.prior_strength)
+    seg_fail = (seg_neg + pc.prior_strength * fail.global_rate) / (seg_known + pc.prior_strength)
     seg_w = dm.segment_weights(segments, traffic, seg_fail, pc)
     prio, contrib = dm.priorities(demand, fail.rate, seg_w)
     timings["score"] = time.perf_counter() - t
@@ -115,12 +118,30 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
         priority=pl.Series(prio), demand=pl.Series((seg_w[:, None] * demand).sum(axis=0)),
         failure=pl.Series(fail.rate), failure_prior=pl.Series(fail.prior),
         exposures=pl.Series(exposures.astype(np.int64)), negatives=pl.Series(negatives.astype(np.int64)))
-    examples, contrib, notes = _sample(examples, contrib, inter, neighbours, exposures, pc)
+    examples, contrib, sample_notes = _sample(examples, contrib, inter, neighbours, exposures, pc)
+    notes += sample_notes
     seg_users = np.bincount(user_segment, minlength=len(segments))
     seg_frame = pl.DataFrame({"segment": segments, "users": seg_users.astype(np.int64),
                               "traffic_share": traffic / traffic.sum(), "failure": seg_fail, "weight": seg_w})
-    prior = {"global_rate": fail.global_rate, "strength": pc.prior_strength, "neighbours": pc.neighbours}
+    prior = {"global_rate": fail.global_rate, "strength": pc.prior_strength, "neighbours": pc.neighbours,
+             "basis": basis,
+             "neighbours_within": "domain"}
     return Scored(examples, seg_frame, contrib, rec, prior, notes)
+
+
+def _known_outcome(pairs: pl.DataFrame, neg: np.ndarray, pc) -> tuple[np.ndarray, str, list[str]]:
+    """1.0 for each pair whose outcome counts in the failure rate's denominator, and the basis used.
+
+    ``feedback`` basis: pairs with a verdict (a negative or a positive signal), so the rate is the share of
+    judged answers that failed, not diluted by how often users bother to react. Logs with no positive
+    signal at all fall back to every pair (``exposure`` basis), with a note.
+    """
+    if pc.failure_basis == "exposure":
+        return np.ones(len(neg)), "exposure", []
+    pos = pairs["pos"].to_numpy().astype(np.float64) if "pos" in pairs.columns else np.zeros(len(neg))
+    if pos.sum() == 0:
+        return np.ones(len(neg)), "exposure", ["no positive signal in the log: failure is negatives over all exposures"]
+    return np.maximum(neg, pos), "feedback", []
 
 
 def _sample(examples: pl.DataFrame, contrib: np.ndarray, inter: dm.Interactions, neighbours, exposures: np.ndarray,

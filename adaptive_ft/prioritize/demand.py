@@ -45,8 +45,8 @@ class Interactions:
     """The aggregated log: index tables and one row per (user, example) pair.
 
     ``users`` has columns uix, user_id, segment; ``items`` has iix, example_id, domain, prompt.
-    ``pairs`` has uix, iix, conf (float32), neg (0/1: the pair drew a negative signal), t0 (epoch
-    seconds of the pair's first event). Row ``uix`` of every matrix built from it is user ``uix``.
+    ``pairs`` has uix, iix, conf (float32), neg (0/1: the pair drew a negative signal), pos (0/1: a
+    positive one; optional), t0 (epoch seconds of the pair's first event). Row ``uix`` of every matrix built from it is user ``uix``.
     """
 
     users: pl.DataFrame
@@ -76,8 +76,15 @@ def _negative_sql(cfg: PrioritizeConfig) -> str:
             f"AND e.value <= {float(cfg.low_rating)}))")
 
 
+def _positive_sql(cfg: PrioritizeConfig) -> str:
+    """SQL predicate for 'this event says the answer worked' (configured events, or a high rating)."""
+    events = ", ".join(f"'{e}'" for e in cfg.positive_events) or "NULL"
+    return (f"(e.event IN ({events}) OR (e.event IN ('rating', 'review') AND e.value IS NOT NULL "
+            f"AND e.value >= {float(cfg.high_rating)}))")
+
+
 def pairs_sql(cfg: PrioritizeConfig) -> str:
-    """The one aggregation over ``events``: (uix, iix, conf, neg, t0), indices in sorted-id order."""
+    """The one aggregation over ``events``: (uix, iix, conf, neg, pos, t0), indices in sorted-id order."""
     # Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
     weights = ", ".join(f"('{e}', {float(w)!r})" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
     # round(): the sum's float order varies between DuckDB threads; rounding keeps the matrix bit-identical.
@@ -87,6 +94,7 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
         SELECT e.user_id, e.example_id,
                round(sum(coalesce(w.weight, 0.0)), 6) AS conf,
                max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END) AS neg,
+               max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END) AS pos,
                epoch(min(e.ts)) AS t0
         FROM events e LEFT JOIN w ON e.event = w.event
         GROUP BY e.user_id, e.example_id),
@@ -94,7 +102,7 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
           FROM (SELECT DISTINCT user_id FROM pairs)),
     i AS (SELECT example_id, (row_number() OVER (ORDER BY example_id) - 1)::INTEGER AS iix
           FROM (SELECT DISTINCT example_id FROM pairs))
-    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.t0::DOUBLE AS t0
+    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.pos::TINYINT AS pos, p.t0::DOUBLE AS t0
     FROM pairs p JOIN u ON p.user_id = u.user_id JOIN i ON p.example_id = i.example_id
     """
 
@@ -229,22 +237,39 @@ def segment_demand(factors: Factors, user_segment: np.ndarray, n_segments: int) 
     return aff / aff.sum(axis=1, keepdims=True)
 
 
-def item_neighbours(item: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def item_neighbours(item: np.ndarray, k: int, groups: np.ndarray | None = None, block: int = 2048
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most cosine-similar other items of each item: (indices (I, k), similarities (I, k)).
 
-    Computed in blocks of rows so memory stays at block x I; items with an all-zero factor get
-    similarity 0 to everything.
+    With ``groups`` (the domain of each item) neighbours are searched within the item's own group only:
+    a look-alike question of another domain says little about this domain's answers. Computed in blocks
+    of rows so memory stays at block x group size; items with an all-zero factor get similarity 0 to
+    everything; a group smaller than k + 1 pads with index 0 at similarity 0.
     """
     n = item.shape[0]
-    k = min(k, n - 1)
-    if k <= 0:
-        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
     norms = np.linalg.norm(item, axis=1)
     unit = (item / np.maximum(norms, EPS)[:, None]).astype(np.float32)
+    idx = np.zeros((n, k), dtype=np.int64)
+    sim = np.zeros((n, k), dtype=np.float64)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        kk = min(k, len(members) - 1)
+        if kk <= 0:
+            continue
+        gi, gs = _neighbours_within(unit[members], kk, block)
+        idx[members, :kk] = members[gi]
+        sim[members, :kk] = gs
+    return idx, sim
+
+
+def _neighbours_within(unit: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine neighbours among the rows of ``unit`` (unit vectors), self excluded, ties by index."""
+    n = unit.shape[0]
     idx = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, block):
-        s = unit[start:start + block] @ unit.T  # (B, I)
+        s = unit[start:start + block] @ unit.T  # (B, n)
         rows = np.arange(s.shape[0])
         s[rows, start + rows] = -np.inf  # never one's own neighbour
         part = np.argpartition(-s, k - 1, axis=1)[:, :k]
@@ -267,26 +292,33 @@ class Failure:
 
 
 def example_failure(exposures: np.ndarray, negatives: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray],
-                    strength: float) -> Failure:
+                    strength: float, groups: np.ndarray | None = None) -> Failure:
     """Beta-smoothed failure, with the prior mean borrowed from look-alike examples.
 
-    Step 1: every example's rate shrunk to the global rate with ``strength`` pseudo-interactions:
-    r_i = (neg_i + s * g) / (exp_i + s). Step 2: the prior mean of example i is the similarity-weighted
-    mean of its neighbours' r_j (positive similarities only; the global rate where there are none), and
-    the posterior is f_i = (neg_i + s * prior_i) / (exp_i + s). An example seen 3 times mostly inherits
-    its neighbours' failure; one seen 300 times mostly keeps its own.
+    ``exposures`` are the interactions whose outcome is known (see ``prioritize.failure_basis``),
+    ``negatives`` those that drew a negative signal. Step 1: every example's rate shrunk toward its
+    group's (domain's) rate g_d with ``strength`` pseudo-interactions: r_i = (neg_i + s * g_d) /
+    (exp_i + s). Step 2: the prior mean of example i is the similarity-weighted mean of its neighbours'
+    r_j (positive similarities only; g_d where there are none), and the posterior is
+    f_i = (neg_i + s * prior_i) / (exp_i + s). An example seen 3 times mostly inherits its look-alikes'
+    failure; one seen 300 times mostly keeps its own.
     """
     exposures = exposures.astype(np.float64)
     negatives = negatives.astype(np.float64)
+    groups = np.zeros(len(exposures), dtype=np.int64) if groups is None else np.asarray(groups)
     g = float(negatives.sum() / max(exposures.sum(), 1.0))
-    global_smoothed = (negatives + strength * g) / (exposures + strength)
+    g_neg = np.bincount(groups, weights=negatives)
+    g_exp = np.bincount(groups, weights=exposures)
+    # a group with no known outcome at all falls back to the global rate
+    group_rate = np.where(g_exp > 0, (g_neg + strength * g) / (g_exp + strength), g)[groups]
+    shrunk = (negatives + strength * group_rate) / (exposures + strength)
     idx, sim = neighbours
-    prior = np.full(exposures.shape, g)
+    prior = group_rate.copy()
     if idx.shape[1]:
         wts = np.clip(sim, 0.0, None)
         mass = wts.sum(axis=1)
         has = mass > EPS
-        prior[has] = (wts[has] * global_smoothed[idx[has]]).sum(axis=1) / mass[has]
+        prior[has] = (wts[has] * shrunk[idx[has]]).sum(axis=1) / mass[has]
     rate = (negatives + strength * prior) / (exposures + strength)
     return Failure(rate, exposures, negatives, prior, g)
 
