@@ -52,6 +52,7 @@ class VariantInfo:
     ms_per_token: float
     agreement: float
     probe_positions: int = 0
+    tokenizer_match: bool = True
 
 
 @dataclass
@@ -172,20 +173,26 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
                      cfg: ExportConfig) -> list[VariantInfo]:
     """Reload each variant from disk and measure it against the merged model's top-1 predictions."""
     reference: list[torch.Tensor] | None = None
+    ref_tok = None
     infos = []
     for name, rel, fmt in tqdm(written, desc="measuring variants", unit="variant"):
         start = time.perf_counter()
         model, tokenizer = load_any(out / rel)
         load_s = time.perf_counter() - start
-        preds = top1_predictions(model, tokenizer, probes)
-        if reference is None:
-            reference = preds  # merged comes first
+        ref_tok = ref_tok or tokenizer  # merged comes first
+        # Agreement feeds every variant the merged tokenizer's ids, so it measures the weights alone; whether the
+        # variant's own tokenizer (a GGUF's is rebuilt from its metadata) encodes the probes the same is a flag.
+        preds = top1_predictions(model, ref_tok, probes)
+        reference = reference or preds
         agree = sum(int((a == b).sum()) for a, b in zip(preds, reference))
         total = sum(len(a) for a in reference)
+        same_ids = all(tokenizer(p, add_special_tokens=False).input_ids == ref_tok(p, add_special_tokens=False).input_ids
+                       for p in probes)
         ms = ms_per_token(model, tokenizer, probes[: cfg.latency_prompts], cfg.latency_tokens)
         infos.append(VariantInfo(name=name, path=rel, format=fmt, size_bytes=dir_size(out / rel),
                                  load_seconds=round(load_s, 4), ms_per_token=round(ms, 3),
-                                 agreement=round(agree / max(total, 1), 6), probe_positions=total))
+                                 agreement=round(agree / max(total, 1), 6), probe_positions=total,
+                                 tokenizer_match=same_ids))
         del model
     return infos
 

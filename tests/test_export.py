@@ -40,7 +40,7 @@ def test_writes_every_variant_and_the_manifest(exported):
     assert names == ["merged", "int8", "nf4", "gguf-q8_0", "gguf-f16"]
     for v in manifest["variants"]:
         assert v["size_bytes"] > 0 and v["load_seconds"] > 0 and v["ms_per_token"] > 0
-        assert (out / v["path"]).exists()
+        assert (out / v["path"]).exists() and v["tokenizer_match"] is True
     merged = manifest["variants"][0]
     assert merged["agreement"] == 1.0
     # Quantized variants are smaller than fp32 on disk; Q8_0 about a quarter (+ block scales, tokenizer).
