@@ -109,7 +109,7 @@ class Bullet:
     children: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return " ".join([self.text, *self.children])
+        return "\n".join([self.text, *(f"  - {c}" for c in self.children)])
 
 
 @dataclass
@@ -181,7 +181,8 @@ def _html_path(out: Path) -> Path:
 
 def assemble(arts: "Artifacts", inputs: ReportInputs) -> Report:
     """Every section the artifacts support, in reading order, and the summary on top."""
-    builders = [_plan_section, _layers_section, _recommender_section, _run_section, _segment_section,
+    builders = [_plan_section, _layers_section, _recommender_section, _run_section, _overall_section,
+                _segment_section,
                 _domain_section, _cross_section, _representation_section, _export_section, _store_section]
     sections = [s for b in builders if (s := b(arts)) is not None]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -352,6 +353,11 @@ class EvalView:
             key = (row.get("model"), row.get("scope"), row.get("segment"), row.get("domain"), row.get("metric"))
             self.cells[key] = row
         self.base, self.tuned = self._pick(run_hint)
+        self.labels = short_labels(self.models)
+
+    def label(self, model: str | None) -> str:
+        """The model's name as tables and plots show it (paths shortened to their last two parts)."""
+        return self.labels.get(model, str(model)) if model is not None else "—"
 
     def _pick(self, run_hint: Path | None) -> tuple[str | None, str | None]:
         models = self.models
@@ -401,6 +407,12 @@ class EvalView:
 
     def flags(self) -> list[dict[str, Any]]:
         return [f for f in self.doc.get("flags") or [] if isinstance(f, dict)]
+
+
+def short_labels(models: list[str]) -> dict[str, str]:
+    """'/tmp/exp/ftexp/int8' -> 'ftexp/int8'; names stay whole when shortening would make two alike."""
+    short = {m: "/".join(Path(m).parts[-2:]) if len(Path(m).parts) > 2 else m for m in models}
+    return short if len(set(short.values())) == len(models) else {m: m for m in models}
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -464,20 +476,25 @@ def _summary_eval(arts: Artifacts, s: Summary) -> None:
                     "bad" if seg in flagged else _tone(dl, ev.metric)) for seg, dl in per_seg.items() if dl is not None]
     parts = [f"{seg} {fmt_delta(dl, ev.pct)}" for seg, dl in per_seg.items() if dl is not None]
     if parts:
-        s.bullets.append(f"{ev.metric.capitalize()} from {ev.base} to {ev.tuned}, per segment: " + ", ".join(parts)
+        s.bullets.append(f"{ev.metric.capitalize()} from {ev.label(ev.base)} to {ev.label(ev.tuned)}, per segment: "
+                         + ", ".join(parts)
                          + ".")
-    _summary_flags(ev, s)
+    if ev.names("segment") or ev.flags():
+        _summary_flags(ev, s)
+    else:
+        s.bullets.append("No per-segment results: the evaluation had no traffic to split the test set by segment "
+                         "(run `adaptive-ft evaluate` with --store).")
     worst = ev.doc.get("worst_segment") or {}
     if worst.get("segment") is not None:
         s.data["worst_segment"] = worst
         s.tiles.append(Tile("worst segment", str(worst["segment"]),
                             f"{fmt_value(_num(worst.get('value')), ev.pct)} {worst.get('metric', ev.metric)}"
-                            f" ({worst.get('model', '')})", "warn"))
+                            f" ({ev.label(worst.get('model'))})", "warn"))
     gap = ev.doc.get("largest_gap") or {}
     if _num(gap.get("gap")) is not None:
         s.data["largest_gap"] = gap
         s.bullets.append(f"Largest gap between segments: {fmt_delta(_num(gap['gap']), ev.pct).lstrip('+')} "
-                         f"({gap.get('best')} vs {gap.get('worst')}, {gap.get('model')}).")
+                         f"({gap.get('best')} vs {gap.get('worst')}, {ev.label(gap.get('model'))}).")
 
 
 def _summary_flags(ev: EvalView, s: Summary) -> None:
@@ -849,7 +866,10 @@ def _run_facts(man: dict[str, Any], rows: list[dict[str, Any]], best: float | No
         [float(r["tokens_per_s"]) for r in rows if _num(r.get("tokens_per_s"))] or [0]) or None)
     if tps:
         facts["tokens / s"] = f"{tps:,.0f}"
-    facts.update(_flat_scalars(man.get("timings"), "time: "))
+    for key, value in (man.get("timings") or {}).items() if isinstance(man.get("timings"), dict) else ():
+        if _num(value) is not None:  # train writes {"setup_s": 6.0, "train_s": 30.5, ...}
+            name = key[:-2] if key.endswith("_s") else key
+            facts[f"{name.replace('_', ' ')} time"] = _duration(value)
     facts.update(_peak_memory(man))
     return facts
 
@@ -863,11 +883,13 @@ def _peak_memory(man: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-def _flat_scalars(d: Any, prefix: str) -> dict[str, str]:
-    if not isinstance(d, dict):
-        return {}
-    return {f"{prefix}{k.replace('_', ' ')}": (f"{v:,.1f}" if isinstance(v, float) else str(v))
-            for k, v in d.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+def _duration(seconds: float) -> str:
+    """'42.0 s', '12 min 3 s', '2 h 05 min'."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -883,6 +905,34 @@ def _scope_values(ev: EvalView, scope: str, names: list[str]) -> dict[tuple[str,
                 out[(name, m)] = (_num(row["value"]), _num(row.get("ci_low")), _num(row.get("ci_high")),
                                   bool(row.get("enough", True)))
     return out
+
+
+def _overall_section(arts: Artifacts) -> Section | None:
+    """Every metric eval.json has, overall, per model: the table a reader compares models by."""
+    ev = arts.eval
+    if ev is None:
+        return None
+    metrics = list(dict.fromkeys(r.get("metric") for r in ev.doc["metrics"] if r.get("scope") == "overall"))
+    if not metrics:
+        return None
+    metrics.sort(key=lambda m: m != ev.metric)  # the primary metric first
+    rows = []
+    for m in ev.models:
+        cells: list[Cell | str] = [Cell(ev.label(m), "fine-tuned" if m == ev.tuned else
+                                        ("base" if m == ev.base else ""))]
+        for metric in metrics:
+            row = ev.cell(m, "overall", metric=metric)
+            cells.append(_metric_cell(row, is_rate(metric)))
+        rows.append(cells)
+    task = ev.doc.get("task")
+    sec = Section("eval-overall", "Results overall",
+                  intro=f"Every model on the same {ev.doc.get('n_test_examples', '?')} held-out test examples"
+                        + (f" ({task} task; greedy decoding)" if task else "") + ", with bootstrap 95% intervals. "
+                        f"The primary metric is {ev.metric}.")
+    sec.tables.append(Table(["model", *metrics], rows))
+    sec.data = {"metrics": metrics, "rows": [r for r in ev.doc["metrics"] if r.get("scope") == "overall"],
+                "labels": ev.labels}
+    return sec
 
 
 def _segment_section(arts: Artifacts) -> Section | None:
@@ -906,7 +956,8 @@ def _scope_section(ev: EvalView, scope: str) -> Section | None:
                         f"{ev.doc.get('n_test_queries', '?')} test queries.")
     if scope == "segment":
         _flag_callouts(ev, sec)
-    png = plots.metric_dots(names, ev.models, _scope_values(ev, scope, names), ev.metric, ev.pct)
+    values = {(name, ev.label(m)): v for (name, m), v in _scope_values(ev, scope, names).items()}
+    png = plots.metric_dots(names, [ev.label(m) for m in ev.models], values, ev.metric, ev.pct)
     if png:
         sec.figures.append(Figure(png, f"{ev.metric} per {scope} and model with 95% intervals",
                                   _top_note(len(names), "domains, those that moved most first")
@@ -928,18 +979,19 @@ def _flag_callouts(ev: EvalView, sec: Section) -> None:
                                     f"{fmt_delta(_num(f.get('ci_low')), ev.pct)} to "
                                     f"{fmt_delta(_num(f.get('ci_high')), ev.pct)}): {f.get('reason', 'flagged')}."))
     if not ev.flags() and ev.tuned:
-        sec.callouts.append(("good", f"No segment is worse under {ev.tuned} than under {ev.base} with a 95% "
-                                     "interval that excludes zero."))
+        sec.callouts.append(("good", f"No segment is worse under {ev.label(ev.tuned)} than under "
+                                     f"{ev.label(ev.base)} with a 95% interval that excludes zero."))
     worst = ev.doc.get("worst_segment") or {}
     if worst.get("segment") is not None:
-        sec.callouts.append(("warn", f"Worst segment: {worst['segment']} at "
-                                     f"{fmt_value(_num(worst.get('value')), ev.pct)} ({worst.get('model')})."))
+        value = fmt_value(_num(worst.get("value")), ev.pct)
+        sec.callouts.append(("warn", f"Worst segment: {worst['segment']} at {value} "
+                                     f"({ev.label(worst.get('model'))})."))
 
 
 def _scope_table(ev: EvalView, scope: str, names: list[str]) -> Table:
     key = "segment" if scope == "segment" else "domain"
     flagged = {f.get("segment") for f in ev.flags()} if scope == "segment" else set()
-    cols = [key, "n"] + list(ev.models) + (["Δ fine-tuned − base"] if ev.tuned else [])
+    cols = [key, "n"] + [ev.label(m) for m in ev.models] + (["Δ fine-tuned − base"] if ev.tuned else [])
     rows = []
     for name in names:
         cells: list[Cell | str] = [Cell(name, "⚠ flagged", "bad") if name in flagged else name]
@@ -992,7 +1044,8 @@ def _cross_section(arts: Artifacts) -> Section | None:
     png = plots.delta_heatmap(segs, doms_sorted, delta[:, order], enough[:, order], ev.pct,
                               higher_is_better(ev.metric))
     sec = Section("eval-cross", "Segment × domain: where it changed",
-                  intro=f"Change in {ev.metric} from {ev.base} to {ev.tuned} for each segment on each domain; "
+                  intro=f"Change in {ev.metric} from {ev.label(ev.base)} to {ev.label(ev.tuned)} for each segment "
+                        "on each domain; "
                         "cells with too little test traffic are left blank (n/a).")
     if png:
         sec.figures.append(Figure(png, "Change of the primary metric per segment and domain",
@@ -1070,13 +1123,13 @@ def _export_section(arts: Artifacts) -> Section | None:
     if ev is not None and any(v["quality"] is not None for v in recs):
         base = ev.value(ev.base, "overall")
         panels.insert(0, {"label": f"{ev.metric} on the test split", "values": [v["quality"] for v in recs],
-                          "percent": ev.pct, "reference": (f"{ev.base} {fmt_value(base, ev.pct)}", base)})
+                          "percent": ev.pct, "reference": (f"{ev.label(ev.base)} {fmt_value(base, ev.pct)}", base)})
     png = plots.size_quality([v["name"] for v in recs], [(v.get("size_bytes") or 0) / 1e6 for v in recs], panels)
     if png:
         sec.figures.append(Figure(png, "Size on disk against quality per variant"))
     if any(v.get("quality_from") for v in recs):
         sec.callouts.append(("info", f"merged is the fine-tuned run with its adapter folded in; its {ev.metric} "
-                                     f"is the run's ({ev.tuned})."))
+                                     f"is the run's ({ev.label(ev.tuned)})."))
     sec.tables.append(_export_table(recs, merged, ev))
     sec.data = {"variants": recs, "merged_size_bytes": merged}
     return sec

@@ -70,7 +70,7 @@ def make_run(folder: Path, best_step: int = 80) -> Path:
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     manifest = {"base_model": "smollm2", "task": "label", "seed": 0, "layers": [6, 7, 8, 10], "best_step": best_step,
                 "stopped_early": True, "stop_reason": "no validation improvement for 2 evaluations",
-                "timings": {"train_seconds": 412.5}, "peak_memory_bytes": 2_500_000_000}
+                "timings": {"setup_s": 6.0, "train_s": 412.5}, "peak_memory_bytes": 2_500_000_000}
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run
 
@@ -80,6 +80,7 @@ def _metric_rows() -> list[dict]:
     for m in MODELS:
         seg = SEG_ACC[m]
         rows.append(_row(m, "overall", None, None, sum(seg) / 3, 900))
+        rows.append(_row(m, "overall", None, None, sum(seg) / 3 - 0.1, 900) | {"metric": "f1"})  # macro F1
         for s, v in zip(SEGMENTS, seg):
             rows.append(_row(m, "segment", s, None, v, 300))
         for j, d in enumerate(DOMAINS):
@@ -148,8 +149,8 @@ def full(tmp_path_factory: pytest.TempPathFactory):
 
 def test_full_report_has_every_section_in_order(full) -> None:
     result, html, doc, md = full
-    assert result.sections == ["plan", "layers", "recommender", "training", "eval-segment", "eval-domain",
-                               "eval-cross", "representation", "export"]
+    assert result.sections == ["plan", "layers", "recommender", "training", "eval-overall", "eval-segment",
+                               "eval-domain", "eval-cross", "representation", "export"]
     assert [s["id"] for s in doc["sections"]] == result.sections
     # one inline PNG per plot, and every section's title in all three renderings
     assert html.count('src="data:image/png;base64,') == result.figures == 9
@@ -198,6 +199,14 @@ def test_segment_table_shows_ci_delta_and_flag(full) -> None:
     assert any(c["tone"] == "bad" and "enterprise" in c["text"] for c in seg["callouts"])
 
 
+def test_overall_table_has_every_metric_per_model(full) -> None:
+    _, _, doc, _ = full
+    table = next(s for s in doc["sections"] if s["id"] == "eval-overall")["tables"][0]
+    assert table["columns"] == ["model", "accuracy", "f1"]
+    assert table["rows"][0] == ["base base", "60.0% 56.0%–64.0%", "50.0% 46.0%–54.0%"]
+    assert table["rows"][1][0] == "runs/r1 fine-tuned"
+
+
 def test_thin_cells_say_so_instead_of_a_number(full) -> None:
     _, _, doc, _ = full
     cross = next(s for s in doc["sections"] if s["id"] == "eval-cross")["data"]
@@ -230,6 +239,7 @@ def test_training_section_marks_best_step_and_plan_match(tmp_path: Path) -> None
     assert len(training["train_loss"]) == 120 and len(training["val_loss"]) == 6
     assert training["facts"]["LoRA layers"] == "6–8, 10 (4)" and training["facts"]["steps"] == "120"
     assert training["facts"]["tokens / s"] == "151"  # median of 150, 151, 152 per step
+    assert training["facts"]["train time"] == "6 min 52 s" and training["facts"]["setup time"] == "6.0 s"
     assert training["facts"]["best validation loss"] == "1.0000" and training["facts"]["peak memory"] == "2.5 GB"
     plan_sec = next(s for s in doc["sections"] if s["id"] == "plan")
     assert plan_sec["data"]["run_used_this_plan"] is True
@@ -242,7 +252,7 @@ def test_training_section_marks_best_step_and_plan_match(tmp_path: Path) -> None
     (("plan",), ["plan", "layers", "recommender"]),
     (("run",), ["training"]),
     (("export",), ["export"]),
-    (("eval",), ["eval-segment", "eval-domain", "eval-cross", "representation", "export"]),
+    (("eval",), ["eval-overall", "eval-segment", "eval-domain", "eval-cross", "representation", "export"]),
     (("plan", "export"), ["plan", "layers", "recommender", "export"]),
 ])
 def test_sections_follow_the_inputs_given(tmp_path: Path, given: tuple[str, ...], sections: list[str]) -> None:
