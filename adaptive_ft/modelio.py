@@ -81,8 +81,13 @@ def load_run(run: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Mo
 
 
 def _with_pad(tokenizer: Any) -> Any:
+    """The same defaults ``models.load_model`` gives the tokenizer training used: a pad token, a chat template."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        from adaptive_ft.models import CHATML_TEMPLATE
+
+        tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
 
