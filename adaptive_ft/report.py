@@ -453,7 +453,8 @@ def _summary_plan(arts: Artifacts, s: Summary) -> None:
     s.bullets.append(Bullet(head, [f"**{d.domain}**" + (f" — {d.why}" if d.why else "") for d in top]))
     if arts.plan.layers:
         s.data["layers"] = arts.plan.layers.selected
-        s.bullets.append(f"LoRA on layers {_ranges(arts.plan.layers.selected)}, chosen by the plan.")
+        sel = arts.plan.layers.selected
+        s.bullets.append(f"LoRA on layer{'s' if len(sel) != 1 else ''} {_ranges(sel)}, chosen by the plan.")
 
 
 def _summary_eval(arts: Artifacts, s: Summary) -> None:
@@ -622,7 +623,8 @@ def _layers_section(arts: Artifacts) -> Section | None:
     if lay is None:
         return None
     sec = Section("layers", "Which layers get adapters",
-                  intro=f"Selected: layers {_ranges(lay.selected)}. A fraction of the domain × layer cells is "
+                  intro=f"Selected: layer{'s' if len(lay.selected) != 1 else ''} {_ranges(lay.selected)}. "
+                        "A fraction of the domain × layer cells is "
                         "measured by a probe; the rest is completed by matrix factorization.")
     grid = layer_matrix(arts.plan.extra.get("layer_matrix")) or layer_grid(lay.scores)
     if grid is not None:

@@ -116,10 +116,22 @@ def metric_dots(categories: Sequence[str], models: Sequence[str], values: dict[t
         ax.grid(axis="y", visible=False)
         ax.set_xlabel(f"{metric} (dot) with 95% bootstrap interval (line)")
         if as_percent:
+            _rate_limits(ax, values)
             _percent_axis(ax)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.0 + 0.5 / height), ncol=min(4, len(models)),
                   handletextpad=0.3, columnspacing=1.4)
         return _png(fig)
+
+
+def _rate_limits(ax: plt.Axes, values: dict[tuple[str, str], tuple]) -> None:
+    """Keep a rate's axis inside [0, 1] (matplotlib pads symmetric data, e.g. all zeros, below 0%)."""
+    xs = [x for v in values.values() for x in v[:3] if x is not None]
+    lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    pad = max(0.02, 0.06 * (hi - lo))
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)
+    if hi - lo < 0.1:  # a flat result still gets a readable scale
+        lo, hi = max(0.0, min(lo, hi - 0.1)), min(1.0, max(hi, lo + 0.1))
+    ax.set_xlim(lo - 0.005, hi + 0.005)
 
 
 def _model_dots(ax: plt.Axes, cats: list[str], model: str, values: dict, offset: float, j: int) -> None:
@@ -228,7 +240,11 @@ def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float,
         return None
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH_IN, 3.0))
-        if train:
+        if len(train) > 20:  # per-step loss is noisy: a faint raw line under its moving average
+            ax.plot(*zip(*train), color=_color(4), linewidth=0.8, alpha=0.6, label="train loss")
+            ax.plot([x for x, _ in train], _ema([y for _, y in train]), color=_color(0), linewidth=1.8,
+                    label="train loss (EMA)")
+        elif train:
             ax.plot(*zip(*train), color=_color(0), linewidth=1.4, label="train loss", alpha=0.9)
         if val:
             ax.plot(*zip(*val), color=_color(1), linewidth=2.0, marker="s", markersize=4,
@@ -238,8 +254,18 @@ def loss_curves(train: Sequence[tuple[float, float]], val: Sequence[tuple[float,
             ax.axvline(best_step, color=_color(5), linestyle="--", linewidth=1.3, label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
-        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, handlelength=1.8)
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, handlelength=1.8, fontsize=8.5)
         return _png(fig)
+
+
+def _ema(ys: Sequence[float]) -> list[float]:
+    """Exponential moving average, bias-corrected (as TensorBoard's smoothing), span ~ 1/20 of the run."""
+    beta = 1.0 - 1.0 / max(2.0, len(ys) / 20)
+    out, acc = [], 0.0
+    for i, y in enumerate(ys, 1):
+        acc = beta * acc + (1 - beta) * y
+        out.append(acc / (1 - beta**i))
+    return out
 
 
 @_plot
@@ -256,34 +282,44 @@ def size_quality(names: Sequence[str], sizes_mb: Sequence[float], panels: Sequen
         fig, axes = plt.subplots(1, len(panels), figsize=(WIDTH_IN, 3.3), squeeze=False)
         for ax, panel in zip(axes.flat, panels):
             _size_panel(ax, names, sizes_mb, panel)
-        fig.tight_layout(w_pad=2.5)
+        handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)),
+                   bbox_to_anchor=(0.5, 1.0), handletextpad=0.3, columnspacing=1.3)
+        fig.tight_layout(rect=(0, 0, 1, 0.9), w_pad=2.5)
         return _png(fig)
 
 
 def _size_panel(ax: plt.Axes, names: Sequence[str], sizes_mb: Sequence[float], panel: dict) -> None:
     points = [(j, n, s, q) for j, (n, s, q) in enumerate(zip(names, sizes_mb, panel["values"])) if s and q is not None]
-    for j, name, size, q in points:
-        ax.plot(size, q, MARKERS[j % len(MARKERS)], color=_color(j), markersize=9)
-        ax.annotate(name, (size, q), textcoords="offset points", xytext=(6, 6), fontsize=8.5, color=INK)
     qs = [q for *_, q in points]
     ref = panel.get("reference")
     if ref is not None and ref[1] is not None:
         ax.axhline(ref[1], color=MUTED, linestyle=":", linewidth=1.2)
-        ax.annotate(ref[0], (1.0, ref[1]), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                    fontsize=8, color=MUTED, textcoords="offset points", xytext=(0, 2))
+        ax.annotate(ref[0], (1.0, ref[1]), xycoords=("axes fraction", "data"), ha="right", va="top",
+                    fontsize=8, color=MUTED, textcoords="offset points", xytext=(0, -3))
         qs.append(ref[1])
-    span = max(qs) - min(qs)
-    pad = max(span * 0.25, 0.01 if panel["percent"] else 0.05 * max(1e-9, abs(max(qs))))
-    top = max(qs) + pad * 1.6
-    if panel["percent"] and max(qs) <= 1.0:
-        top = min(top, 1.0 + pad * 0.6)  # room for the labels, but no axis climbing past 100%
-    ax.set_ylim(min(qs) - pad, top)
-    sizes = [s for _, _, s, _ in points]
-    ax.set_xlim(0, max(sizes) * 1.25)
+    lo, hi = _padded(qs, panel["percent"])
+    ax.set_ylim(lo, hi)
+    xmax = max(s for _, _, s, _ in points) * 1.25
+    ax.set_xlim(0, xmax)
+    for j, name, size, q in points:  # named in the shared legend: labels beside points collide when close
+        ax.plot(size, q, MARKERS[j % len(MARKERS)], color=_color(j), markersize=9, alpha=0.9, label=name,
+                markeredgecolor="white", markeredgewidth=0.6)
     ax.set_xlabel("size on disk (MB)")
     ax.set_title(panel["label"], fontsize=9.5)
     if panel["percent"]:
         _percent_axis(ax, "y")
+
+
+def _padded(qs: list[float], percent: bool) -> tuple[float, float]:
+    """y-limits around the values with room for labels; a rate stays within [0, 1] (plus a sliver)."""
+    span = max(qs) - min(qs)
+    pad = max(span * 0.25, 0.02 if percent else 0.05 * max(1e-9, abs(max(qs))))
+    lo, hi = min(qs) - pad, max(qs) + pad * 1.6
+    if percent:
+        lo, hi = max(lo, -0.005), min(hi, 1.0 + pad * 0.6)
+        hi = max(hi, lo + 0.05)
+    return lo, hi
 
 
 @_plot
@@ -311,8 +347,9 @@ def recommender_bars(groups: Sequence[str], metrics: Sequence[str],
                        hatch=hatches[j % len(hatches)], edgecolor="white", label=method)
             ax.set_title(metric, fontsize=9.5)
             ax.set_xlim(-0.6, max(len(shown), 2.2) - 0.4)
-            ax.set_xticks(x, shown, rotation=30 if len(shown) > 4 else 0, ha="right" if len(shown) > 4
-                          else "center", fontsize=8)
+            tilt = len(shown) > 3 or max(map(len, shown)) * len(shown) > 28  # long names would collide
+            ax.set_xticks(x, shown, rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=8,
+                          rotation_mode="anchor")
             ax.grid(axis="x", visible=False)
         for ax in list(axes.flat)[len(metrics):]:
             ax.set_visible(False)
@@ -351,6 +388,10 @@ def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.nda
         ax.spines[:].set_visible(False)
         cbar = fig.colorbar(img, ax=ax, fraction=0.03, pad=0.02)
         cbar.set_label("worse  ←  0  →  better", fontsize=8.5)
+        if as_percent:  # the cells print points; so does the scale
+            cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v * 100:+.0f}"))
+        if not higher_is_better:  # the map is drawn on -delta so that purple is always "better"
+            cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{-v:+.2g}"))
         ax.set_title(f"fine-tuned − base ({'points' if as_percent else 'metric units'}); purple = better, "
                      "orange = worse", fontsize=9.5, fontweight="normal", color=INK)
         return _png(fig)
