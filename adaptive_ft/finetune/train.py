@@ -157,10 +157,11 @@ def lora_config(tc: TrainConfig, layers: list[int], rank_pattern: dict[str, int]
 
     ranks = {f"layers\\.{int(k)}\\..*": int(v) for k, v in rank_pattern.items() if int(k) in layers}
     alphas = {k: tc.lora.alpha * v / tc.lora.r for k, v in ranks.items()}
+    subset = len(layers) < n
     return LoraConfig(
         r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
         target_modules=list(tc.lora.target_modules), task_type="CAUSAL_LM", bias="none",
-        layers_to_transform=None if len(layers) == n else list(layers), layers_pattern="layers",
+        layers_to_transform=list(layers) if subset else None, layers_pattern="layers" if subset else None,
         rank_pattern=ranks, alpha_pattern=alphas,
     )
 
@@ -173,8 +174,8 @@ def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dic
     try:
         model = get_peft_model(base, lora_config(tc, layers, rank_pattern, n))
     except ValueError as e:
-        raise ModelError(f"cannot attach LoRA: {e}. Set train.lora.target_modules to module names of this "
-                         f"model (e.g. q_proj, v_proj)") from None
+        raise ModelError(f"cannot attach LoRA: {e} (train.lora.target_modules = {tc.lora.target_modules}; "
+                         f"they must name Linear modules of this model, e.g. q_proj, v_proj)") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
