@@ -20,8 +20,8 @@ from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
 from adaptive_ft.store.db import Store
 from adaptive_ft.store.sources import (
-    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, file_sha256, ident, jsonl_reader, parquet_reader,
-    q, review_reader,
+    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, file_digest, file_sha256, ident, jsonl_fast_reader,
+    jsonl_reader, lines_relation, parquet_reader, q, review_reader,
 )
 
 # Called as on_stage(source, stage_name) when a file enters a stage; the CLI drives its progress with it.
@@ -114,15 +114,15 @@ def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool
     same_size = st.con.execute("SELECT batch_id, sha256, rows_ok + rows_duplicate FROM batches WHERE bytes = ? "
                                "ORDER BY batch_id", [src.bytes]).fetchall()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        sha: Future[str] = pool.submit(file_sha256, src.path)
+        digest: Future[tuple[str, int]] = pool.submit(file_digest, src.path)
         if same_size:
-            prev = next((b for b in same_size if b[1] == sha.result()), None)
+            prev = next((b for b in same_size if b[1] == digest.result()[0]), None)
             if prev and not force:
                 rep.rows_duplicate = int(prev[2])
                 rep.note = f"already ingested as batch {prev[0]} (same sha256); --force re-reads it"
                 return rep
         try:
-            _load(st, src, cfg, rep, hook, sha)
+            _load(st, src, cfg, rep, hook, digest)
         except duckdb.Error as e:
             _rollback(st)
             rep.error = f"{path}: could not be read as {src.format}: {str(e).splitlines()[0]}"
@@ -150,38 +150,70 @@ def _reader(src: Source, rejects: str) -> Reader:
 
 
 def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: StageHook | None,
-          sha: Future[str]) -> None:
-    """Read, validate and write one file as one transaction (a kill at any point leaves no trace)."""
+          digest: Future[tuple[str, int]]) -> None:
+    """Read, validate and write one file as one transaction (a kill at any point leaves no trace).
+
+    Staging (a connection-local temp table) happens before the transaction, so a fast read that fails
+    can simply be redone the careful way; everything that touches the store's tables is inside it.
+    """
     con, t0 = st.con, time.perf_counter()
     if src.format == "parquet":
         desc = con.execute(f"DESCRIBE SELECT * FROM read_parquet({q(str(src.path))})").fetchall()
         src.types = {name: typ for name, typ, *_ in desc}
-    con.execute("BEGIN TRANSACTION")
     (batch,) = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM batches").fetchall()[0]
     rep.batch_id = int(batch)
+    _stage(hook, src, 0)
+    reader = _stage_file(con, src, cfg, f"_rejects_{batch}", digest)
+    con.execute("BEGIN TRANSACTION")
     con.execute(
         "INSERT INTO batches (batch_id, source, format, rows_ok, rows_duplicate, rows_rejected, "
         "started_at, bytes) VALUES (?, ?, ?, 0, 0, 0, now()::TIMESTAMP, ?)",
         [batch, str(src.path.resolve()), src.format, src.bytes],
     )
-    reader = _reader(src, f"_rejects_{batch}")
-    _stage(hook, src, 0)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
     if reader.csv_rejects:
         _csv_rejects(con, reader.csv_rejects, batch)
     _stage(hook, src, 1)
     _resolve_examples(con)
+    if reader.suspect != "false":
+        _fill_raw(con, src)
     _stage(hook, src, 2)
     _write(con, batch, cfg, rep)
-    rep.seconds = time.perf_counter() - t0  # the sha256 wait and the commit are outside the batch's own time
+    rep.seconds = time.perf_counter() - t0  # the commit is outside the batch's own time
     con.execute(
         "UPDATE batches SET sha256 = ?, rows_ok = ?, rows_duplicate = ?, rows_rejected = ?, rows_skipped = ?, "
         "finished_at = now()::TIMESTAMP, seconds = ? WHERE batch_id = ?",
-        [sha.result(), rep.rows_ok, rep.rows_duplicate, rep.rows_rejected, rep.rows_skipped, rep.seconds, batch],
+        [digest.result()[0], rep.rows_ok, rep.rows_duplicate, rep.rows_rejected, rep.rows_skipped, rep.seconds, batch],
     )
     _stage(hook, src, 3)
     con.execute("COMMIT")
     con.execute("DROP TABLE IF EXISTS _stage")
+
+
+def _stage_file(con: duckdb.DuckDBPyConnection, src: Source, cfg: IngestConfig, rejects: str,
+                digest: Future[tuple[str, int]]) -> Reader:
+    """Fill the staging table; JSONL first through DuckDB's JSON reader, and line by line only if needed."""
+    if src.format == "jsonl" and src.path.suffix != ".gz":
+        fast = jsonl_fast_reader(src)
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(fast, cfg)}")
+            (rows, suspect) = con.execute("SELECT count(*), bool_or(suspect) FROM _stage").fetchall()[0]
+            if rows == digest.result()[1] and not suspect:
+                return fast
+        except duckdb.Error:
+            pass  # a malformed line, a non-object line, an oversized line: read it line by line
+    reader = _reader(src, rejects)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
+    return reader
+
+
+def _fill_raw(con: duckdb.DuckDBPyConnection, src: Source) -> None:
+    """The fast JSON path keeps no line text: fetch it for the rejected lines (one more scan, only then)."""
+    (n,) = con.execute("SELECT count(*) FROM _stage WHERE reason IS NOT NULL").fetchall()[0]
+    if n:
+        con.execute(
+            f"""UPDATE _stage SET raw = l._raw FROM ({lines_relation(src)}) l
+            WHERE l._line = _stage.line AND _stage.reason IS NOT NULL"""
+        )
 
 
 def _stage(hook: StageHook | None, src: Source, i: int) -> None:
@@ -191,9 +223,12 @@ def _stage(hook: StageHook | None, src: Source, i: int) -> None:
 
 # ------------------------------------------------------------------------------------- validation SQL
 
+# ISO-8601 in UTC ('Z' or naive) takes the fast strptime path; offsets and other ISO forms the ICU
+# TIMESTAMPTZ cast; a plain number is epoch seconds (below 1e11, so milliseconds are not misread).
 _TS_TEXT = (
-    "coalesce(try_cast({ts} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', "
-    "CASE WHEN try_cast({ts} AS DOUBLE) >= 0 AND try_cast({ts} AS DOUBLE) < 1e11 "  # epoch seconds, not ms
+    "coalesce(try_strptime({ts}, ['%Y-%m-%dT%H:%M:%SZ', '%Y-%m-%dT%H:%M:%S.%fZ', '%Y-%m-%d %H:%M:%S']), "
+    "try_cast({ts} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', "
+    "CASE WHEN try_cast({ts} AS DOUBLE) >= 0 AND try_cast({ts} AS DOUBLE) < 1e11 "
     "THEN to_timestamp(try_cast({ts} AS DOUBLE))::TIMESTAMP END)"
 )
 
@@ -236,10 +271,10 @@ def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
     return f"""
     WITH f AS (SELECT *, {r.line} AS line, {r.pre_reason} AS pre_reason, {r.skip} AS skipped, {fields}
                FROM ({r.base})),
-    p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(event) AS event_n,
+    p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(trim(event)) AS event_n,
                  coalesce(example_id, md5({norm_prompt})) AS example_id_f FROM f),
     v AS (SELECT *, CASE WHEN skipped THEN NULL ELSE {_reason_sql(cfg)} END AS reason FROM p)
-    SELECT line, reason, skipped,
+    SELECT line, reason, skipped, {r.suspect} AS suspect,
            CASE WHEN reason IS NOT NULL OR prompt IS NULL OR domain IS NULL THEN {r.raw} END AS raw,
            CASE WHEN reason IS NULL THEN coalesce(event_id, md5({event_key})) END AS event_id,
            ts_p AS ts, user_id, segment, example_id_f AS example_id, domain, prompt, response, reference,
@@ -263,8 +298,8 @@ def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None
                 WHERE r.g < _stage.line - 1)"""
         )
         con.execute(
-            f"""INSERT INTO _stage (line, reason, skipped, raw)
-            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || msg || ')', false, csv_line FROM {rej}"""
+            f"""INSERT INTO _stage (line, reason, skipped, suspect, raw)
+            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || msg || ')', false, false, csv_line FROM {rej}"""
         )
     con.execute(f"DROP TABLE IF EXISTS {ident(table)}")
     con.execute(f"DROP TABLE IF EXISTS {ident(table + '_scan')}")

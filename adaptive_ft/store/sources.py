@@ -64,13 +64,23 @@ def _head(path: Path) -> bytes:
         raise InputError(f"{path}: cannot read ({e})") from None
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (hashlib releases the GIL, so it can run beside a DuckDB query)."""
-    h = hashlib.sha256()
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 of a file's bytes and its number of lines, in one read.
+
+    hashlib releases the GIL, so this runs in a thread beside a DuckDB query.
+    """
+    h, lines, last = hashlib.sha256(), 0, b"\n"
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return h.hexdigest()
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return h.hexdigest(), lines + (last != b"\n")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return file_digest(path)[0]
 
 
 def _check_text(path: Path, head: bytes) -> str:
@@ -158,6 +168,7 @@ class Reader:
     value_parsed: str | None = None  # DOUBLE expression when the source is typed
     skip: str = "false"  # rows dropped and counted as skipped (review rows without a rating)
     line: str = "_line"  # the record's line number in the file
+    suspect: str = "false"  # fast JSON path: a value that may have been a JSON object/array (re-read slowly)
     csv_rejects: str | None = None  # DuckDB rejects table of a CSV read (rows that break CSV rules)
 
 
@@ -178,8 +189,8 @@ def _json_struct(keys: dict[str, str]) -> str:
 
 
 def _text(expr: str, short: bool) -> str:
-    """Empty text is missing; identifiers and scalars are trimmed (prompts are kept as written)."""
-    return f"nullif(trim({expr}), '')" if short else f"nullif({expr}, '')"
+    """Empty text is a missing field. (Not trimmed: trim copies every string, a third of the staging time.)"""
+    return f"nullif({expr}, '')"
 
 
 def json_kind(type_expr: str) -> str:
@@ -201,13 +212,15 @@ def _json_type_reason(name: str) -> str:
 
 def _json_base(src: Source, keys: dict[str, str]) -> str:
     """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later."""
-    # a valid JSON text that starts with '{' is an object: one parse instead of json_valid + json_type
+    # One JSON parse to validate; a valid text starting with '{' is an object (no second parse for json_type).
+    # Blank lines are not records; only invalid lines are trimmed to find them (trim copies the string).
     kinds = (
-        f"SELECT _line, _raw, CASE WHEN NOT json_valid(_raw) THEN 'INVALID' WHEN starts_with(ltrim(_raw), '{{') "
-        f"THEN 'OBJECT' ELSE json_type(_raw) END AS _kind "
-        f"FROM ({_lines_relation(src)}) WHERE _raw IS NOT NULL AND trim(_raw) <> ''"
+        "SELECT _line, _raw, CASE WHEN json_valid(_raw) THEN CASE WHEN starts_with(_raw, '{') THEN 'OBJECT' "
+        "ELSE json_type(_raw) END WHEN trim(_raw) = '' THEN 'BLANK' ELSE 'INVALID' END AS _kind "
+        f"FROM ({_lines_relation(src)}) WHERE _raw IS NOT NULL"
     )
-    return f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r FROM ({kinds})"
+    return (f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r "
+            f"FROM ({kinds}) WHERE _kind <> 'BLANK'")
 
 
 def _json_record_reason() -> str:
@@ -226,6 +239,30 @@ def jsonl_reader(src: Source) -> Reader:
         fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
         pre_reason=f"CASE {_json_record_reason()} {wrong} END",
     )
+
+
+def jsonl_fast_reader(src: Source) -> Reader:
+    """The flat format through DuckDB's own JSON reader: one parse per line, no line splitting.
+
+    It cannot report a bad line (it stops at the first) nor number lines around blank ones, and turns
+    an object given for a text field into its JSON text; so ingest uses it only when it reads the file
+    without error, yields one record per line, and sees no value starting with '{' or '['. Anything
+    else is read again by :func:`jsonl_reader`.
+    """
+    cols = "{" + ", ".join(f"{q(f)}: 'VARCHAR'" for f in FIELDS) + "}"
+    base = (
+        f"SELECT row_number() OVER () AS _line, NULL::VARCHAR AS _raw, _r FROM read_json({q(str(src.path))}, "
+        f"format='newline_delimited', columns={cols}) AS _r"
+    )
+    suspect = " OR ".join(f"starts_with(_r.{ident(f)}, '{{') OR starts_with(_r.{ident(f)}, '[')"
+                          for f in FIELDS if f != "value")
+    return Reader(base=base, fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
+                  suspect=f"coalesce({suspect}, false)")
+
+
+def lines_relation(src: Source) -> str:
+    """(_line, _raw) for every line of the file: the raw text of rejected records."""
+    return _lines_relation(src)
 
 
 # Feedback words of chat logs mapped onto event types (anything else must itself be an event type).
