@@ -60,7 +60,7 @@ class Cell:
     tone: str = ""
 
     def plain(self) -> str:
-        return f"{self.text} {self.note}".strip()
+        return f"{self.text} ({self.note})" if self.note else self.text
 
 
 @dataclass
@@ -920,8 +920,8 @@ def _overall_section(arts: Artifacts) -> Section | None:
     metrics.sort(key=lambda m: m != ev.metric)  # the primary metric first
     rows = []
     for m in ev.models:
-        cells: list[Cell | str] = [Cell(ev.label(m), "fine-tuned" if m == ev.tuned else
-                                        ("base" if m == ev.base else ""))]
+        role = "fine-tuned" if m == ev.tuned else ("base" if m == ev.base and ev.label(m) != "base" else "")
+        cells: list[Cell | str] = [Cell(ev.label(m), role)]
         for metric in metrics:
             row = ev.cell(m, "overall", metric=metric)
             cells.append(_metric_cell(row, is_rate(metric)))
@@ -1020,7 +1020,7 @@ def _metric_cell(row: dict[str, Any] | None, pct: bool) -> Cell:
     if row is None or _num(row.get("value")) is None:
         return Cell("—")
     if not row.get("enough", True):
-        return Cell("too few", f"n={row.get('n')}", "muted")
+        return Cell("too few", f"n={row.get('n')}", "muted")  # plain: "too few (n=4)"
     lo, hi = _num(row.get("ci_low")), _num(row.get("ci_high"))
     ci = f"{fmt_value(lo, pct)}–{fmt_value(hi, pct)}" if lo is not None and hi is not None else ""
     return Cell(fmt_value(_num(row["value"]), pct), ci)

@@ -193,9 +193,9 @@ def test_segment_table_shows_ci_delta_and_flag(full) -> None:
     assert table["columns"] == ["segment", "n", *MODELS, "Δ fine-tuned − base"]
     enterprise = next(r for r in table["rows"] if r[0].startswith("enterprise"))
     # base 70.0% [66.0, 74.0]; paired delta -8.0 pts with CI -13.0 to -3.0 pts (from eval.json "deltas")
-    assert enterprise == ["enterprise ⚠ flagged", "300", "70.0% 66.0%–74.0%", "62.0% 58.0%–66.0%",
-                          "61.5% 57.5%–65.5%", "60.0% 56.0%–64.0%", "-8.0 pts -13.0 pts to -3.0 pts"]
-    assert "| enterprise ⚠ flagged | 300 | 70.0% 66.0%–74.0% |" in md
+    assert enterprise == ["enterprise (⚠ flagged)", "300", "70.0% (66.0%–74.0%)", "62.0% (58.0%–66.0%)",
+                          "61.5% (57.5%–65.5%)", "60.0% (56.0%–64.0%)", "-8.0 pts (-13.0 pts to -3.0 pts)"]
+    assert "| enterprise (⚠ flagged) | 300 | 70.0% (66.0%–74.0%) |" in md
     assert any(c["tone"] == "bad" and "enterprise" in c["text"] for c in seg["callouts"])
 
 
@@ -203,8 +203,8 @@ def test_overall_table_has_every_metric_per_model(full) -> None:
     _, _, doc, _ = full
     table = next(s for s in doc["sections"] if s["id"] == "eval-overall")["tables"][0]
     assert table["columns"] == ["model", "accuracy", "f1"]
-    assert table["rows"][0] == ["base base", "60.0% 56.0%–64.0%", "50.0% 46.0%–54.0%"]
-    assert table["rows"][1][0] == "runs/r1 fine-tuned"
+    assert table["rows"][0] == ["base", "60.0% (56.0%–64.0%)", "50.0% (46.0%–54.0%)"]
+    assert table["rows"][1][0] == "runs/r1 (fine-tuned)"
 
 
 def test_thin_cells_say_so_instead_of_a_number(full) -> None:
