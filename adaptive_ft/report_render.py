@@ -130,6 +130,8 @@ def _cell_html(cell: Cell | str, header: str) -> str:
     classes = [c.tone] if c.tone else []
     if _NUMERIC.match(c.text) or c.text == "too few":
         classes.append("num")
+    elif len(c.text) > 32:  # prose (a plan's "why"): keep a readable measure when the table is narrow
+        classes.append("prose")
     note = f'<span class="note">{html.escape(c.note)}</span>' if c.note else ""
     cls = f' class="{" ".join(classes)}"' if classes else ""
     return f'<td{cls} data-label="{html.escape(header)}">{html.escape(c.text)}{note}</td>'
