@@ -53,6 +53,7 @@ class VariantInfo:
     agreement: float
     probe_positions: int = 0
     tokenizer_match: bool = True
+    runtime: str = ""
 
 
 @dataclass
@@ -169,6 +170,13 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# What ms_per_token measured: every variant runs under transformers on CPU. A GGUF file is dequantized to fp32
+# by transformers' loader, so its latency is the fp32 model's, not what llama.cpp would do with Q8_0 / F16 kernels.
+RUNTIMES = {"merged": "transformers fp32", "int8": "transformers + bitsandbytes LLM.int8 (CPU)",
+            "nf4": "transformers + bitsandbytes nf4, fp32 compute (CPU)",
+            "gguf": "transformers GGUF loader, dequantized to fp32 (not llama.cpp kernels)"}
+
+
 def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: list[str],
                      cfg: ExportConfig) -> list[VariantInfo]:
     """Reload each variant from disk and measure it against the merged model's top-1 predictions."""
@@ -192,7 +200,7 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
         infos.append(VariantInfo(name=name, path=rel, format=fmt, size_bytes=dir_size(out / rel),
                                  load_seconds=round(load_s, 4), ms_per_token=round(ms, 3),
                                  agreement=round(agree / max(total, 1), 6), probe_positions=total,
-                                 tokenizer_match=same_ids))
+                                 tokenizer_match=same_ids, runtime=RUNTIMES[name.split("-")[0]]))
         del model
     return infos
 

@@ -84,6 +84,9 @@ def report(variants: list, run: Path, took: float, threads: int) -> None:
         print(f"{v.name:<11} {v.size_bytes / 2**20:>9.2f} {v.size_bytes / merged.size_bytes:>9.3f} "
               f"{v.ms_per_token:>9.2f} {v.ms_per_token / merged.ms_per_token:>9.2f} {v.load_seconds:>7.2f} "
               f"{100 * v.agreement:>10.1f}%")
+    for name, runtime in sorted({v.name.split("-")[0]: v.runtime for v in variants}.items()):
+        print(f"  {name}: {runtime}")
+    print("  (latency is wall clock on this machine's CPU while it runs: compare within one run, not across runs)")
 
 
 if __name__ == "__main__":
