@@ -288,3 +288,27 @@ def test_review_reviewed_at_column_sets_the_time(tmp_path: Path):
     assert ingest([review], db, fmt="review").files[0].rows_ok == 1
     with Store.open(db, read_only=True) as s:
         assert s.sql("SELECT ts FROM events").item() == dt.datetime(2024, 6, 2, 8, 30)
+
+
+def test_json_schema_and_ingest_agree_on_single_records(tmp_path: Path):
+    """A record the schema accepts is stored; one ingest rejects on its own, the schema refuses too."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "interactions" / "schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    cross_record = ("missing required field: domain (", "missing required field: prompt (")
+    checked = 0
+    for record, reason in BAD_JSONL:
+        if not isinstance(record, dict) or (reason or "").startswith(cross_record):
+            continue
+        valid = validator.is_valid(record)
+        assert not (valid and reason), f"schema accepts what ingest rejects ({reason}): {str(record)[:80]}"
+        assert valid or reason or record["event"] != record["event"].strip().lower(), str(record)[:80]
+        checked += 1
+    assert checked == 19
+
+
+def test_the_sample_log_ingests_completely(tmp_path: Path):
+    sample = Path(__file__).resolve().parents[1] / "interactions" / "sample.jsonl"
+    n = sum(1 for line in sample.read_text().splitlines() if line.strip())
+    f = ingest([sample], tmp_path / "s.duckdb").files[0]
+    assert (f.error, f.rows_ok, f.rows_rejected) == (None, n, 0)
