@@ -44,7 +44,7 @@ class ReportInputs:
     run: Path | None = None
     eval: Path | None = None
     export: Path | None = None
-    title: str = "adaptive-ft report"
+    title: str = ""  # empty: one is made from the inputs ("smollm2 fine-tune r1")
 
     def given(self) -> dict[str, str]:
         return {k: str(v) for k, v in (("store", self.store), ("plan", self.plan), ("run", self.run),
@@ -186,8 +186,21 @@ def assemble(arts: "Artifacts", inputs: ReportInputs) -> Report:
                 _domain_section, _cross_section, _representation_section, _export_section, _store_section]
     sections = [s for b in builders if (s := b(arts)) is not None]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return Report(title=inputs.title, generated=generated, inputs=inputs.given(), summary=_summary(arts),
-                  sections=sections)
+    return Report(title=inputs.title or _default_title(arts), generated=generated, inputs=inputs.given(),
+                  summary=_summary(arts), sections=sections)
+
+
+def _default_title(arts: "Artifacts") -> str:
+    base = (arts.run_manifest or {}).get("base_model")
+    if base and arts.run_path is not None:
+        return f"{Path(str(base)).name} fine-tune {arts.run_path.name}"
+    if arts.eval is not None:
+        return f"Evaluation of {len(arts.eval.models)} models"
+    if arts.plan is not None:
+        return "Fine-tuning plan"
+    if arts.export is not None:
+        return "Export variants"
+    return "Interaction data" if arts.store is not None else "adaptive-ft report"
 
 
 # ----------------------------------------------------------------------------------------------- inputs

@@ -152,6 +152,7 @@ def test_full_report_has_every_section_in_order(full) -> None:
     assert result.sections == ["plan", "layers", "recommender", "training", "eval-overall", "eval-segment",
                                "eval-domain", "eval-cross", "representation", "export"]
     assert [s["id"] for s in doc["sections"]] == result.sections
+    assert doc["title"] == "smollm2 fine-tune r1" and "<title>smollm2 fine-tune r1</title>" in html
     # one inline PNG per plot, and every section's title in all three renderings
     assert html.count('src="data:image/png;base64,') == result.figures == 9
     for sec in doc["sections"]:

@@ -19,7 +19,7 @@ import click
               help="Export folder: size, speed and quality of each variant.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="report.html to write (report.md and report.json go beside it), or a folder.")
-@click.option("--title", default="adaptive-ft report", show_default=True, help="Page title.")
+@click.option("--title", default="", help="Page title (default: made from the inputs, e.g. 'smollm2 fine-tune r1').")
 @click.option("--no-plots", is_flag=True, help="Tables and numbers only (faster, smaller page).")
 def report_cmd(store: Path | None, plan: Path | None, run: Path | None, eval_path: Path | None,
                export: Path | None, out: Path, title: str, no_plots: bool) -> None:
