@@ -312,3 +312,18 @@ def test_the_sample_log_ingests_completely(tmp_path: Path):
     n = sum(1 for line in sample.read_text().splitlines() if line.strip())
     f = ingest([sample], tmp_path / "s.duckdb").files[0]
     assert (f.error, f.rows_ok, f.rows_rejected) == (None, n, 0)
+
+
+def test_gzipped_jsonl_and_tsv_are_read(tmp_path: Path):
+    import gzip
+
+    records = [rec(i) for i in range(5)] + ["{broken"]
+    gz = tmp_path / "log.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    tsv = tmp_path / "log.tsv"
+    pl.DataFrame([rec(i) for i in range(5, 8)]).write_csv(tsv, separator="\t")
+    db = tmp_path / "s.duckdb"
+    a, b = ingest([gz, tsv], db).files
+    assert (a.format, a.rows_ok, a.rows_rejected, b.format, b.rows_ok) == ("jsonl", 5, 1, "csv", 3)
+    assert _rejected(db) == [(6, "malformed JSON")]

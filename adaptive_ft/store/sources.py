@@ -28,6 +28,7 @@ REVIEW_COLUMNS = ("review_id", "example_id", "segment", "domain", "model", "prom
                   "response", "rating", "reviewer", "comment")
 _SNIFF_BYTES = 64 * 1024
 _LINE_MAX = 2**31 - 1  # DuckDB's largest max_line_size: a 10 MB line must be read, then rejected as too long
+_LINE_MAX_GZ = 2**25  # 32 MiB: for compressed input DuckDB allocates a buffer of max_line_size
 
 
 @dataclass
@@ -179,9 +180,14 @@ def _lines_relation(src: Source) -> str:
     """
     rc = (
         f"read_csv({q(str(src.path))}, columns={{'_raw': 'VARCHAR'}}, delim='\x01\x02\x03\x04', quote='', "
-        f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_LINE_MAX})"
+        f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_line_max(src)})"
     )
     return f"SELECT row_number() OVER () AS _line, _raw FROM {rc}"
+
+
+def _line_max(src: Source) -> int:
+    """Longest line read: any size from a plain file; from a compressed one DuckDB allocates it up front."""
+    return _LINE_MAX_GZ if src.path.suffix.lower() == ".gz" else _LINE_MAX
 
 
 def _json_struct(keys: dict[str, str]) -> str:
@@ -323,7 +329,7 @@ def _csv_relation(src: Source, cols: list[str], rejects: str) -> str:
     return (
         f"read_csv({q(str(src.path))}, header=true, auto_detect=false, columns={columns}, delim=E'{delim}', "
         f"quote='\"', escape='\"', store_rejects=true, rejects_table={q(rejects)}, "
-        f"rejects_scan={q(rejects + '_scan')}, max_line_size={_LINE_MAX})"
+        f"rejects_scan={q(rejects + '_scan')}, max_line_size={_line_max(src)})"
     )
 
 
