@@ -40,7 +40,6 @@ class IngestConfig:
     """How logs are read into the store."""
 
     max_field_chars: int = _f(100_000, "a text field longer than this is rejected as absurdly long")
-    chunk_rows: int = _f(1_000_000, "rows per progress step on large inputs")
     max_raw_chars: int = _f(4_000, "raw text kept per rejected record (longer records are cut, their length noted)")
     memory_limit: str = _f("1GB", "DuckDB memory_limit while ingesting (beyond it, staging spills to disk)")
     threads: int = _f(0, "DuckDB threads while ingesting (0 = all cores)")
