@@ -73,6 +73,7 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
     cfg = cfg or EvaluateConfig()
     if not models:
         raise InputError("evaluate: no models given; e.g. --models base,runs/r1,export/r1/int8")
+    models = expand_models(models)
     run_dir = find_run(models, run)
     manifest = read_run(run_dir)
     split = _read_split(run_dir)
@@ -95,6 +96,20 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
     outputs_frame(test, scored, task).write_parquet(outputs_path)
     out.write_text(json.dumps(data, indent=2))
     return EvalResult(path=out, outputs_path=outputs_path, data=data)
+
+
+def expand_models(models: list[str]) -> list[str]:
+    """An EXPORT folder stands for each variant in its manifest (``EXPORT/merged``, ``EXPORT/int8``...)."""
+    out = []
+    for spec in models:
+        manifest = Path(spec) / "manifest.json"
+        if spec != "base" and manifest.is_file() and not is_run(Path(spec)):
+            variants = json.loads(manifest.read_text()).get("variants")
+            if variants is not None:
+                out += [str(Path(spec) / v["path"]) for v in variants]
+                continue
+        out.append(spec)
+    return out
 
 
 def find_run(models: list[str], run: str | Path | None) -> Path:

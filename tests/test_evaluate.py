@@ -232,3 +232,13 @@ def test_the_run_is_found_from_an_export_variant(tmp_path):
     assert str(find_run([str(tmp_path / "export" / "model-q8_0.gguf")], None)) == "runs/r1"
     with pytest.raises(Exception, match="--run"):
         find_run(["base"], None)
+
+
+def test_an_export_folder_stands_for_its_variants(tmp_path):
+    from adaptive_ft.evaluate import expand_models
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(
+        {"run": "runs/r1", "variants": [{"path": "merged"}, {"path": "model-q8_0.gguf"}]}))
+    ex = str(tmp_path / "export")
+    assert expand_models(["base", ex]) == ["base", f"{ex}/merged", f"{ex}/model-q8_0.gguf"]
