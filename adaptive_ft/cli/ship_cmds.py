@@ -52,7 +52,7 @@ def export_cmd(run: Path, out: Path, variants: str | None, config_path: str | No
 @click.command("evaluate")
 @store_option
 @click.option("--models", required=True,
-              help="Comma list: base, RUN folders, EXPORT/<variant> folders, .gguf files.")
+              help="Comma list: base, RUN folders, EXPORT (= all its variants), EXPORT/<variant>, .gguf files.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="eval.json to write.")
 @click.option("--run", "run", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Train run whose test split and base model to use (default: found from --models).")
@@ -69,6 +69,7 @@ def evaluate_cmd(store: str, models: str, out: Path, run: Path | None, config_pa
     Examples:
       adaptive-ft evaluate --models base,runs/r1,export/r1/int8,export/r1/nf4 --out eval.json
       adaptive-ft evaluate --store logs.duckdb --models base,runs/r1 --out eval.json evaluate.bootstrap=2000
+      adaptive-ft evaluate --models base,runs/r1,export/r1 --out eval.json   # every exported variant
     """
     from adaptive_ft.evaluate import evaluate
 
