@@ -327,3 +327,31 @@ def test_gzipped_jsonl_and_tsv_are_read(tmp_path: Path):
     a, b = ingest([gz, tsv], db).files
     assert (a.format, a.rows_ok, a.rows_rejected, b.format, b.rows_ok) == ("jsonl", 5, 1, "csv", 3)
     assert _rejected(db) == [(6, "malformed JSON")]
+
+
+@pytest.mark.parametrize("variant", ["clean", "blank line", "bracket text"])
+def test_well_formed_json_with_bad_values_keeps_exact_lines_and_raw_text(tmp_path: Path, variant: str,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """Clean JSON goes through DuckDB's JSON reader; a blank line, or a text value starting with '[' (which
+    that reader cannot tell from an array), sends it line by line. Same results either way."""
+    import adaptive_ft.store.load as load_mod
+
+    lines = [json.dumps(rec(1)), json.dumps(rec(2, user_id=None)), json.dumps(rec(3, event="buy")),
+             json.dumps(rec(4, prompt="[URGENT] card blocked" if variant == "bracket text" else "card blocked"))]
+    if variant == "blank line":
+        lines.insert(1, "")
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines))  # no newline at the end of the last line
+    slow_reads = []
+    real_reader = load_mod.jsonl_reader
+    monkeypatch.setattr(load_mod, "jsonl_reader", lambda src: slow_reads.append(src) or real_reader(src))
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    assert (f.rows_ok, f.rows_rejected) == (2, 2)
+    assert len(slow_reads) == (0 if variant == "clean" else 1)
+    off = int(variant == "blank line")
+    with Store.open(db, read_only=True) as s:
+        assert s.sql("SELECT line, raw, reason FROM rejected ORDER BY line").rows() == [
+            (2 + off, lines[1 + off], "missing required field: user_id"),
+            (3 + off, lines[2 + off], "unknown event type: buy")]
+        assert s.sql("SELECT prompt FROM examples WHERE example_id = 'x4'").item() == json.loads(lines[-1])["prompt"]

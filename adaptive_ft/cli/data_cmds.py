@@ -14,7 +14,7 @@ from adaptive_ft.cli.common import config_option, store_option
 from adaptive_ft.config import load_config
 from adaptive_ft.errors import InputError
 from adaptive_ft.store import FORMATS, IngestReport, Store, ingest
-from adaptive_ft.store.ingest import STAGES
+from adaptive_ft.store.load import STAGES
 from adaptive_ft.store.sources import Source
 from adaptive_ft.store.stats import store_stats
 

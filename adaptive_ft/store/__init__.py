@@ -5,7 +5,7 @@ This package is the only code in adaptive-ft that imports duckdb. Later stages r
 """
 
 from adaptive_ft.store.db import DEFAULT_STORE, STORE_ENV, Store, resolve_store_path
-from adaptive_ft.store.ingest import FileReport, IngestReport, ingest, ingest_users
+from adaptive_ft.store.load import FileReport, IngestReport, ingest, ingest_users
 from adaptive_ft.store.migrations import MIGRATIONS, Migration
 from adaptive_ft.store.sources import FIELDS, FORMATS
 

@@ -3,7 +3,7 @@
 Every format is read by a DuckDB reader into rows of the flat log (DESIGN.md) as text columns, plus a
 line number, the raw record for the ``rejected`` table, and a format-level reason when the record is
 unusable as read (malformed JSON, a field of the wrong JSON type...). Validation common to all formats
-lives in :mod:`adaptive_ft.store.ingest`.
+lives in :mod:`adaptive_ft.store.load`.
 """
 
 from __future__ import annotations
