@@ -186,6 +186,7 @@ class EvaluateConfig:
     query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")
     seed: int = _f(0, "bootstrap seed (same resamples for every model: paired comparisons)")
+    max_examples: int = _f(0, "score a seeded random subset of this many test examples (0 = the whole test split)")
 
 
 @dataclass

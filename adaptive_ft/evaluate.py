@@ -77,9 +77,11 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
     run_dir = find_run(models, run)
     manifest = read_run(run_dir)
     split = _read_split(run_dir)
-    test = split.filter(pl.col("split") == "test").sort("example_id")
+    test = split.filter(pl.col("split") == "test").unique("example_id").sort("example_id")
     if test.height == 0:
         raise InputError(f"{run_dir}/split.parquet has no test rows; train with train.test_fraction > 0")
+    if 0 < cfg.max_examples < test.height:  # a seeded subset: the same examples for every model and every rerun
+        test = test.sample(cfg.max_examples, seed=cfg.seed).sort("example_id")
     task = manifest.get("task", "label")
     traffic = load_traffic(store, cfg.query_events)
     labels = sorted(split["reference"].unique().to_list()) if task == "label" else []
@@ -330,7 +332,8 @@ def summarize(test: pl.DataFrame, split: pl.DataFrame, traffic: pl.DataFrame, sc
         **segment_deltas(test, traffic, scored, task, labels, cfg),
         "representation": representation(split, traffic, cfg.underserved_ratio),
         "settings": {"bootstrap": cfg.bootstrap, "min_count": cfg.min_count, "min_examples": cfg.min_examples,
-                     "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "query_events": cfg.query_events},
+                     "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "query_events": cfg.query_events,
+                     "max_examples": cfg.max_examples},
     }
 
 

@@ -242,3 +242,12 @@ def test_an_export_folder_stands_for_its_variants(tmp_path):
         {"run": "runs/r1", "variants": [{"path": "merged"}, {"path": "model-q8_0.gguf"}]}))
     ex = str(tmp_path / "export")
     assert expand_models(["base", ex]) == ["base", f"{ex}/merged", f"{ex}/model-q8_0.gguf"]
+
+
+def test_max_examples_scores_a_seeded_subset(tiny, tmp_path):
+    cfg = EvaluateConfig(bootstrap=20, min_count=2, min_examples=2, max_new_tokens=2, max_examples=3)
+    first = evaluate(None, [str(tiny)], tmp_path / "a.json", cfg)
+    again = evaluate(None, [str(tiny)], tmp_path / "b.json", cfg)
+    assert first.data["n_test_examples"] == 3
+    ids = pl.read_parquet(first.outputs_path)["example_id"].to_list()
+    assert ids == pl.read_parquet(again.outputs_path)["example_id"].to_list() and len(set(ids)) == 3
