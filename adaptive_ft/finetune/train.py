@@ -576,6 +576,7 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
     set_threads(tc, dist.world)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = _check_out(out, resume)
+    dist.barrier()  # every process has looked at RUN before the first one writes to it
     plan = Plan.load(plan_path)
     if examples is None:
         examples = D.load_examples(store_path)
@@ -584,6 +585,7 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
     n_layers = int(base.config.num_hidden_layers)
     chosen = choose_layers(plan, layers, n_layers)
     data = prepare_data(cfg, plan, examples, tok, out, dist)
+    dist.barrier()
     torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed only
     peft_model = attach_lora(base, tc, chosen, plan.layers.rank_pattern if plan.layers else {})
     if init_adapter:

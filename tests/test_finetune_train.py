@@ -1,0 +1,302 @@
+"""adaptive_ft.finetune.train on a tiny Llama built in-process: what changes, where, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from adaptive_ft.config import load_config
+from adaptive_ft.errors import PlanError, TrainingError
+from adaptive_ft.finetune import data as D
+from adaptive_ft.models import build_tiny_model, load_model
+
+# The package exports the function train(), which shadows the submodule's name as an attribute.
+T = importlib.import_module("adaptive_ft.finetune.train")
+INTENTS = ["card", "transfer", "refund", "pin", "atm", "cash"]
+
+
+def _examples(n: int = 180) -> pl.DataFrame:
+    rows = []
+    for i in range(n):
+        word = INTENTS[i % len(INTENTS)]
+        rows.append({"example_id": f"e{i:04d}", "domain": "cards" if i % 2 else "money",
+                     "prompt": f"question {i % 11} about my {word} please", "reference": f"{word}_intent"})
+    return pl.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def examples() -> pl.DataFrame:
+    return _examples()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, examples: pl.DataFrame) -> Path:
+    torch.set_num_threads(1)
+    texts = list(examples["prompt"]) + list(examples["reference"])
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=texts, n_layers=3, hidden=64)
+
+
+def _plan(path: Path, layers: list[int] | None = None, **extra) -> Path:
+    doc = {"domains": ["cards", "money"], **extra}
+    if layers is not None:
+        doc["layers"] = {"selected": layers, **extra.pop("layer_extra", {})}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _cfg(*overrides: str):
+    base = ["train.max_steps=12", "train.batch_size=8", "train.lr=0.01", "train.warmup_steps=2",
+            "train.eval_every=4", "train.checkpoint_every=4", "train.lora.r=4", "train.lora.alpha=8",
+            "train.max_seq_len=64", "train.threads=1", "train.patience=0"]
+    return load_config(None, [*base, *overrides])
+
+
+# --------------------------------------------------------------------------------------------- the step
+
+
+def test_only_adapter_weights_change_and_loss_is_on_answer_tokens_only(tiny: Path, examples: pl.DataFrame) -> None:
+    base, tok = load_model(tiny)
+    tc = _cfg().train
+    model = T.attach_lora(base, tc, [0, 1, 2], {})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = T.Ctx(model, torch.optim.AdamW(params, lr=0.01), None, tc, T.Dist(), tok.pad_token_id)
+    ctx.sched = torch.optim.lr_scheduler.LambdaLR(ctx.opt, lambda s: 1.0)
+    enc = D.encode_all(tok, examples.head(8), 64)
+
+    # The answer-only loss equals the standard masked loss (labels -100 on prompt and padding).
+    b = D.collate(enc, tok.pad_token_id)
+    labels = torch.full_like(b["input_ids"], -100)
+    for i, e in enumerate(enc):
+        labels[i, e.n_prompt:len(e.ids)] = torch.tensor(e.ids[e.n_prompt:])
+    with torch.no_grad():
+        ours = F.cross_entropy(T.answer_logits(model, b["input_ids"], b["predict_pos"]), b["targets"])
+        hf = model(input_ids=b["input_ids"], labels=labels).loss
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
+
+    for _ in range(3):
+        T.train_step(ctx, [enc], params)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # B starts at zero: the adapter now does something
+
+
+# --------------------------------------------------------------------------------------------- whole runs
+
+
+def test_run_writes_contract_files_and_adapts_only_the_plans_layers(tiny, examples, tmp_path) -> None:
+    plan = _plan(tmp_path / "plan.json", layers=[1], layer_extra={"rank_pattern": {"1": 8}})
+    r = T.train(_cfg(), None, plan, str(tiny), tmp_path / "run", examples=examples)
+    run = tmp_path / "run"
+    assert r.layers == [1] and r.steps == 12
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert weights and all(".layers.1." in k for k in weights)
+    assert {tuple(v.shape) for k, v in weights.items() if "lora_A" in k and "q_proj" in k} == {(8, 64)}  # rank 8
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 13))
+    assert [m["step"] for m in lines if "val_loss" in m] == [4, 8, 12]
+    man = json.loads((run / "manifest.json").read_text())
+    for key in ("config", "base_model", "base_model_path", "plan_sha256", "split_sha256", "seed", "task", "layers",
+                "versions", "timings", "peak_memory_mb", "best_step", "stopped_early", "stop_reason"):
+        assert key in man, key
+    assert man["task"] == "label" and man["layers"] == [1]
+    split = pl.read_parquet(run / "split.parquet")
+    assert split.columns == D.SPLIT_COLUMNS and D.split_sha256(split) == man["split_sha256"]
+    assert lines[-1]["val_loss"] < lines[3]["val_loss"]  # it learned something
+
+
+def test_adapter_loads_with_plain_peft_and_reproduces_the_best_validation_loss(tiny, examples, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plan = _plan(tmp_path / "plan.json")
+    r = T.train(_cfg("train.max_eval_examples=0"), None, plan, str(tiny), tmp_path / "run", examples=examples)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "run" / "adapter")
+    _, tok = load_model(tiny)
+    val = pl.read_parquet(tmp_path / "run" / "split.parquet").filter(pl.col("split") == "val")
+    enc = D.encode_all(tok, val, 64)
+    total, n = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for e in enc:  # one by one, the plain way: labels -100 on the prompt
+            ids = torch.tensor([e.ids])
+            labels = ids.clone()
+            labels[0, : e.n_prompt] = -100
+            k = len(e.ids) - e.n_prompt
+            total += model(input_ids=ids, labels=labels).loss.item() * k
+            n += k
+    assert total / n == pytest.approx(r.best_val_loss, rel=1e-4)
+
+
+def test_early_stopping_fires_on_a_rising_validation_loss(tiny, examples, tmp_path) -> None:
+    """Validation answers contradict training answers, so validation loss rises as training fits."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ex = examples.with_columns(pl.lit("cards").alias("domain"))
+    split = ex.with_columns(
+        pl.when(pl.int_range(pl.len()) < 40).then(pl.lit("val")).otherwise(pl.lit("train")).alias("split"),
+        pl.when(pl.int_range(pl.len()) < 40).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("reference"))
+    split.select(D.SPLIT_COLUMNS).write_parquet(run / "split.parquet")  # a given split is used as is
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"domains": ["cards"]}))
+    r = T.train(_cfg("train.max_steps=40", "train.eval_every=2", "train.patience=2", "train.warmup_steps=0"),
+                None, plan, str(tiny), run, examples=ex)
+    vals = [m["val_loss"] for m in r.metrics if "val_loss" in m]
+    assert r.stopped_early and r.steps < 40
+    assert r.steps == r.best_step + 2 * 2  # two validations without improvement after the best one
+    assert vals[-1] > vals[-2] > min(vals) == r.best_val_loss  # it stopped on a rising curve
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["stopped_early"] and man["adapter_step"] == r.best_step and "early stopping" in man["stop_reason"]
+
+
+def test_resume_equals_an_uninterrupted_run(tiny, examples, tmp_path, monkeypatch) -> None:
+    cfg = _cfg("train.lora.dropout=0.1")  # dropout draws random numbers: the RNG state must be restored too
+    plan = _plan(tmp_path / "plan.json", layers=[1, 2])
+    full = T.train(cfg, None, plan, str(tiny), tmp_path / "full", examples=examples)
+
+    real_step, calls = T.train_step, {"n": 0}
+
+    def crash_after_seven(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt  # killed during step 8; the last checkpoint is step 4
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(T, "train_step", crash_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, None, plan, str(tiny), tmp_path / "cut", examples=examples)
+    monkeypatch.setattr(T, "train_step", real_step)
+    with pytest.raises(TrainingError, match="--resume"):
+        T.train(cfg, None, plan, str(tiny), tmp_path / "cut", examples=examples)
+    resumed = T.train(cfg, None, plan, str(tiny), tmp_path / "cut", examples=examples, resume=True)
+
+    def losses(run: str) -> list[tuple[int, float, float | None]]:
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["train_loss"], m.get("val_loss")) for m in rows]
+
+    a, b = losses("full"), losses("cut")
+    assert [s for s, *_ in a] == [s for s, *_ in b] == list(range(1, 13))
+    for (_, la, va), (_, lb, vb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+        assert (va is None) == (vb is None) and (va is None or va == pytest.approx(vb, rel=1e-5))
+    wa = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    assert resumed.best_step == full.best_step
+
+
+def test_init_adapter_starts_from_the_earlier_weights(tiny, examples, tmp_path) -> None:
+    plan = _plan(tmp_path / "plan.json", layers=[2])
+    T.train(_cfg(), None, plan, str(tiny), tmp_path / "r1", examples=examples)
+    base, _ = load_model(tiny)
+    model = T.attach_lora(base, _cfg().train, [2], {})
+    assert T.load_init_adapter(model, tmp_path / "r1" / "adapter") == 2 * 7  # A and B of 7 modules on layer 2
+    saved = load_file(str(tmp_path / "r1" / "adapter" / "adapter_model.safetensors"))
+    mine = {k.replace(".default", ""): v for k, v in T.trainable_state(model).items()}
+    assert mine.keys() == saved.keys()
+    for k in saved:
+        assert torch.equal(mine[k], saved[k])
+    # A run started from it begins where the first one ended, far below a fresh run's first loss.
+    fresh = json.loads((tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    r2 = T.train(_cfg("train.max_steps=1", "train.warmup_steps=0"), None, plan, str(tiny), tmp_path / "r2",
+                 examples=examples, init_adapter=tmp_path / "r1" / "adapter")
+    assert r2.metrics[0]["train_loss"] < 0.5 * fresh
+
+
+def test_distillation_toward_an_identical_teacher_adds_nothing_at_the_start(tiny, examples, tmp_path) -> None:
+    s = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.2, 1.0, 3.0]])
+    p_t, p_s = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    by_hand = (p_t * (p_t.log() - p_s.log())).sum() * 4
+    assert T.distill_loss(s, t, 2.0).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    plan = _plan(tmp_path / "plan.json")
+    cfg = _cfg("train.max_steps=1", "train.distill_weight=0.25")
+    plain = T.train(cfg, None, plan, str(tiny), tmp_path / "plain", examples=examples)
+    dist = T.train(cfg, None, plan, str(tiny), tmp_path / "dist", examples=examples, teacher=str(tiny))
+    # LoRA B starts at 0, so the student equals the teacher: KL = 0 and the loss is (1 - w) * CE.
+    assert dist.metrics[0]["train_loss"] == pytest.approx(0.75 * plain.metrics[0]["train_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_say_what_to_do(tiny, examples, tmp_path) -> None:
+    with pytest.raises(PlanError, match=r"layers \[7\] but the model has 3 layers"):
+        T.train(_cfg(), None, _plan(tmp_path / "p1.json", layers=[1, 7]), str(tiny), tmp_path / "a", examples=examples)
+    with pytest.raises(PlanError, match="no examples"):
+        T.train(_cfg(), None, _plan(tmp_path / "p2.json"), str(tiny), tmp_path / "b",
+                examples=examples.filter(pl.col("domain") == "cards"))
+    one = examples.head(1).with_columns(pl.lit("cards").alias("domain"))
+    (tmp_path / "c").mkdir()
+    one.with_columns(pl.lit("test").alias("split")).select(D.SPLIT_COLUMNS).write_parquet(tmp_path / "c" / "split.parquet")
+    with pytest.raises(TrainingError, match="training split is empty"):
+        T.train(_cfg(), None, _plan(tmp_path / "p3.json"), str(tiny), tmp_path / "c", examples=one)
+    with pytest.raises(PlanError, match="--layers"):
+        T.parse_layers("1-x", 3)
+    assert T.parse_layers("last:2", 30) == [28, 29] and T.parse_layers("0,3-5", 30) == [0, 3, 4, 5]
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_weights(tiny, examples, tmp_path, monkeypatch) -> None:
+    real, calls = T._loss, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(T, "_loss", poisoned)
+    with pytest.raises(TrainingError, match="at step 6") as e:
+        T.train(_cfg(), None, _plan(tmp_path / "plan.json"), str(tiny), tmp_path / "run", examples=examples)
+    assert "step-5" in str(e.value)
+    good = load_file(str(tmp_path / "run" / "checkpoints" / "step-5" / T.CKPT_WEIGHTS))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stop_reason"] == "non-finite loss at step 6"
+
+
+# --------------------------------------------------------------------------------------------- scale out
+
+
+@pytest.mark.slow
+def test_qlora_on_a_4bit_base_learns(tiny, examples, tmp_path) -> None:
+    r = T.train(_cfg("train.quantize_base=nf4", "train.max_steps=8"), None, _plan(tmp_path / "plan.json"),
+                str(tiny), tmp_path / "run", examples=examples)
+    assert r.metrics[-1]["train_loss"] < r.metrics[0]["train_loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> None:
+    examples.write_parquet(tmp_path / "ex.parquet")
+    plan = _plan(tmp_path / "plan.json", layers=[1, 2])
+    script = tmp_path / "run_train.py"
+    script.write_text(
+        "import sys, polars as pl\n"
+        "from adaptive_ft.config import load_config\nfrom adaptive_ft.finetune import train\n"
+        f"cfg = load_config(None, {['train.max_steps=4', 'train.batch_size=4', 'train.eval_every=2', 'train.lora.r=4', 'train.threads=1']!r})\n"
+        f"train(cfg, None, {str(plan)!r}, {str(tiny)!r}, {str(tmp_path / 'run')!r}, "
+        f"examples=pl.read_parquet({str(tmp_path / 'ex.parquet')!r}))\n")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [p.name for p in run.iterdir() if p.name.startswith("adapter")] == ["adapter"]
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["world_size"] == 2 and man["steps"] == 4
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one process writes the log
