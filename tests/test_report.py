@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from adaptive_ft.errors import InputError
 from adaptive_ft.prioritize.plan import DomainScore, LayerPlan, Plan
-from adaptive_ft.report import (ReportInputs, build_report, layer_grid, read_metrics, recommender_rows,
-                                traffic_tables)
+from adaptive_ft.report import ReportInputs, build_report, read_metrics
+from adaptive_ft.report_sections import layer_grid, recommender_rows, traffic_tables
 
 SEGMENTS = ["free", "pro", "enterprise"]
 DOMAINS = ["card_arrival", "exchange_rate", "top_up_failed", "transfer_timing", "pin_blocked", "refund_status"]
