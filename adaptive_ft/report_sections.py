@@ -628,10 +628,10 @@ def _delta_cell(ev: EvalView, scope: str, name: str) -> Cell:
 
 
 def _metric_cell(row: dict[str, Any] | None, pct: bool) -> Cell:
+    if row is not None and not row.get("enough", True):  # evaluate writes value null for these
+        return Cell("too few", f"n={row.get('n')}", "muted")  # plain: "too few (n=4)"
     if row is None or as_number(row.get("value")) is None:
         return Cell("—")
-    if not row.get("enough", True):
-        return Cell("too few", f"n={row.get('n')}", "muted")  # plain: "too few (n=4)"
     lo, hi = as_number(row.get("ci_low")), as_number(row.get("ci_high"))
     ci = f"{fmt_value(lo, pct)}–{fmt_value(hi, pct)}" if lo is not None and hi is not None else ""
     return Cell(fmt_value(as_number(row["value"]), pct), ci)
