@@ -249,11 +249,24 @@ def _layers_section(arts: Artifacts) -> Section | None:
     if lay.spearman_vs_full is not None:
         sec.callouts.append(("info", f"Completed scores against fully measured cells: Spearman ρ = "
                                      f"{lay.spearman_vs_full:.2f}."))
-    if lay.rank_pattern:
-        sec.tables.append(Table(["layer", "rank"], [[k, str(v)] for k, v in sorted(
-            lay.rank_pattern.items(), key=lambda kv: int(kv[0]))], "Per-layer LoRA rank"))
+    if lay.scores:
+        sec.tables.append(_layer_table(lay))
     sec.data.update(selected=lay.selected, rank_pattern=lay.rank_pattern, spearman_vs_full=lay.spearman_vs_full)
     return sec
+
+
+def _layer_table(lay: Any) -> Table:
+    """One row per scored layer: its score, how many of its cells were measured, selected or not, its rank."""
+    rows = []
+    for r in sorted((r for r in lay.scores if isinstance(r, dict) and isinstance(r.get("layer"), int)),
+                    key=lambda r: r["layer"]):
+        measured = (f"{r['measured_cells']} of {r['cells']}" if "measured_cells" in r and "cells" in r
+                    else ("yes" if r.get("measured") else "no"))
+        chosen = r["layer"] in lay.selected
+        rows.append([str(r["layer"]), _fmt_num(r.get("score", r.get("value")), 4), measured,
+                     Cell("selected", tone="good") if chosen else "",
+                     str(lay.rank_pattern.get(str(r["layer"]), "—" if not chosen else "default"))])
+    return Table(["layer", "score", "measured", "", "LoRA rank"], rows, "Layer scores")
 
 
 def layer_matrix(doc: Any) -> tuple[list[str], list[int], np.ndarray, np.ndarray] | None:
@@ -663,6 +676,10 @@ def _cross_section(arts: Artifacts) -> Section | None:
     if png:
         sec.figures.append(Figure(png, "Change of the primary metric per segment and domain",
                                   _top_note(len(doms), "domains that moved most")))
+    sec.tables.append(Table(["segment", *doms_sorted], [
+        [seg] + [Cell(fmt_delta(delta[i, j], ev.pct), tone=tone_of(delta[i, j], ev.metric)) if enough[i, j]
+                 else Cell("n/a", tone="muted") for j in order] for i, seg in enumerate(segs)],
+        f"{ev.metric.capitalize()} change per segment and domain"))
     sec.data = {"segments": segs, "domains": doms, "delta": _nan_to_none(delta), "enough": enough.tolist()}
     return sec
 

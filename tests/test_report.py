@@ -38,8 +38,8 @@ def make_plan(folder: Path) -> Path:
                for i, d in enumerate(DOMAINS)]
     values = rng.random((len(DOMAINS), N_LAYERS))
     measured = (np.add.outer(np.arange(len(DOMAINS)), np.arange(N_LAYERS)) % 2).astype(bool)
-    scores = [{"layer": j, "score": float(values[:, j].mean()), "measured": bool(measured[:, j].all())}
-              for j in range(N_LAYERS)]
+    scores = [{"layer": j, "score": float(values[:, j].mean()), "measured": bool(measured[:, j].all()),
+               "measured_cells": int(measured[:, j].sum()), "cells": len(DOMAINS)} for j in range(N_LAYERS)]
     rec = {"k": 10, "users_evaluated": 300}
     for method, scale in (("model", 1.0), ("popularity", 0.6)):
         rec[method] = {"overall": {"users": 300, "precision": 0.22 * scale, "recall": 0.35 * scale,
@@ -210,6 +210,15 @@ def test_overall_table_has_every_metric_per_model(full) -> None:
     assert table["columns"] == ["model", "accuracy", "f1"]
     assert table["rows"][0] == ["base", "60.0% (56.0%–64.0%)", "50.0% (46.0%–54.0%)"]
     assert table["rows"][1][0] == "runs/r1 (fine-tuned)"
+
+
+def test_layer_table_marks_selected_layers_and_measured_cells(full) -> None:
+    _, _, doc, md = full
+    table = next(s for s in doc["sections"] if s["id"] == "layers")["tables"][0]
+    assert [r[0] for r in table["rows"]] == [str(j) for j in range(N_LAYERS)]
+    assert [r[0] for r in table["rows"] if r[3] == "selected"] == ["6", "7", "8", "10"]
+    assert table["rows"][6][2] == "3 of 6" and table["rows"][6][4] == "16" and table["rows"][7][4] == "default"
+    assert "| 6 |" in md
 
 
 def test_thin_cells_say_so_instead_of_a_number(full) -> None:
