@@ -60,3 +60,22 @@ def test_review_export_command(tmp_path):
     result = CliRunner().invoke(cli, ["review", "export", "--eval", str(tmp_path / "eval.json"), "--out",
                                       str(tmp_path / "r.csv"), "--store", str(tmp_path / "missing.duckdb")])
     assert result.exit_code != 0 and "no store" in result.output and "Traceback" not in result.output
+
+
+def test_filled_review_csv_ingests_back_as_review_events(tmp_path):
+    """The round trip the review loop relies on: export -> people rate -> ingest --format review."""
+    from adaptive_ft.store import Store
+
+    sample = stratified_sample(_outputs(), _traffic(), per_cell=1, seed=0)
+    filled = sample.with_columns(rating=pl.when(pl.int_range(pl.len()) < 2).then(5).otherwise(None),
+                                 reviewer=pl.lit("ann"))
+    filled.write_csv(tmp_path / "rated.csv")
+    store = tmp_path / "s.duckdb"
+    result = CliRunner().invoke(cli, ["ingest", "--format", "review", str(tmp_path / "rated.csv"), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    with Store.open(store, read_only=True) as s:
+        events = s.events().sort("example_id")
+    expected = filled.head(2).sort("example_id")
+    assert events["event"].to_list() == ["review", "review"] and events["value"].to_list() == [5.0, 5.0]
+    assert events["example_id"].to_list() == expected["example_id"].to_list()
+    assert events["segment"].to_list() == expected["segment"].to_list() and set(events["user_id"]) == {"ann"}
