@@ -125,10 +125,11 @@ def _figure_html(fig: Figure) -> str:
             f"{cap}</figure>")
 
 
-def _cell_html(cell: Cell | str, header: str) -> str:
+def _cell_html(cell: Cell | str, header: str, numeric: bool) -> str:
+    """A <td>; ``numeric`` (the whole column is numbers) right-aligns it so digits line up."""
     c = cell if isinstance(cell, Cell) else Cell(str(cell))
     classes = [c.tone] if c.tone else []
-    if _NUMERIC.match(c.text) or c.text == "too few":
+    if numeric:
         classes.append("num")
     elif len(c.text) > 32:  # prose (a plan's "why"): keep a readable measure when the table is narrow
         classes.append("prose")
@@ -143,13 +144,14 @@ def _plain(c: Cell | str) -> str:
 
 def _numeric_column(t: Table, j: int) -> bool:
     texts = [(c.text if isinstance(c, Cell) else str(c)) for r in t.rows if j < len(r) for c in [r[j]]]
-    return bool(texts) and all(_NUMERIC.match(x) or x == "too few" for x in texts)
+    return bool(texts) and all(_NUMERIC.match(x) or x in ("too few", "n/a") for x in texts)
 
 
 def _table_html(t: Table) -> str:
-    head = "".join(f'<th{" class=num" if _numeric_column(t, j) else ""}>{html.escape(c)}</th>'
-                   for j, c in enumerate(t.columns))
-    rows = "".join("<tr>" + "".join(_cell_html(c, h) for c, h in zip(r, t.columns)) + "</tr>" for r in t.rows)
+    numeric = [_numeric_column(t, j) for j in range(len(t.columns))]
+    head = "".join(f'<th{" class=num" if numeric[j] else ""}>{html.escape(c)}</th>' for j, c in enumerate(t.columns))
+    rows = "".join("<tr>" + "".join(_cell_html(c, h, n) for c, h, n in zip(r, t.columns, numeric)) + "</tr>"
+                   for r in t.rows)
     cap = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
     compact = " compact" if len(t.columns) <= 3 else ""
     if t.kind == "facts":  # key/value: labels muted, values left-aligned, no header row
