@@ -389,7 +389,7 @@ def delta_heatmap(segments: Sequence[str], domains: Sequence[str], delta: np.nda
         cbar = fig.colorbar(img, ax=ax, fraction=0.03, pad=0.02)
         cbar.set_label("worse  ←  0  →  better", fontsize=8.5)
         if as_percent:  # the cells print points; so does the scale
-            cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v * 100:+.0f}"))
+            cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v * 100:+.0f}" if abs(v) > 1e-9 else "0"))
         if not higher_is_better:  # the map is drawn on -delta so that purple is always "better"
             cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{-v:+.2g}"))
         ax.set_title(f"fine-tuned − base ({'points' if as_percent else 'metric units'}); purple = better, "
