@@ -112,7 +112,7 @@ class PrioritizeConfig:
     refit_iterations: int = _f(2, "ALS iterations on the full log after the hold-out fit (warm start)")
     eval_users: int = _f(10_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
     layer_domains: int = _f(6, "top domains whose layer sensitivity is probed")
-    probe_steps: int = _f(3, "optimizer steps of a layer probe's trial LoRA")
+    probe_steps: int = _f(2, "optimizer steps of a layer probe's trial LoRA")
     probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")
     completion_rank: int = _f(1, "rank of the matrix factorization that completes unprobed cells")
     layer_cost_weight: float = _f(0.0, "score traded per unit of backward-pass depth when choosing layers")
@@ -161,6 +161,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "resumable checkpoints kept on disk (the newest ones)")
     keep_best: bool = _f(True, "RUN/adapter is the best-validated adapter (else the last one)")
     max_grad_norm: float = _f(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
+    max_minutes: float = _f(0.0, "stop after this many minutes of training and validation (0 = no limit); "
+                                 "the learning-rate decay then follows the elapsed share of the budget")
 
 
 @dataclass

@@ -247,7 +247,8 @@ def prioritize(store_path: str | Path, cfg: Config, out: str | Path, model: str 
                          f"`adaptive-ft ingest logs.jsonl --store {store_path}`.")
     with Store.open(store_path, read_only=True) as s:
         inter = dm.load_interactions(s, cfg.prioritize, source=str(store_path))
-        silent = s.sql(dm.SILENT_SEGMENTS_SQL)["segment"].to_list()
+        active = set(inter.users["segment"].to_list())
+        silent = [x for x in s.sql(dm.USER_SEGMENTS_SQL)["segment"].to_list() if x not in active]
         fingerprint = s.fingerprint()
         refs = s.examples() if model else None
     timings["read"] = time.perf_counter() - t

@@ -59,13 +59,20 @@ class Interactions:
         return self.users.height, self.items.height
 
     def matrix(self, mask: np.ndarray | None = None) -> sp.csr_matrix:
-        """users x examples confidence matrix (float32 CSR), optionally only the pairs where ``mask``."""
-        p = self.pairs if mask is None else self.pairs.filter(pl.Series(mask))
-        m = sp.csr_matrix(
-            (p["conf"].to_numpy().astype(np.float32), (p["uix"].to_numpy(), p["iix"].to_numpy())),
-            shape=self.shape,
-        )
-        m.sort_indices()
+        """users x examples confidence matrix (float32 CSR), optionally only the pairs where ``mask``.
+
+        ``pairs`` is sorted by (uix, iix) (see :func:`check_interactions`), so the CSR arrays are the
+        columns themselves: no COO conversion or index sort over millions of entries.
+        """
+        uix = self.pairs["uix"].to_numpy()
+        iix = self.pairs["iix"].to_numpy().astype(np.int32)
+        conf = self.pairs["conf"].to_numpy().astype(np.float32)
+        if mask is not None:
+            uix, iix, conf = uix[mask], iix[mask], conf[mask]
+        indptr = np.zeros(self.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(uix, minlength=self.shape[0]), out=indptr[1:])
+        m = sp.csr_matrix((conf, iix, indptr), shape=self.shape)
+        m.has_sorted_indices = True
         return m
 
 
@@ -107,10 +114,12 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
     """
 
 
+# Counted per (user, event segment) first, so the users table is joined to ~users rows, not to every event;
+# an event without a segment takes its user's segment (coalesce order of docs/contracts.md).
 USERS_SQL = """
-WITH s AS (
-    SELECT e.user_id, coalesce(e.segment, us.segment, 'unknown') AS segment, count(*) AS n
-    FROM events e LEFT JOIN users us ON e.user_id = us.user_id GROUP BY ALL)
+WITH c AS (SELECT user_id, segment, count(*) AS n FROM events GROUP BY ALL),
+s AS (SELECT c.user_id, coalesce(c.segment, us.segment, 'unknown') AS segment, sum(c.n) AS n
+      FROM c LEFT JOIN users us ON c.user_id = us.user_id GROUP BY ALL)
 SELECT user_id, first(segment ORDER BY n DESC, segment) AS segment
 FROM s GROUP BY user_id ORDER BY user_id
 """
@@ -125,14 +134,8 @@ FROM ids LEFT JOIN examples x ON ids.example_id = x.example_id
 ORDER BY ids.example_id
 """
 
-# A segment that has users but no events: reported, never silently given a weight.
-SILENT_SEGMENTS_SQL = """
-SELECT DISTINCT us.segment FROM users us
-WHERE us.segment IS NOT NULL AND us.segment NOT IN (
-    SELECT DISTINCT coalesce(e.segment, u2.segment, 'unknown')
-    FROM events e LEFT JOIN users u2 ON e.user_id = u2.user_id)
-ORDER BY 1
-"""
+# Segments named in the users table; those with no events are reported, never silently given a weight.
+USER_SEGMENTS_SQL = "SELECT DISTINCT segment FROM users WHERE segment IS NOT NULL ORDER BY 1"
 
 
 def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> Interactions:
@@ -146,6 +149,12 @@ def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> In
     return check_interactions(Interactions(users, items, pairs, source))
 
 
+def _sorted_pairs(pairs: pl.DataFrame) -> bool:
+    """Sorted by (uix, iix)? (a cheap vectorized check, so an already sorted frame is not re-sorted)."""
+    key = pairs["uix"].cast(pl.Int64) * (int(pairs["iix"].max() or 0) + 1) + pairs["iix"].cast(pl.Int64)
+    return key.is_sorted()
+
+
 def check_interactions(inter: Interactions) -> Interactions:
     """Refuse inputs collaborative filtering cannot use, saying what is wrong and what to do."""
     if inter.pairs.height == 0:
@@ -154,6 +163,8 @@ def check_interactions(inter: Interactions) -> Interactions:
         raise InputError(
             f"{inter.source}: all events come from one user ({inter.users['user_id'][0]!r}); collaborative "
             "filtering needs at least 2 users to tell demand apart. Ingest logs from more users.")
+    if not inter.pairs["uix"].is_sorted() or not _sorted_pairs(inter.pairs):
+        inter.pairs = inter.pairs.sort("uix", "iix")
     no_domain = inter.items.filter(pl.col("domain").is_null())
     if no_domain.height:
         ids = ", ".join(no_domain["example_id"].head(5).to_list())

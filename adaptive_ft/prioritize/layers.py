@@ -120,16 +120,20 @@ def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: 
     trial = _TrialLora(modules, rank, seed + layer)
     opt = torch.optim.Adam(trial.params, lr=lr)
     try:
-        with torch.no_grad():
-            before = float(model(**batch).loss)
+        before = None
         for _ in range(steps):
             opt.zero_grad()
-            model(**batch).loss.backward()
+            loss = model(**batch).loss
+            if before is None:  # B = 0 at the first step: this forward is the unchanged model's loss
+                before = float(loss)
+            loss.backward()
             opt.step()
         with torch.no_grad():
             after = float(model(**batch).loss)
     finally:
         trial.remove()
+    if before is None:  # steps == 0: nothing trained, nothing gained
+        return 0.0
     return (before - after) / max(before, 1e-8)
 
 
