@@ -425,3 +425,12 @@ def test_lower_is_better_metrics_read_as_improvements(tmp_path: Path) -> None:
     assert (tile["value"], tile["tone"]) == ("15.000", "good") and "-5.000" in tile["detail"]
     html = result.html.read_text()
     assert '<span class="chip good"><span class="chip-seg">free</span><strong>-5.000</strong>' in html
+
+
+def test_text_from_artifacts_is_escaped(tmp_path: Path) -> None:
+    """Names and reasons come from users' logs: they are shown as text, never interpreted as HTML."""
+    plan = Plan(domains=[DomainScore("<img src=x onerror=alert(1)>", priority=0.5, why="A & B <script>")])
+    path = plan.save(tmp_path / "plan.json")
+    html = build_report(ReportInputs(plan=path), tmp_path / "r.html", draw=False).html.read_text()
+    assert "<img src=x" not in html and "<script>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "A &amp; B &lt;script&gt;" in html
