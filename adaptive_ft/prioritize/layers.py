@@ -125,7 +125,7 @@ def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: 
             opt.zero_grad()
             loss = model(**batch).loss
             if before is None:  # B = 0 at the first step: this forward is the unchanged model's loss
-                before = float(loss)
+                before = float(loss.detach())
             loss.backward()
             opt.step()
         with torch.no_grad():
