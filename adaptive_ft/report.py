@@ -107,6 +107,7 @@ class Bullet:
 
     text: str
     children: list[str] = field(default_factory=list)
+    text_only: bool = False  # said by the HTML summary another way (the per-segment chips): Markdown/CLI only
 
     def __str__(self) -> str:
         return "\n".join([self.text, *(f"  - {c}" for c in self.children)])

@@ -76,7 +76,8 @@ def _summary_html(report: Report) -> str:
         f'<div class="tile {t.tone}"><div class="tile-label">{html.escape(t.label)}</div>'
         f'<div class="tile-value">{html.escape(t.value)}</div>'
         f'<div class="tile-detail">{html.escape(t.detail)}</div></div>' for t in report.summary.tiles)
-    bullets = "".join(_bullet_html(b) for b in report.summary.bullets)
+    bullets = "".join(_bullet_html(b) for b in report.summary.bullets
+                      if not (isinstance(b, Bullet) and b.text_only and report.summary.chips))
     if not tiles and not bullets:
         return ""
     return (f'<section class="card summary" id="summary"><h2>Summary</h2>'

@@ -81,9 +81,8 @@ def _summary_eval(arts: Artifacts, s: Summary) -> None:
                for seg, dl in per_seg.items() if dl is not None]
     parts = [f"{seg} {fmt_delta(dl, ev.pct)}" for seg, dl in per_seg.items() if dl is not None]
     if parts:
-        s.bullets.append(f"{ev.metric.capitalize()} from {ev.label(ev.base)} to {ev.label(ev.tuned)}, per segment: "
-                         + ", ".join(parts)
-                         + ".")
+        s.bullets.append(Bullet(f"{ev.metric.capitalize()} from {ev.label(ev.base)} to {ev.label(ev.tuned)}, "
+                                f"per segment: " + ", ".join(parts) + ".", text_only=True))
     if ev.names("segment") or ev.flags():
         _summary_flags(ev, s)
     else:

@@ -177,9 +177,14 @@ def test_summary_figures_are_the_artifacts_numbers(full) -> None:
                                            "vs_merged": pytest.approx(120 / 540)}
     assert [d["domain"] for d in summary["trained_on"]] == DOMAINS[:3]
     assert summary["run"]["best_step"] == 80
-    for text in ("71.3%", "+11.3 pts", "free +24.0 pts", "enterprise -8.0 pts", "120 MB", "22% of merged",
-                 "free users drive 70% of the need"):
+    for text in ("71.3%", "+11.3 pts", "120 MB", "22% of merged", "free users drive 70% of the need"):
         assert text in html and text in md, text
+    # per-segment change: a sentence in Markdown, chips (toned, the flag spelled out) in HTML
+    assert "per segment: free +24.0 pts, pro +18.0 pts, enterprise -8.0 pts." in md
+    assert '<span class="chip good"><span class="chip-seg">free</span><strong>+24.0 pts</strong>' in html
+    assert ('<span class="chip bad"><span class="chip-seg">enterprise</span><strong>-8.0 pts</strong>'
+            "<em>⚠ flagged</em>") in html
+    assert "per segment: free" not in html  # said once, by the chips
 
 
 def test_html_references_nothing_outside_itself(full) -> None:
