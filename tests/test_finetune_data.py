@@ -109,6 +109,7 @@ def test_sampling_weights_from_plan_examples_and_from_domain_shares() -> None:
     assert D.sampling_weights(train, plan).tolist() == [0.75, 0.0, 0.0, 0.0, 0.25]
     shares = Plan.from_dict({"domains": [{"domain": "a", "share": 0.8}, {"domain": "b", "share": 0.2}]})
     assert np.allclose(D.sampling_weights(train, shares), [0.4, 0.4, 0.2 / 3, 0.2 / 3, 0.2 / 3])
+    assert D.sampling_weights(train, Plan.from_dict({"domains": ["a", "b"]})).tolist() == [0.2] * 5
     nothing = Plan.from_dict({"domains": ["a"], "examples": [{"example_id": "zz", "weight": 1.0}]})
     with pytest.raises(TrainingError, match="weight 0"):
         D.sampling_weights(train, nothing)

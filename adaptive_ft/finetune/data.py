@@ -105,13 +105,14 @@ class Encoded:
     truncated: bool
 
 
-def encode_example(tokenizer: Any, prompt: str, reference: str, max_len: int) -> Encoded:
+def encode_example(tokenizer: Any, prompt: str, reference: str, max_len: int,
+                   system: str | None = DEFAULT_SYSTEM) -> Encoded:
     """Prompt and answer ids; over-long examples lose the start of the prompt, never the answer's end token.
 
     Keeping the end of the prompt keeps the generation prompt right before the answer, which is what
     the model sees at inference.
     """
-    p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    p = tokenizer(format_prompt(tokenizer, prompt, system), add_special_tokens=False).input_ids
     a = tokenizer(reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     truncated = len(p) + len(a) > max_len
     if truncated:
@@ -121,9 +122,10 @@ def encode_example(tokenizer: Any, prompt: str, reference: str, max_len: int) ->
     return Encoded(p + a, len(p), truncated)
 
 
-def encode_all(tokenizer: Any, frame: pl.DataFrame, max_len: int) -> list[Encoded]:
+def encode_all(tokenizer: Any, frame: pl.DataFrame, max_len: int, system: str | None = DEFAULT_SYSTEM) -> list[Encoded]:
     """Encode every row (prompt, reference) of ``frame`` in order."""
-    return [encode_example(tokenizer, p, r, max_len) for p, r in frame.select("prompt", "reference").iter_rows()]
+    rows = frame.select("prompt", "reference").iter_rows()
+    return [encode_example(tokenizer, p, r, max_len, system) for p, r in rows]
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -133,7 +135,8 @@ def sampling_weights(train: pl.DataFrame, plan: Plan) -> np.ndarray:
     """Per-row sampling probability of the training split, from the plan (sums to 1).
 
     The plan's example weights when it has them (examples it does not list are not drawn); otherwise each
-    domain gets its ``share`` (uniform over domains when no shares are given), spread evenly over its examples.
+    domain gets its ``share``, spread evenly over its examples; with no shares either, every example
+    weighs the same.
     """
     ex = plan.example_weights()
     if ex.height:
@@ -142,7 +145,7 @@ def sampling_weights(train: pl.DataFrame, plan: Plan) -> np.ndarray:
     else:
         shares = {d.domain: d.share for d in plan.domains}
         if sum(shares.values()) <= 0:
-            shares = {d: 1.0 for d in shares}
+            return np.full(train.height, 1.0 / max(1, train.height))
         per_domain = train.group_by("domain").len()
         size = dict(per_domain.iter_rows())
         weights = np.array([shares.get(d, 0.0) / size[d] for d in train["domain"]], dtype=np.float64)

@@ -318,8 +318,12 @@ def load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> LoopState:
 # --------------------------------------------------------------------------------------------- schedule
 
 
-def lr_lambda(tc: TrainConfig, total: int) -> Any:
-    """Linear warm-up, then cosine / linear decay to 0 at ``total`` steps, or constant."""
+def lr_lambda(tc: TrainConfig, total: int, clock: Any = None) -> Any:
+    """Linear warm-up, then cosine / linear decay to 0 at ``total`` steps, or constant.
+
+    ``clock()`` (with train.max_minutes) returns the elapsed share of the time budget; the decay follows
+    whichever of steps and time is further along, so a time-limited run still ends at a low learning rate.
+    """
     warm = max(0, tc.warmup_steps)
 
     def f(step: int) -> float:
@@ -327,7 +331,7 @@ def lr_lambda(tc: TrainConfig, total: int) -> Any:
             return (step + 1) / (warm + 1)
         if tc.scheduler == "constant":
             return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
+        progress = min(1.0, max((step - warm) / max(1, total - warm), clock() if clock else 0.0))
         if tc.scheduler == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -595,10 +599,16 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist)
     steps = total_steps(tc, batches.per_epoch())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, steps))
     state, metrics = LoopState(), []
+    budget = tc.max_minutes * 60
+
+    def clock() -> float:
+        return (state.train_seconds + state.eval_seconds) / budget if budget > 0 else 0.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, steps, clock))
     if ckpt is not None:
-        state = load_checkpoint(ckpt, peft_model, opt, sched)
+        loaded = load_checkpoint(ckpt, peft_model, opt, sched)
+        state.__dict__.update(loaded.__dict__)  # the same object: clock() reads it
         batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist, state.epoch, state.batch_idx)
         metrics = _truncate_metrics(out, state.step) if dist.main else []
     elif dist.main:
@@ -652,6 +662,14 @@ def _nan_stop(ctx: Ctx, state: LoopState, out: Path, manifest: dict[str, Any]) -
                         f"check the data for empty answers, or resume from that checkpoint with --resume")
 
 
+def _time_up(ctx: Ctx, state: LoopState) -> bool:
+    """Whether train.max_minutes is spent; every process agrees (any process over budget stops them all)."""
+    if ctx.tc.max_minutes <= 0:
+        return False
+    over = torch.tensor([float(state.train_seconds + state.eval_seconds >= ctx.tc.max_minutes * 60)])
+    return bool(ctx.dist.all_sum(over).item() > 0)
+
+
 def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: int, out: Path,
           metrics: list[dict[str, Any]], params: list[torch.Tensor], manifest: dict[str, Any]) -> TrainResult:
     """Run optimizer steps until ``steps`` or early stopping; log, validate and checkpoint on the way."""
@@ -672,7 +690,10 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
         rec = {"step": state.step, "epoch": round(state.epoch + state.batch_idx / max(1, batches.per_epoch()), 4),
                "train_loss": s.loss, "lr": s.lr, "tokens_per_s": round(tps, 2),
                "examples_per_s": round(state.examples / max(state.train_seconds, 1e-9), 3)}
-        if data.val and ((tc.eval_every and state.step % tc.eval_every == 0) or state.step == steps):
+        time_up = _time_up(ctx, state)
+        if time_up:
+            stop_reason = f"time budget of {tc.max_minutes:g} minutes reached at step {state.step}"
+        if data.val and ((tc.eval_every and state.step % tc.eval_every == 0) or state.step == steps or time_up):
             _validate_and_track(ctx, data, state, out, rec)
         metrics.append(rec)
         if dist.main:
@@ -684,9 +705,9 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
             stopped_early = True
             stop_reason = (f"early stopping at step {state.step}: validation loss did not improve for "
                            f"{tc.patience} validations (best {state.best_val:.4f} at step {state.best_step})")
-        if dist.main and (stopped_early or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0)):
+        if dist.main and (stopped_early or time_up or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0)):
             save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, tc.keep_checkpoints)
-        if stopped_early:
+        if stopped_early or time_up:
             break
     bar.close()
     train_losses = [m["train_loss"] for m in metrics]

@@ -1,0 +1,266 @@
+"""Training speed and accuracy against the plain transformers ``Trainer`` + peft, in one run.
+
+Four ways to fine-tune the same base on the same training split, with the same batch size:
+
+  trainer    transformers.Trainer + peft, LoRA on all layers, the model's default chat template
+  aft-all    adaptive-ft train, all layers
+  aft-plan   adaptive-ft train, the plan's k selected layers (--plan plan.json, or --plan-layers)
+  aft-last   adaptive-ft train, the last k layers (LLaMA-Factory's freeze_trainable_layers, Unsloth's
+             finetune_last_n_layers)
+
+Each runs ``--steps`` optimizer steps (equal steps), and each adaptive-ft variant runs again for the
+Trainer's training time (equal wall-clock time). Every run is a separate process, so peak memory is its own.
+Printed per run: examples/s, real (non-padding) tokens/s, peak memory, and exact-match accuracy on the
+held-out test split (teacher-forced: every answer token is the argmax, which is exactly when greedy
+decoding reproduces the reference and stops; each model is asked in the format it was trained with).
+
+\b
+    .venv/bin/python benchmarks/train.py                                   # SmolLM2 + Banking77, 150 x 16
+    .venv/bin/python benchmarks/train.py --steps 20 --test-examples 200    # a reduced run
+    .venv/bin/python benchmarks/train.py --plan plan.json                  # layers from `adaptive-ft prioritize`
+    .venv/bin/python benchmarks/train.py --model tiny --steps 5            # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads crawl on a shared machine
+
+import numpy as np
+import polars as pl
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("trainer", "aft-all", "aft-plan", "aft-last")
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def banking77_examples() -> pl.DataFrame:
+    """example_id, domain, prompt, reference for Banking77 (intent name as the reference)."""
+    from adaptive_ft.simulate import load_pool
+
+    return load_pool("banking77").frame
+
+
+def tiny_model(workdir: Path, examples: pl.DataFrame) -> str:
+    from adaptive_ft.models import build_tiny_model
+
+    folder = workdir / "tiny-model"
+    if not (folder / "config.json").is_file():
+        build_tiny_model(folder, texts=list(examples["prompt"][:2000]) + list(examples["reference"].unique()),
+                         n_layers=4, hidden=64)
+    return str(folder)
+
+
+def split(examples: pl.DataFrame, seed: int) -> pl.DataFrame:
+    from adaptive_ft.finetune.data import split_examples
+
+    return split_examples(examples, 0.1, 0.2, seed)
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+
+
+@torch.no_grad()
+def exact_match(model: Any, tok: Any, test: pl.DataFrame, system: str | None, batch: int = 32) -> float:
+    """Share of test examples whose every answer token (and the end token) is the model's argmax."""
+    from adaptive_ft.finetune import data as D
+
+    T = importlib.import_module("adaptive_ft.finetune.train")
+    enc = D.encode_all(tok, test, 256, system)
+    order = np.argsort([len(e.ids) for e in enc])
+    right = 0
+    model.eval()
+    for i in range(0, len(order), batch):
+        items = [enc[j] for j in order[i:i + batch]]
+        b = D.collate(items, tok.pad_token_id)
+        wrong = (T.answer_logits(model, b["input_ids"], b["predict_pos"]).argmax(-1) != b["targets"]).float()
+        per_row = torch.zeros(len(items)).index_add_(0, b["row"], wrong)
+        right += int((per_row == 0).sum())
+    return right / len(enc)
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+def run_trainer(a: argparse.Namespace, train: pl.DataFrame, test: pl.DataFrame) -> dict[str, Any]:
+    """Plain transformers Trainer + peft, LoRA on every layer, the model's own default chat template."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from adaptive_ft.finetune import data as D
+    from adaptive_ft.models import load_model
+
+    model, tok = load_model(a.model)
+    enc = D.encode_all(tok, train, a.max_seq_len, system=None)  # None: the template's default system turn
+    rows = [{"input_ids": e.ids, "labels": [-100] * e.n_prompt + e.ids[e.n_prompt:]} for e in enc]
+    peft = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    seen = {"tokens": 0, "examples": 0}
+
+    def counting(features: list[dict[str, Any]]) -> dict[str, Any]:
+        seen["tokens"] += sum(len(f["input_ids"]) for f in features)
+        seen["examples"] += len(features)
+        return collator(features)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+                                 learning_rate=a.trainer_lr, lr_scheduler_type="cosine", warmup_steps=a.warmup,
+                                 logging_steps=max(1, a.steps // 10), save_strategy="no", report_to=[],
+                                 use_cpu=not torch.cuda.is_available(), seed=a.seed, dataloader_num_workers=0,
+                                 disable_tqdm=False)
+        trainer = Trainer(model=peft, args=args, train_dataset=rows, data_collator=counting)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "examples": seen["examples"], "tokens": seen["tokens"], "steps": a.steps,
+            "accuracy": exact_match(peft, tok, test, system=None)}
+
+
+def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, layers: str,
+            minutes: float) -> dict[str, Any]:
+    """adaptive-ft's train(): ``--steps`` steps, or as many as fit in ``minutes`` when given."""
+    from peft import PeftModel
+
+    from adaptive_ft.config import load_config
+    from adaptive_ft.finetune import train
+    from adaptive_ft.models import load_model
+
+    steps = a.steps if minutes <= 0 else 100_000
+    cfg = load_config(None, [f"model={a.model}", f"seed={a.seed}", f"train.max_steps={steps}",
+                             f"train.batch_size={a.batch_size}", f"train.lr={a.lr}", f"train.lora.r={a.r}",
+                             f"train.lora.alpha={2 * a.r}", f"train.warmup_steps={a.warmup}",
+                             f"train.max_seq_len={a.max_seq_len}", "train.eval_every=0", "train.patience=0",
+                             "train.checkpoint_every=0", "train.max_eval_examples=1", "train.keep_best=false",
+                             f"train.max_minutes={minutes}"])
+    plan = Path(a.workdir) / "bench-plan.json"
+    plan.write_text(json.dumps({"domains": sorted(examples["domain"].unique())}))
+    with tempfile.TemporaryDirectory(dir=a.workdir) as out:
+        r = train(cfg, None, plan, a.model, out, layers=layers, examples=examples)
+        base, tok = load_model(a.model)
+        model = PeftModel.from_pretrained(base, Path(out) / "adapter")
+        acc = exact_match(model, tok, test, system="")
+    return {"seconds": r.train_seconds, "examples": round(r.examples_per_s * r.train_seconds),
+            "tokens": round(r.tokens_per_s * r.train_seconds), "steps": r.steps, "accuracy": acc,
+            "layers": r.layers}
+
+
+def worker(a: argparse.Namespace) -> None:
+    """One variant in this process; the result (with peak memory) as JSON on the last line of stdout."""
+    torch.manual_seed(a.seed)
+    examples = banking77_examples()
+    if a.model == "tiny":
+        a.model = tiny_model(Path(a.workdir), examples)
+    s = split(examples, a.seed)
+    test = s.filter(pl.col("split") == "test").sample(min(a.test_examples, (s["split"] == "test").sum()),
+                                                      seed=a.seed, shuffle=False)
+    if a.worker == "trainer":
+        res = run_trainer(a, s.filter(pl.col("split") == "train"), test)
+    else:
+        res = run_aft(a, examples, test, a.layers, a.minutes)
+    res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res))
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def spawn(a: argparse.Namespace, variant: str, layers: str = "", minutes: float = 0.0) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", variant, "--layers", layers, "--minutes", str(minutes)]
+    for key in ("model", "steps", "batch_size", "lr", "trainer_lr", "r", "warmup", "max_seq_len", "test_examples",
+                "seed", "workdir"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+    print(f"\n=== {variant} {layers} {'(%.1f min)' % minutes if minutes else '(%d steps)' % a.steps}", flush=True)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed (exit {done.returncode})")
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    res.update(variant=variant, examples_per_s=res["examples"] / res["seconds"],
+               tokens_per_s=res["tokens"] / res["seconds"])
+    return res
+
+
+def plan_layers(a: argparse.Namespace) -> str:
+    if a.plan:
+        from adaptive_ft.prioritize.plan import Plan
+
+        p = Plan.load(a.plan)
+        if not p.layers or not p.layers.selected:
+            raise SystemExit(f"{a.plan} selects no layers; run prioritize with layer probes or pass --plan-layers")
+        return ",".join(map(str, p.layers.selected))
+    return a.plan_layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="'smollm2', a folder, or 'tiny' (a smoke test)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3, help="adaptive-ft's learning rate")
+    ap.add_argument("--trainer-lr", type=float, default=2e-4, help="the Trainer's (its LoRA default)")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--max-seq-len", type=int, default=96)
+    ap.add_argument("--test-examples", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plan", default=None, help="plan.json whose layers.selected is 'the plan's layers'")
+    ap.add_argument("--plan-layers", default="15-29", help="the plan's layers when --plan is not given")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "aft-bench-train"))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--layers", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    if a.worker:
+        return worker(a)
+    chosen = plan_layers(a)
+    from adaptive_ft.finetune.train import parse_layers
+
+    n_layers = 30 if a.model == "smollm2" else int(json.loads((Path(a.model) / "config.json").read_text())[
+        "num_hidden_layers"]) if a.model != "tiny" else 4
+    k = len(parse_layers(chosen, n_layers))
+    layer_sets = {"aft-all": "all", "aft-plan": chosen, "aft-last": f"last:{k}"}
+    wanted = a.variants.split(",")
+    results = [spawn(a, v) if v == "trainer" else spawn(a, v, layer_sets[v]) for v in wanted]
+    base = next((r for r in results if r["variant"] == "trainer"), None)
+    if base and not a.no_equal_time:
+        for v in wanted:
+            if v != "trainer":
+                r = spawn(a, v, layer_sets[v], minutes=base["seconds"] / 60)
+                r["variant"] = v + "@time"
+                results.append(r)
+    report(results, base, a)
+
+
+def report(results: list[dict[str, Any]], base: dict[str, Any] | None, a: argparse.Namespace) -> None:
+    print(f"\nmodel {a.model}, batch {a.batch_size}, {a.steps} steps, test {a.test_examples} examples")
+    print(f"{'run':<16}{'steps':>6}{'seconds':>9}{'ex/s':>8}{'tok/s':>8}{'x trainer':>10}{'peak MiB':>10}{'acc':>8}")
+    for r in results:
+        ratio = r["examples_per_s"] / base["examples_per_s"] if base else float("nan")
+        print(f"{r['variant']:<16}{r['steps']:>6}{r['seconds']:>9.1f}{r['examples_per_s']:>8.2f}"
+              f"{r['tokens_per_s']:>8.0f}{ratio:>10.2f}{r['peak_memory_mb']:>10.0f}{100 * r['accuracy']:>7.1f}%")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
