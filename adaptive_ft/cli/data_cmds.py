@@ -50,8 +50,8 @@ class _Progress:
             self.bar = None
 
 
-def _print_report(report: IngestReport) -> None:
-    for f in report.files:
+def _print_report(report: IngestReport, quiet: bool) -> None:
+    for f in [] if quiet else report.files:
         if f.error:
             click.echo(f"  skipped: {f.error}", err=True)
         elif f.note:
@@ -62,7 +62,7 @@ def _print_report(report: IngestReport) -> None:
                 f"{f.rows_rejected:,} rejected" + (f", {f.rows_skipped:,} skipped (no rating)" if f.rows_skipped else ""),
                 err=True,
             )
-    if report.users_upserted:
+    if report.users_upserted and not quiet:
         click.echo(f"  users: {report.users_upserted:,} users loaded", err=True)
     click.echo(report.summary())
 
@@ -75,7 +75,7 @@ def _print_report(report: IngestReport) -> None:
               help="Per-user attributes (CSV/JSONL/Parquet with user_id, segment, ...).")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any record was rejected.")
 @click.option("--force", is_flag=True, help="Re-read files already ingested (same sha256); adds nothing new.")
-@click.option("--quiet", "-q", is_flag=True, help="Only the summary line.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary line (and the error, if nothing could be read).")
 @store_option
 @config_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -102,7 +102,7 @@ def ingest_cmd(paths: tuple[Path, ...], fmt: str, users: Path | None, strict: bo
                         on_stage=progress)
     finally:
         progress.close()
-    _print_report(report)
+    _print_report(report, quiet)
     if not report.anything_read:
         errors = "; ".join(f.error for f in report.files if f.error) or "every record was rejected"
         raise InputError(f"nothing could be ingested: {errors}")
