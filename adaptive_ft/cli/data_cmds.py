@@ -51,9 +51,11 @@ class _Progress:
 
 
 def _print_report(report: IngestReport, quiet: bool) -> None:
-    for f in [] if quiet else report.files:
-        if f.error:
+    for f in report.files:
+        if f.error:  # shown even when quiet: a file that could not be read is never silent
             click.echo(f"  skipped: {f.error}", err=True)
+        elif quiet:
+            continue
         elif f.note:
             click.echo(f"  {f.path}: {f.note}", err=True)
         else:
@@ -75,7 +77,7 @@ def _print_report(report: IngestReport, quiet: bool) -> None:
               help="Per-user attributes (CSV/JSONL/Parquet with user_id, segment, ...).")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any record was rejected.")
 @click.option("--force", is_flag=True, help="Re-read files already ingested (same sha256); adds nothing new.")
-@click.option("--quiet", "-q", is_flag=True, help="Only the summary line (and the error, if nothing could be read).")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary line (and files that could not be read).")
 @store_option
 @config_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
