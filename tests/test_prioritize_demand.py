@@ -178,5 +178,7 @@ def test_no_negative_feedback_is_an_error_unless_planning_by_demand():
     cfg.prioritize.no_feedback = "demand"
     cfg.prioritize.factors = 2
     scored = score_interactions(inter, cfg)
+    assert scored.examples["priority"].to_numpy() == pytest.approx(scored.examples["demand"].to_numpy())
+    assert any("priority = demand" in n for n in scored.notes)
     assert np.isfinite(scored.examples["weight"].to_numpy()).all()
     assert scored.examples["weight"].sum() == pytest.approx(1.0)

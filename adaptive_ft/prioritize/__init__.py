@@ -106,6 +106,9 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     domain_ix = np.unique(inter.items["domain"].to_numpy(), return_inverse=True)[1]
     neighbours = dm.item_neighbours(factors.item, pc.neighbours, groups=domain_ix)
     fail = dm.example_failure(exposures, negatives, neighbours, pc.prior_strength, groups=domain_ix)
+    if negatives.sum() == 0:  # only reachable with no_feedback=demand: plan by demand alone
+        fail.rate = np.ones(n_items)
+        notes.append("no negative feedback: failure taken as 1 everywhere, so priority = demand")
     seg_of_pair = user_segment[uix]
     traffic = np.bincount(seg_of_pair, minlength=len(segments)).astype(np.float64)
     seg_known = np.bincount(seg_of_pair, weights=known, minlength=len(segments))
