@@ -126,3 +126,13 @@ def test_fingerprint_changes_with_new_data_only(tmp_path: Path):
     ingest([write_jsonl(tmp_path / "b.jsonl", [rec(i) for i in range(10, 12)])], db)
     with Store.open(db, read_only=True) as s:
         assert s.fingerprint() != f1
+
+
+def test_opening_writable_and_read_only_in_one_process_is_explained(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    with Store.open(db):
+        with pytest.raises(StoreError, match="already open in this process for writing; close that Store"):
+            Store.open(db, read_only=True)
+    (tmp_path / "notes.duckdb").write_text("not a database")
+    with pytest.raises(StoreError, match="not a valid DuckDB database file"):
+        Store.open(tmp_path / "notes.duckdb")

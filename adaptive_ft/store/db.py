@@ -52,6 +52,11 @@ def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.Duck
             raise StoreLockedError(_lock_message(path, e)) from None
         raise StoreError(f"cannot open store {path}: {e}") from None
     except duckdb.Error as e:
+        if "different configuration" in str(e):
+            raise StoreError(
+                f"store {path} is already open in this process {'for writing' if read_only else 'read-only'}; "
+                "close that Store (leave its `with` block) before opening it again"
+            ) from None
         raise StoreError(f"cannot open store {path}: {e}; is it a DuckDB file written by adaptive-ft?") from None
 
 
