@@ -300,3 +300,35 @@ def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> N
     assert man["world_size"] == 2 and man["steps"] == 4
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # one process writes the log
+
+
+def test_time_budget_stops_the_run_and_says_so(tiny, examples, tmp_path) -> None:
+    r = T.train(_cfg("train.max_steps=500", "train.max_minutes=0.0001"), None, _plan(tmp_path / "plan.json"),
+                str(tiny), tmp_path / "run", examples=examples)
+    assert r.steps == 1 and r.stop_reason.startswith("time budget of 0.0001 minutes reached at step 1")
+    assert "val_loss" in r.metrics[-1]  # the last step is validated, so the best adapter is chosen knowingly
+    assert T.lr_lambda(_cfg("train.warmup_steps=0").train, 100, clock=lambda: 1.0)(5) == 0.0  # decayed by time
+
+
+def test_cli_trains_from_a_store(tiny, tmp_path) -> None:
+    """simulate -> ingest -> train through the CLI, with a hand-written plan."""
+    from click.testing import CliRunner
+
+    from adaptive_ft.cli import cli
+
+    runner = CliRunner()
+    log, store = tmp_path / "logs.jsonl", tmp_path / "s.duckdb"
+    assert runner.invoke(cli, ["simulate", "--out", str(log), "--events", "1500", "--users", "40"]).exit_code == 0
+    assert runner.invoke(cli, ["ingest", "--store", str(store), str(log)]).exit_code == 0
+    truth = json.loads(log.with_suffix(".truth.json").read_text())
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"domains": truth["domains"][:2], "layers": {"selected": [2]}}))
+    res = runner.invoke(cli, ["train", "--store", str(store), "--plan", str(plan), "--model", str(tiny),
+                              "--out", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4",
+                              "train.threads=1", "train.eval_every=0"])
+    assert res.exit_code == 0, res.output
+    assert "trained 3 steps on layers 2 " in res.output
+    again = runner.invoke(cli, ["train", "--store", str(store), "--plan", str(plan), "--model", str(tiny),
+                                "--out", str(tmp_path / "run"), "--max-steps", "3"])
+    assert again.exit_code == 1 and "already holds a run; pass --resume" in again.output
+    assert "Examples:" in runner.invoke(cli, ["train", "--help"]).output
