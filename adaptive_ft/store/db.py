@@ -165,7 +165,10 @@ class Store:
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
         """Run a read query over the store's tables and return a Polars frame."""
         try:
-            return self.con.sql(query, params=params).pl()
+            rel = self.con.sql(query, params=params)
+            if rel is None:
+                raise StoreError(f"Store.sql() returns rows; this statement returned none: {query[:80]!r}")
+            return rel.pl()
         except duckdb.Error as e:
             raise StoreError(f"query on store {self.path} failed: {e}") from None
 
