@@ -121,12 +121,16 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     argpartition on wide rows), then the k winners are re-sorted by (score desc, id asc) so the
     result never depends on the backend's tie order.
     """
-    try:
-        import torch
-
+    torch = None
+    if scores.size > 4_000_000:  # only worth torch's import time on big blocks
+        try:
+            import torch
+        except ImportError:
+            pass
+    if torch is not None:
         vals, part = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1)
         part, ps = part.numpy(), vals.numpy()
-    except ImportError:
+    else:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         ps = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -ps), axis=1)
