@@ -106,6 +106,7 @@ class PrioritizeConfig:
     no_feedback: str = _f("error", "when the log has no negative signal at all: error | demand (plan by demand)")
     segment_weights: dict[str, float] = _f({}, "explicit weight per segment (overrides segment_weighting)")
     prior_strength: float = _f(10.0, "Beta prior strength on failure, in pseudo-interactions")
+    demand_prior: float = _f(1.0, "pseudo-interactions per example that pull observed demand toward the CF prediction")
     neighbours: int = _f(20, "look-alike examples (item-factor kNN) a failure prior is borrowed from")
     duplicate_threshold: float = _f(0.98, "item-factor cosine at or above which examples are near-duplicates")
     duplicate_min_exposures: int = _f(5, "interactions both examples need before factor similarity can merge them")

@@ -182,3 +182,12 @@ def test_no_negative_feedback_is_an_error_unless_planning_by_demand():
     assert any("priority = demand" in n for n in scored.notes)
     assert np.isfinite(scored.examples["weight"].to_numpy()).all()
     assert scored.examples["weight"].sum() == pytest.approx(1.0)
+
+
+def test_demand_blends_observed_traffic_with_the_cf_prediction():
+    predicted = np.array([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]])
+    observed = np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # segment 1 has asked nothing yet
+    d = dm.blend_demand(predicted, observed, per_example=1.0)  # 3 pseudo-interactions per segment
+    assert d[0] == pytest.approx(np.array([3 + 1.5, 1 + 0.75, 0 + 0.75]) / (4 + 3))
+    assert d[1] == pytest.approx(predicted[1])  # no traffic: CF alone
+    assert d.sum(axis=1) == pytest.approx([1.0, 1.0])

@@ -99,7 +99,11 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     factors, rec = _fit_with_holdout(inter, cfg, user_segment, segments, timings, progress)
     rec.update(algorithm=pc.algorithm, factors=pc.factors, holdout_fraction=pc.holdout_fraction)
     t = time.perf_counter()
-    demand = dm.segment_demand(factors, user_segment, len(segments))
+    hits = inter.pairs["hits"].to_numpy().astype(np.float64) if "hits" in inter.pairs.columns else np.ones(len(uix))
+    observed = np.bincount(user_segment[uix] * n_items + iix, weights=hits,
+                           minlength=len(segments) * n_items).reshape(len(segments), n_items)
+    predicted = dm.segment_demand(factors, user_segment, len(segments))
+    demand = dm.blend_demand(predicted, observed, pc.demand_prior)
     known, basis, notes = _known_outcome(inter.pairs, neg, pc)
     exposures = np.bincount(iix, weights=known, minlength=n_items)
     negatives = np.bincount(iix, weights=neg, minlength=n_items)

@@ -10,7 +10,8 @@ The pipeline of this module, top to bottom:
    factors.
 3. :func:`segment_demand`: predicted affinity averaged over a segment's users, normalized per segment to a
    distribution over examples -- the share of that segment's attention each example is expected to get,
-   including examples the segment never touched.
+   including examples the segment never touched; :func:`blend_demand` shrinks each segment's observed
+   traffic shares toward it (CF fills what a segment has not asked, and carries small segments).
 4. :func:`example_failure`: the share of an example's interactions that drew a negative signal, smoothed
    by a Beta prior whose mean comes from the example's nearest neighbours in item-factor space, so an
    example with little feedback inherits from its look-alikes.
@@ -46,7 +47,8 @@ class Interactions:
 
     ``users`` has columns uix, user_id, segment; ``items`` has iix, example_id, domain, prompt.
     ``pairs`` has uix, iix, conf (float32), neg (0/1: the pair drew a negative signal), pos (0/1: a
-    positive one; optional), t0 (epoch seconds of the pair's first event). Row ``uix`` of every matrix built from it is user ``uix``.
+    positive one; optional), t0 (epoch seconds of the pair's first event), hits (how many times the user
+    asked it: impressions, at least 1; optional). Row ``uix`` of every matrix built from it is user ``uix``.
     """
 
     users: pl.DataFrame
@@ -102,14 +104,16 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
                round(sum(coalesce(w.weight, 0.0)), 6) AS conf,
                max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END) AS neg,
                max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END) AS pos,
-               epoch(min(e.ts)) AS t0
+               epoch(min(e.ts)) AS t0,
+               greatest(count(*) FILTER (WHERE e.event = 'impression'), 1) AS hits
         FROM events e LEFT JOIN w ON e.event = w.event
         GROUP BY e.user_id, e.example_id),
     u AS (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS uix
           FROM (SELECT DISTINCT user_id FROM pairs)),
     i AS (SELECT example_id, (row_number() OVER (ORDER BY example_id) - 1)::INTEGER AS iix
           FROM (SELECT DISTINCT example_id FROM pairs))
-    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.pos::TINYINT AS pos, p.t0::DOUBLE AS t0
+    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.pos::TINYINT AS pos, p.t0::DOUBLE AS t0,
+           p.hits::INTEGER AS hits
     FROM pairs p JOIN u ON p.user_id = u.user_id JOIN i ON p.example_id = i.example_id
     """
 
@@ -246,6 +250,19 @@ def segment_demand(factors: Factors, user_segment: np.ndarray, n_segments: int) 
     mean_user = sums / np.maximum(counts, 1)[:, None]
     aff = factors.affinity(mean_user @ factors.item.astype(np.float64).T) + EPS
     return aff / aff.sum(axis=1, keepdims=True)
+
+
+def blend_demand(predicted: np.ndarray, observed: np.ndarray, per_example: float) -> np.ndarray:
+    """(S, I) demand: each segment's observed traffic shares, shrunk toward the CF prediction.
+
+    demand[s, i] = (n[s, i] + a * I * p[s, i]) / (N_s + a * I), with n the segment's interactions
+    (asks) per example, N_s their total, p the CF share (:func:`segment_demand`) and a = ``per_example``
+    pseudo-interactions per example. A segment with much traffic keeps what it asked; an example a
+    segment never touched gets the share CF predicts for it; a small segment leans on CF. Rows sum to 1.
+    """
+    prior = per_example * predicted.shape[1]
+    total = observed.sum(axis=1, keepdims=True)
+    return (observed + prior * predicted) / (total + prior)
 
 
 def item_neighbours(item: np.ndarray, k: int, groups: np.ndarray | None = None, block: int = 2048
