@@ -94,7 +94,7 @@ class PrioritizeConfig:
     k: int = _f(10, "cut-off for ranking metrics (precision@k, NDCG@k...)")
     layers_k: int = _f(8, "number of adapter layers the plan selects")
     probe_fraction: float = _f(0.5, "fraction of domain x layer cells measured; the rest is completed")
-    probe_examples: int = _f(8, "examples per domain used by a layer probe")
+    probe_examples: int = _f(4, "examples per domain used by a layer probe (cost grows linearly)")
     threads: int = _f(0, "implicit's threads (0 = all cores); BLAS is always held to 1 thread while fitting")
     alpha: float = _f(1.0, "ALS confidence scale applied to the matrix (C = alpha x weight)")
     negative_events: list[str] = _f(
@@ -116,7 +116,7 @@ class PrioritizeConfig:
     probe_steps: int = _f(2, "optimizer steps of a layer probe's trial LoRA")
     probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")
     completion_rank: int = _f(1, "rank of the matrix factorization that completes unprobed cells")
-    layer_cost_weight: float = _f(0.0, "score traded per unit of backward-pass depth when choosing layers")
+    layer_cost_weight: float = _f(1.0, "score traded per unit of backward-pass depth when choosing layers (0 = top-k by score)")
     rank_by_score: bool = _f(False, "scale each selected layer's LoRA rank by its score (rank_pattern)")
 
 
