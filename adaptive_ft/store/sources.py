@@ -8,6 +8,7 @@ lives in :mod:`adaptive_ft.store.load`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import gzip
@@ -92,8 +93,8 @@ def _check_text(path: Path, head: bytes) -> str:
             f"{path}: binary data (a NUL byte at offset {nul}), not a JSONL/CSV log; "
             "pass Parquet as .parquet or check the file"
         )
-    try:
-        return head.decode("utf-8") if len(head) < _SNIFF_BYTES else head[:-4].decode("utf-8", "ignore")
+    try:  # incremental: a character cut at the end of the head is not an error, any other bad byte is
+        return codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); re-encode it as UTF-8") from None
 
