@@ -18,7 +18,8 @@ decoding reproduces the reference and stops; each model is asked in the format i
     .venv/bin/python benchmarks/train.py                                   # SmolLM2 + Banking77, 150 x 16
     .venv/bin/python benchmarks/train.py --steps 20 --test-examples 200    # a reduced run
     .venv/bin/python benchmarks/train.py --plan plan.json                  # layers from `adaptive-ft prioritize`
-    .venv/bin/python benchmarks/train.py --model tiny --steps 5            # smoke test, seconds
+    .venv/bin/python benchmarks/train.py --model tiny --steps 5            # smoke test
+    .venv/bin/python benchmarks/train.py --score-run RUN --test-examples 0 # accuracy of one run's adapter
 """
 
 from __future__ import annotations
@@ -160,6 +161,24 @@ def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, l
             "layers": r.layers}
 
 
+def score_run(run: Path, n: int, seed: int) -> None:
+    """Exact-match accuracy of RUN/adapter on (a seeded sample of) RUN/split.parquet's test split."""
+    from peft import PeftModel
+
+    from adaptive_ft.models import load_model
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    test = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "test")
+    if n and test.height > n:
+        test = test.sample(n, seed=seed, shuffle=False)
+    base, tok = load_model(manifest["base_model_path"])
+    t0 = time.perf_counter()
+    acc = exact_match(PeftModel.from_pretrained(base, run / "adapter"), tok, test, manifest.get("system_prompt", ""))
+    print(f"{run}: exact-match accuracy {100 * acc:.1f}% on {test.height} test examples "
+          f"(adapter from step {manifest.get('adapter_step')}, {manifest['timings']}; scored in "
+          f"{time.perf_counter() - t0:.0f}s)")
+
+
 def worker(a: argparse.Namespace) -> None:
     """One variant in this process; the result (with peak memory) as JSON on the last line of stdout."""
     torch.manual_seed(a.seed)
@@ -174,6 +193,9 @@ def worker(a: argparse.Namespace) -> None:
     else:
         res = run_aft(a, examples, test, a.layers, a.minutes)
     res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res.update(variant=a.worker, layers_arg=a.layers, minutes=a.minutes)
+    with open(Path(a.workdir) / "results.jsonl", "a") as f:  # partial results survive an interrupted benchmark
+        f.write(json.dumps(res) + "\n")
     print("RESULT " + json.dumps(res))
 
 
@@ -225,6 +247,7 @@ def main() -> None:
     ap.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "aft-bench-train"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--score-run", default=None, help="only score RUN/adapter on RUN's test split, then exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--layers", default="", help=argparse.SUPPRESS)
     ap.add_argument("--minutes", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -232,6 +255,8 @@ def main() -> None:
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
     if a.worker:
         return worker(a)
+    if a.score_run:
+        return score_run(Path(a.score_run), a.test_examples, a.seed)
     chosen = plan_layers(a)
     from adaptive_ft.finetune.train import parse_layers
 
