@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -172,7 +173,9 @@ def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dic
 
     n = int(base.config.num_hidden_layers)
     try:
-        model = get_peft_model(base, lora_config(tc, layers, rank_pattern, n))
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            model = get_peft_model(base, lora_config(tc, layers, rank_pattern, n))
     except ValueError as e:
         raise ModelError(f"cannot attach LoRA: {e} (train.lora.target_modules = {tc.lora.target_modules}; "
                          f"they must name Linear modules of this model, e.g. q_proj, v_proj)") from None
