@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ _BIG = 20 * 2**20  # files above this size get a progress bar per stage
 
 
 class _Progress:
-    """Per-file stage progress on stderr: a one-line start note, and a tqdm bar for large files."""
+    """Per-file stage progress on stderr: a one-line start note, and for large files a tqdm bar whose
+    elapsed clock keeps ticking during a long stage (a stage is one bulk SQL statement, with no
+    row-by-row updates to report)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar: tqdm | None = None
         self.current: Path | None = None
+        self._ticking = threading.Event()
 
     def __call__(self, src: Source, stage: str) -> None:
         if self.quiet:
@@ -38,13 +42,23 @@ class _Progress:
             click.echo(f"ingest: {src.path} ({src.format}, {src.bytes / 2**20:.1f} MiB)", err=True)
             if src.bytes >= _BIG:
                 self.bar = tqdm(total=len(STAGES), desc=src.path.name, unit="stage", file=sys.stderr, leave=False)
+                self._ticking.clear()
+                threading.Thread(target=self._tick, args=(self.bar,), daemon=True).start()
         if self.bar is not None:
             self.bar.set_postfix_str(stage)
             if stage != STAGES[0]:
                 self.bar.update(1)
 
+    def _tick(self, bar: tqdm) -> None:
+        while not self._ticking.wait(0.5):
+            try:
+                bar.refresh()
+            except (OSError, ValueError):  # stderr closed (e.g. piped into head): stop ticking, never hang
+                return
+
     def close(self) -> None:
         if self.bar is not None:
+            self._ticking.set()
             self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
             self.bar = None

@@ -46,6 +46,8 @@ def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.Duck
         # Naive ISO timestamps in logs mean UTC, whatever the machine's zone (set after connecting:
         # the ICU extension that owns this setting loads with the first connection).
         con.execute("SET TimeZone = 'UTC'")
+        # DuckDB's own progress bar would write into our output (the CLI draws its own per stage)
+        con.execute("SET enable_progress_bar = false")
         return con
     except duckdb.IOException as e:
         if "Could not set lock" in str(e):
