@@ -75,7 +75,7 @@ def test_every_kind_of_bad_record_is_rejected_with_its_line_and_reason(tmp_path:
     with Store.open(db, read_only=True) as s:
         ev = s.sql("SELECT event_id, ts, event, value, example_id FROM events ORDER BY ts").to_dicts()
         raw = dict(s.sql("SELECT line, raw FROM rejected").rows())
-        prompt20 = s.sql("SELECT prompt FROM examples WHERE example_id = ?", [_md5_prompt("question five")]).item()
+        prompt20 = s.sql("SELECT prompt FROM examples WHERE example_id = ?", [_prompt_id("question five")]).item()
     # every valid record is stored, ids as given or hashed from the normalized record
     hashed = _md5("u1", "2024-03-01T10:00:22.000000", "rating", "x2", "2.5", "")
     assert sorted(e["event_id"] for e in ev) == sorted(["e1", "e11", "e12", "e20", "e21", hashed, "e25"])
@@ -83,15 +83,16 @@ def test_every_kind_of_bad_record_is_rejected_with_its_line_and_reason(tmp_path:
     assert by_id["e11"]["ts"] == dt.datetime(2024, 3, 1, 10, 0, 11)  # 1709287211 s after the epoch, in UTC
     assert by_id["e25"]["ts"] == dt.datetime(2024, 3, 1, 10, 0, 0)  # +02:00 converted to UTC
     assert by_id["e21"]["event"] == "thumbs_up" and by_id["e12"]["value"] == 4.0
-    assert by_id["e20"]["example_id"] == _md5_prompt("question five") and prompt20 == "  Question   FIVE "
+    assert by_id["e20"]["example_id"] == _prompt_id("question five") and prompt20 == "  Question   FIVE "
     # raw text kept for each rejected line, cut with a note when huge
     assert raw[2] == "{bad json" and raw[10] == "[1, 2]"
     assert raw[18].endswith(f"... ({len(json.dumps(rec(18, response='r' * 10_000_000)))} chars)")
     assert len(raw[18]) < IngestConfig().max_raw_chars + 40
 
 
-def _md5_prompt(normalized: str) -> str:
-    return hashlib.md5(normalized.encode()).hexdigest()
+def _prompt_id(normalized: str) -> str:
+    """The example id of a prompt with none: first 16 hex digits of the SHA-256 of its normal form."""
+    return hashlib.sha256(normalized.encode()).hexdigest()[:16]
 
 
 def test_crlf_lines_keep_their_numbers(tmp_path: Path):
@@ -355,3 +356,19 @@ def test_well_formed_json_with_bad_values_keeps_exact_lines_and_raw_text(tmp_pat
             (2 + off, lines[1 + off], "missing required field: user_id"),
             (3 + off, lines[2 + off], "unknown event type: buy")]
         assert s.sql("SELECT prompt FROM examples WHERE example_id = 'x4'").item() == json.loads(lines[-1])["prompt"]
+
+
+def test_missing_example_id_is_the_same_stable_id_simulate_gives(tmp_path):
+    """Regression: the store hashed prompts with md5 while simulate used sha256, so one prompt got two ids."""
+    import json
+
+    from adaptive_ft.simulate import example_id_for
+    from adaptive_ft.store import Store, ingest
+
+    prompt = "  Where is my\tCARD?\n"
+    log = tmp_path / "one.jsonl"
+    log.write_text(json.dumps({"ts": "2025-01-01T00:00:00Z", "user_id": "u1", "domain": "cards",
+                               "prompt": prompt, "event": "impression"}) + "\n")
+    ingest([log], store=tmp_path / "s.duckdb")
+    with Store.open(tmp_path / "s.duckdb", read_only=True) as s:
+        assert s.examples()["example_id"].to_list() == [example_id_for(prompt)]

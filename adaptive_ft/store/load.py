@@ -263,7 +263,8 @@ def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
     fields = ", ".join(f"{expr} AS {ident(name)}" for name, expr in r.fields.items())
     ts_p = r.ts_parsed or _TS_TEXT.format(ts="ts")
     value_p = r.value_parsed or "try_cast(value AS DOUBLE)"
-    norm_prompt = "lower(regexp_replace(trim(prompt), '\\s+', ' ', 'g'))"
+    # The same normal form and hash as adaptive_ft.simulate.example_id_for: one prompt, one id, whoever made it.
+    norm_prompt = "lower(trim(regexp_replace(prompt, '\\s+', ' ', 'g')))"
     event_key = (
         "concat_ws(chr(31), user_id, strftime(ts_p, '%Y-%m-%dT%H:%M:%S.%f'), event_n, example_id_f, "
         "coalesce(value_p::VARCHAR, ''), coalesce(model_version, ''))"
@@ -272,7 +273,7 @@ def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
     WITH f AS (SELECT *, {r.line} AS line, {r.pre_reason} AS pre_reason, {r.skip} AS skipped, {fields}
                FROM ({r.base})),
     p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(trim(event)) AS event_n,
-                 coalesce(example_id, md5({norm_prompt})) AS example_id_f FROM f),
+                 coalesce(example_id, left(sha256({norm_prompt}), 16)) AS example_id_f FROM f),
     v AS (SELECT *, CASE WHEN skipped THEN NULL ELSE {_reason_sql(cfg)} END AS reason FROM p)
     SELECT line, reason, skipped, {r.suspect} AS suspect,
            CASE WHEN reason IS NOT NULL OR prompt IS NULL OR domain IS NULL THEN {r.raw} END AS raw,
