@@ -422,3 +422,19 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         else:
             rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
     return rows
+
+
+def config_reference_markdown() -> str:
+    """The config reference as a Markdown table (docs/config.md is this, checked by a test)."""
+    lines = ["# Config reference", "",
+             "Every key of a run config (YAML), its default and what it does. Override any of them on the command",
+             "line as `key=value`, e.g. `adaptive-ft train ... train.lora.r=8 train.lr=1e-4`.",
+             "Generated from `adaptive_ft/config.py` by `python -m adaptive_ft.config > docs/config.md`.", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_ in config_reference():
+        lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -78,3 +78,10 @@ def test_reference_documents_every_leaf_field():
     keys = {k for k, _, _ in rows}
     assert {"train.lora.r", "prioritize.event_weights", "seed"} <= keys
     assert all(help_ for _, _, help_ in rows)
+
+
+def test_docs_config_reference_is_up_to_date():
+    from adaptive_ft.config import config_reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs/config.md"
+    assert doc.read_text() == config_reference_markdown(), "regenerate: python -m adaptive_ft.config > docs/config.md"
