@@ -13,6 +13,7 @@ from the probed ones and report
 Target: Spearman >= 0.8 with half the cells probed.
 
     .venv/bin/python benchmarks/layer_completion.py                   # smollm2, 8 domains
+    .venv/bin/python benchmarks/layer_completion.py --threads 1 --domains 6 --examples 2 --steps 2   # ~40 min here
     .venv/bin/python benchmarks/layer_completion.py --model /path/to/tiny --domains 4
 """
 
