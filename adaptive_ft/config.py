@@ -175,6 +175,7 @@ class ExportConfig:
     probe_prompts: int = _f(32, "prompts in the agreement / latency probe set")
     latency_prompts: int = _f(4, "probe prompts timed for CPU ms per generated token")
     latency_tokens: int = _f(16, "greedy tokens generated per timed prompt")
+    int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold: activation columns above it stay fp16 (lower = more accurate, slower)")
 
 
 @dataclass
