@@ -40,3 +40,21 @@ class ModelError(AdaptiveFTError):
 
 class TrainingError(AdaptiveFTError):
     """Training cannot start or had to stop (empty data, NaN loss...)."""
+
+
+def read_json(path, missing: str, error: type[AdaptiveFTError] = InputError, hint: str = ""):
+    """Parse the JSON file ``path``; a missing file raises ``error(missing)``, broken JSON names the line.
+
+    One reader for every artifact a stage hands the next (plan.json, RUN/manifest.json, eval.json...), so each
+    bad-input message has the same shape: what, where, what to do.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}: {e.msg}){hint}") from None

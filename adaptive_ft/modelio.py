@@ -5,7 +5,6 @@ Export and evaluation share this so a model is loaded — and its prompts format
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import logging
 
 import torch
 
-from adaptive_ft.errors import InputError, ModelError
+from adaptive_ft.errors import InputError, ModelError, read_json
 
 # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul on CPU: thousands of lines
 # during an evaluation that say nothing new.
@@ -24,12 +23,8 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 def read_run(run: Path) -> dict[str, Any]:
     """``RUN/manifest.json`` with ``base_model_path`` resolved (docs/contracts.md, "Train run")."""
     path = Path(run) / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{run}: no manifest.json; pass the folder `adaptive-ft train --out` wrote")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); was the train run interrupted while writing it?") from None
+    manifest = read_json(path, f"{run}: no manifest.json; pass the folder `adaptive-ft train --out` wrote",
+                         hint="; was the train run interrupted while writing it?")
     base_path = manifest.get("base_model_path")
     if not base_path or not Path(base_path).exists():
         spec = manifest.get("base_model")

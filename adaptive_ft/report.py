@@ -25,7 +25,7 @@ from typing import Any
 
 
 from adaptive_ft import report_plots as plots
-from adaptive_ft.errors import InputError
+from adaptive_ft.errors import InputError, read_json
 from adaptive_ft.prioritize.plan import Plan
 
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
@@ -239,12 +239,7 @@ def load_artifacts(inputs: ReportInputs) -> Artifacts:
 
 
 def _read_json(path: Path, what: str, writer: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}. Write it with `{writer}`.")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    doc = read_json(path, f"{what} not found: {path}. Write it with `{writer}`.")
     if not isinstance(doc, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
     return doc

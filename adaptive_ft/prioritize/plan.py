@@ -38,7 +38,7 @@ from typing import Any
 
 import polars as pl
 
-from adaptive_ft.errors import PlanError
+from adaptive_ft.errors import PlanError, read_json
 
 PLAN_VERSION = 1
 EXAMPLES_INLINE_MAX = 5_000  # more example weights than this go to a Parquet file beside plan.json
@@ -114,12 +114,8 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan not found: {path}. Write one with `adaptive-ft prioritize --out {path}`.")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        doc = read_json(path, f"plan not found: {path}. Write one with `adaptive-ft prioritize --out {path}`.",
+                        PlanError)
         return cls.from_dict(doc, base_dir=path.parent, source=str(path))
 
     @classmethod
