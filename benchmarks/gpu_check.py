@@ -72,12 +72,18 @@ def sync() -> None:
 class StepTimer:
     """Wraps train.train_step: per-step wall time (device-synchronized) and tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_step: int = -1) -> None:
         self.steps: list[tuple[float, int]] = []
         self.real = T.train_step
+        self.profile_step = profile_step  # profile this step (0-based) with torch.profiler
+        self.profile: dict[str, Any] = {}
+        self.calls = 0
 
     def __enter__(self) -> "StepTimer":
         def timed(ctx, micro, params):
+            self.calls += 1
+            if self.calls - 1 == self.profile_step:  # not counted in self.steps: the profiler slows it
+                return self._profiled(ctx, micro, params)
             sync()
             t0 = time.perf_counter()
             out = self.real(ctx, micro, params)
@@ -90,6 +96,25 @@ class StepTimer:
 
     def __exit__(self, *exc: Any) -> None:
         T.train_step = self.real
+
+    def _profiled(self, ctx, micro, params):
+        """One step under torch.profiler: GPU kernel time vs wall time, kernel launches, top ops by CPU time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            out = self.real(ctx, micro, params)
+            sync()
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        self.profile = {"wall_ms_profiled": round(1000 * wall, 2),
+                        "gpu_kernel_ms": round(sum(e.device_time for e in kernels) / 1000, 2),
+                        "kernels": len(kernels),
+                        "top_cpu_ops": events.table(sort_by="self_cpu_time_total", row_limit=12)}
+        return out
 
     def steady(self, skip: int = 5) -> float:
         rest = self.steps[skip:] or self.steps
@@ -123,9 +148,10 @@ class Capture:
         return [n for n in after if not torch.equal(after[n], self.before[n])]
 
 
-def run_train(name: str, model_dir: Path, ex: pl.DataFrame, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run_train(name: str, model_dir: Path, ex: pl.DataFrame, out: Path, overrides: list[str],
+              profile_step: int = -1) -> dict[str, Any]:
     cfg = load_config(None, overrides)
-    with Capture() as cap, StepTimer() as timer:
+    with Capture() as cap, StepTimer(profile_step) as timer:
         t0 = time.perf_counter()
         r = T.train(cfg, None, plan(out.parent / f"{name}-plan.json"), str(model_dir), out, examples=ex)
         wall = time.perf_counter() - t0
@@ -150,6 +176,11 @@ def run_train(name: str, model_dir: Path, ex: pl.DataFrame, out: Path, overrides
         "peak_memory_mb": man.get("peak_memory_mb"), "timings": man.get("timings"),
     }
     print(f"[{name}] {json.dumps(rec)}", flush=True)
+    if timer.profile:
+        rec["profile"] = timer.profile
+        print(f"[{name}] profiled step {profile_step + 1}: wall {timer.profile['wall_ms_profiled']} ms, GPU kernels "
+              f"{timer.profile['gpu_kernel_ms']} ms in {timer.profile['kernels']} kernels\n"
+              f"{timer.profile['top_cpu_ops']}", flush=True)
     return rec
 
 
@@ -225,6 +256,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the tiny runs")
     ap.add_argument("--smol-steps", type=int, default=15, help="optimizer steps of the SmolLM2-shaped runs")
     ap.add_argument("--no-smol", action="store_true", help="skip the SmolLM2-shaped throughput runs")
+    ap.add_argument("--smol-batch-sizes", default="8", help="comma-separated train.batch_size values of the smol runs")
+    ap.add_argument("--only-smol", action="store_true", help="run the SmolLM2-shaped throughput runs alone")
+    ap.add_argument("--profile", action="store_true", help="profile the 11th step of each smol run")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     args = ap.parse_args()
 
@@ -304,15 +338,19 @@ def main() -> None:
     def smol() -> None:
         model = build_tiny_model(root / "smol-model", texts=texts, n_layers=30, hidden=576, heads=9, kv_heads=3,
                                  intermediate=1536, init_std=0.02)
-        smol_cfg = [*base, f"train.max_steps={args.smol_steps}", "train.eval_every=0", "train.lr=1e-3",
-                    "train.lora.r=8", "train.lora.alpha=16"]
-        for name, extra in (("smol-lora", []), ("smol-qlora", ["train.quantize_base=nf4"])):
-            report[name] = run_train(name, model, ex, root / name, [*smol_cfg, *extra])
-            report["checks"][f"{name}_only_lora_changed"] = report[name]["only_lora_changed"]
+        for bs in [int(b) for b in args.smol_batch_sizes.split(",")]:
+            smol_cfg = [*base, f"train.max_steps={args.smol_steps}", "train.eval_every=0", "train.lr=1e-3",
+                        "train.lora.r=8", "train.lora.alpha=16", f"train.batch_size={bs}"]
+            for kind, extra in (("lora", []), ("qlora", ["train.quantize_base=nf4"])):
+                name = f"smol-{kind}-b{bs}"
+                report[name] = run_train(name, model, ex, root / name, [*smol_cfg, *extra],
+                                         profile_step=10 if args.profile else -1)
+                report["checks"][f"{name}_only_lora_changed"] = report[name]["only_lora_changed"]
 
-    guarded(report, "1. QLoRA on a 4-bit base", qlora)
-    guarded(report, "2. export merged/int8/nf4", export_variants)
-    guarded(report, "3. LoRA on an fp32 base", lora)
+    if not args.only_smol:
+        guarded(report, "1. QLoRA on a 4-bit base", qlora)
+        guarded(report, "2. export merged/int8/nf4", export_variants)
+        guarded(report, "3. LoRA on an fp32 base", lora)
     if not args.no_smol:
         guarded(report, "4. SmolLM2-shaped throughput", smol)
 
