@@ -86,7 +86,11 @@ class PrioritizeConfig:
         "confidence weight per event type in the user x example matrix",
     )
     segment_weighting: str = _f("traffic", "segment weights: traffic | uniform | underserved")
-    temperature: float = _f(1.0, "sampling temperature over example priorities (higher = flatter)")
+    temperature: float = _f(1.0, "sampling temperature over domain priorities: each domain's share of the "
+                            "training sample is its total priority ** (1 / temperature) (higher = flatter)")
+    example_temperature: float = _f(4.0, "sampling temperature over example priorities within a domain "
+                                    "(higher = flatter: more distinct examples per domain, which held-out "
+                                    "accuracy needs; 1 = proportional to priority)")
     domain_floor: float = _f(0.02, "minimum share of the training sample per planned domain")
     example_cap: float = _f(0.05, "maximum share of the training sample for any one example")
     top_domains: int = _f(0, "keep only the top N domains in the plan (0 = all)")
@@ -299,6 +303,8 @@ def _validate(cfg: Config) -> list[str]:
         p.append(f"prioritize.holdout_fraction: {pr.holdout_fraction} must be in [0, 1)")
     if pr.temperature <= 0:
         p.append(f"prioritize.temperature: {pr.temperature} must be > 0")
+    if pr.example_temperature <= 0:
+        p.append(f"prioritize.example_temperature: {pr.example_temperature} must be > 0")
     for ev in pr.event_weights:
         if ev not in EVENT_TYPES:
             p.append(f"prioritize.event_weights.{ev}: unknown event type (known: {', '.join(EVENT_TYPES)})")

@@ -84,9 +84,26 @@ def test_sampling_weights_respect_floor_and_cap():
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and not notes
     assert w[domain == 1].sum() >= 0.1 - 1e-9  # starving domain lifted to the floor
     assert w.max() <= 0.05 + 1e-9  # the one dominant example is capped
-    # a temperature flattens: the spread between examples of one domain shrinks
-    hot, _ = dm.sampling_weights(prio, domain, clusters, replace(cfg, temperature=10.0))
+    # an example temperature flattens: the spread between examples of one domain shrinks
+    hot, _ = dm.sampling_weights(prio, domain, clusters, replace(cfg, example_temperature=10.0))
     assert np.ptp(hot[:30]) < np.ptp(w[:30])
+
+
+def test_domain_share_follows_total_priority_and_example_temperature_only_spreads_within():
+    # heavy-tailed priorities, as traffic gives: domain 0 holds 3x domain 1's total priority
+    prio = np.array([60.0, 10.0, 5.0, 3.0, 12.0, 20.0, 5.0, 5.0])
+    domain = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    cfg = PrioritizeConfig(domain_floor=0.0, example_cap=1.0, temperature=1.0, example_temperature=1.0)
+    sharp, _ = dm.sampling_weights(prio, domain, np.arange(8), cfg)
+    assert sharp == pytest.approx(prio / prio.sum())  # both temperatures 1: proportional to priority
+    flat, _ = dm.sampling_weights(prio, domain, np.arange(8), replace(cfg, example_temperature=4.0))
+    for d, share in ((0, 0.75), (1, 0.25)):  # the plan's domain mix is unchanged...
+        assert flat[domain == d].sum() == pytest.approx(share)
+        assert sharp[domain == d].sum() == pytest.approx(share)
+    ess = lambda w: 1.0 / (w ** 2).sum()  # noqa: E731
+    assert ess(flat) > 1.5 * ess(sharp)  # ...but its draws spread over more distinct examples
+    even, _ = dm.sampling_weights(prio, domain, np.arange(8), replace(cfg, temperature=1e9))
+    assert even[domain == 0].sum() == pytest.approx(0.5)  # a high domain temperature evens the domains
 
 
 def test_cap_applies_to_a_cluster_of_near_duplicates():

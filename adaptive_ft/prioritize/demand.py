@@ -16,8 +16,9 @@ The pipeline of this module, top to bottom:
    by a Beta prior whose mean comes from the example's nearest neighbours in item-factor space, so an
    example with little feedback inherits from its look-alikes.
 5. :func:`priorities` = sum over segments of segment weight x demand x failure: the expected unmet need.
-6. :func:`sampling_weights`: priorities ** (1 / temperature), a floor per domain and a cap per cluster of
-   near-duplicate examples.
+6. :func:`sampling_weights`: two levels -- each domain's share from its total priority (``temperature``),
+   examples within a domain from their priorities flattened by ``example_temperature`` -- then a floor per
+   domain and a cap per cluster of near-duplicate examples.
 """
 
 from __future__ import annotations
@@ -448,9 +449,15 @@ def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarr
                      cfg: PrioritizeConfig) -> tuple[np.ndarray, list[str]]:
     """Training sampling weights (sum 1) from priorities, and notes on any constraint that had to give.
 
-    w_i ∝ priority_i ** (1 / temperature); then, alternately until both hold, each domain gets at least
-    ``domain_floor`` of the mass (taken pro rata from the domains above the floor) and no cluster of
-    near-duplicates (a singleton cluster is one example) gets more than ``example_cap``.
+    Two levels. A domain d gets a share ∝ (Σ_{i in d} priority_i) ** (1 / temperature): where the unmet need
+    is. Within d, example i gets ∝ priority_i ** (1 / example_temperature) of that share. Priorities follow
+    traffic, which is heavy-tailed, so at example_temperature 1 a few popular examples would take most
+    draws (on a simulated Banking77 log: an effective sample size of ~120 of 7,700 examples) and the model
+    would memorize them instead of learning the domain; flattening inside a domain keeps the domain mix
+    the plan chose while spreading its draws over many distinct examples (ESS ~6,700 at 4).
+    Then, alternately until both hold, each domain gets at least ``domain_floor`` of the mass (taken pro
+    rata from the domains above the floor) and no cluster of near-duplicates (a singleton cluster is one
+    example) gets more than ``example_cap``.
     """
     notes: list[str] = []
     n_dom = int(domain_ix.max()) + 1
@@ -462,7 +469,13 @@ def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarr
     if cap * n_clu < 1:
         cap = 1.0 / n_clu
         notes.append(f"example_cap {cfg.example_cap} x {n_clu} clusters < 1: raised to {cap:.4g}")
-    w = np.power(np.maximum(prio, EPS) / max(prio.max(), EPS), 1.0 / cfg.temperature)
+    p = np.maximum(prio, EPS) / max(prio.max(), EPS)
+    dom_total = np.bincount(domain_ix, weights=p, minlength=n_dom)
+    dom_share = np.power(dom_total / dom_total.max(), 1.0 / cfg.temperature) * (dom_total > 0)
+    dom_share /= dom_share.sum()
+    within = np.power(p, 1.0 / cfg.example_temperature)
+    within /= np.maximum(np.bincount(domain_ix, weights=within, minlength=n_dom), EPS)[domain_ix]
+    w = dom_share[domain_ix] * within
     w /= w.sum()
     for _ in range(50):
         w = _apply_floor(w, domain_ix, n_dom, floor)
