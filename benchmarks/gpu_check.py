@@ -16,9 +16,12 @@ What it does, all on models built in-process (no downloads, nothing from the sto
    sizes and ms/token. Then (on CUDA) each variant is also reloaded with plain ``from_pretrained`` onto the
    GPU and its top-1 predictions compared with the merged model's on the same probes.
 3. ``tiny-lora``: the same run without quantization (fp32 base; train() has no bf16 option).
-4. ``smol-qlora`` / ``smol-lora`` (unless --no-smol): a SmolLM2-135M-shaped body (30 layers, hidden 576,
-   9 heads / 3 KV heads, intermediate 1536) with random weights and the tiny tokenizer, for a throughput
-   figure the tiny model is too small to give on a GPU.
+4. ``smol-lora-bN`` / ``smol-qlora-bN`` (unless --no-smol): a SmolLM2-135M-shaped body (30 layers, hidden
+   576, 9 heads / 3 KV heads, intermediate 1536) with random weights and the tiny tokenizer, for a throughput
+   figure the tiny model is too small to give on a GPU; one pair per --smol-batch-sizes value, and with
+   --profile one step of each under torch.profiler (GPU kernel time against wall time).
+
+Results and the device command: docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -151,6 +154,8 @@ class Capture:
 def run_train(name: str, model_dir: Path, ex: pl.DataFrame, out: Path, overrides: list[str],
               profile_step: int = -1) -> dict[str, Any]:
     cfg = load_config(None, overrides)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the manifest's peak is the process's: make it this run's
     with Capture() as cap, StepTimer(profile_step) as timer:
         t0 = time.perf_counter()
         r = T.train(cfg, None, plan(out.parent / f"{name}-plan.json"), str(model_dir), out, examples=ex)
