@@ -190,6 +190,9 @@ class EvaluateConfig:
     min_count: int = _f(20, "cells with fewer test queries than this say so instead of a number")
     max_new_tokens: int = _f(16, "greedy decoding length")
     batch_size: int = _f(32, "generation batch size")
+    decode_all: bool = _f(False, "label answers: decode every test prompt, instead of one teacher-forced pass "
+                          "that finds the answers greedy decoding would give token for token and decoding "
+                          "only the rest (same answers, several times slower)")
     min_examples: int = _f(5, "cells with fewer distinct test examples than this say so too")
     query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")

@@ -160,7 +160,15 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
     model, tokenizer = load_any(manifest["base_model_path"] if spec == "base" else spec)
     prompts = [format_for_model(tokenizer, p, manifest) for p in test["prompt"].to_list()]
     refs = test["reference"].to_list()
-    responses = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=spec)
+    if task == "label" and not cfg.decode_all:
+        responses = forced_answers(model, tokenizer, prompts, refs, cfg.batch_size, cfg.max_new_tokens)
+        todo = [i for i, r in enumerate(responses) if r is None]
+        decoded = generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.batch_size,
+                           desc=f"{spec}, {len(todo)} of {len(prompts)} to decode")
+        for i, text in zip(todo, decoded):
+            responses[i] = text
+    else:
+        responses = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=spec)
     if task == "label":
         index = {label: i for i, label in enumerate(labels)}
         answers = [parse_label(r, index) for r in responses]
@@ -194,6 +202,47 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         out += tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def forced_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], refs: list[str],
+                   batch_size: int, max_new_tokens: int) -> list[str | None]:
+    """Each reference where greedy decoding (``max_new_tokens`` at most) would answer it token for token, else None.
+
+    Greedy decoding emits the reference's tokens and then the end token exactly when each of them is the
+    argmax after the reference's own prefix -- which one teacher-forced forward pass shows, where decoding
+    takes one pass per token. Answers found this way are the ones decoding would give (up to float ties);
+    only the rest need decoding, so a mostly-right model is scored several times faster.
+    """
+    from adaptive_ft.finetune.train import answer_logits
+
+    eos = tokenizer.eos_token_id
+    out: list[str | None] = [None] * len(prompts)
+    if eos is None:
+        return out
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(prompts), batch_size), desc="checking answers", unit="batch"):
+        rows = []
+        for prompt, ref in zip(prompts[start:start + batch_size], refs[start:start + batch_size]):
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            a = tokenizer(ref, add_special_tokens=False).input_ids + [eos]
+            rows.append((p, a))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # right padding: causal attention ignores it
+        pos, tgt, row = [], [], []
+        for r, (p, a) in enumerate(rows):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            pos += [r * width + len(p) - 1 + j for j in range(len(a))]
+            tgt += a
+            row += [r] * len(a)
+        logits = answer_logits(model, ids.to(device), torch.tensor(pos, device=device))
+        wrong = torch.zeros(len(rows)).index_add_(0, torch.tensor(row),
+                                                  (logits.argmax(-1).cpu() != torch.tensor(tgt)).float())
+        for r, (_, a) in enumerate(rows):
+            if wrong[r] == 0 and len(a) - 1 <= max_new_tokens:
+                out[start + r] = tokenizer.decode(a[:-1], skip_special_tokens=True)
     return out
 
 

@@ -251,3 +251,44 @@ def test_max_examples_scores_a_seeded_subset(tiny, tmp_path):
     assert first.data["n_test_examples"] == 3
     ids = pl.read_parquet(first.outputs_path)["example_id"].to_list()
     assert ids == pl.read_parquet(again.outputs_path)["example_id"].to_list() and len(set(ids)) == 3
+
+
+def test_forced_answers_are_exactly_the_greedy_answers(tiny):
+    """The teacher-forced shortcut returns a reference exactly where greedy decoding produces it."""
+    from transformers import AutoModelForCausalLM
+
+    from adaptive_ft.evaluate import forced_answers, generate
+    from adaptive_ft.modelio import format_for_model
+    from tests.ship_helpers import TEXTS, tiny_tokenizer
+
+    base = tiny / "base" if (tiny / "base").is_dir() else tiny.parent / "base"
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), tiny_tokenizer()
+    prompts = [format_for_model(tok, t) for t in TEXTS[:10]]
+    greedy = generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    # references: what greedy says (hits), then the same with a word changed (misses)
+    refs = greedy[:5] + [g + " card" for g in greedy[5:]]
+    forced = forced_answers(model, tok, prompts, refs, batch_size=3, max_new_tokens=12)
+    hits = [i for i, f in enumerate(forced) if f is not None]
+    assert hits, (greedy, forced)  # the base is fit to answer these: some references are greedy's own answers
+    assert all(forced[i] is None for i in range(5, 10))  # a changed word is never taken for greedy's answer
+    for i, (f, g) in enumerate(zip(forced, greedy)):
+        if f is not None:  # whatever the shortcut takes is exactly what decoding said
+            assert f.strip() == g.strip(), (i, f, g)
+        elif i < 5:  # a reference greedy does produce is only missed when decoding ran out of tokens before its end
+            n = len(tok(g, add_special_tokens=False).input_ids)
+            assert n >= 11, (i, g)
+    # a reference longer than the decoding budget would be cut short by greedy decoding: not taken
+    assert forced_answers(model, tok, prompts[:1], refs[:1], batch_size=1, max_new_tokens=1) == [None] \
+        or len(tok(refs[0], add_special_tokens=False).input_ids) <= 1
+
+
+def test_evaluating_with_the_shortcut_gives_the_same_answers_as_decoding_all(tiny, tmp_path):
+    import dataclasses
+
+    cfg = EvaluateConfig(bootstrap=20, min_count=2, min_examples=2, max_new_tokens=12)
+    fast = evaluate(None, ["base", str(tiny)], tmp_path / "fast.json", cfg)
+    slow = evaluate(None, ["base", str(tiny)], tmp_path / "slow.json", dataclasses.replace(cfg, decode_all=True))
+    a = pl.read_parquet(fast.outputs_path).sort("model", "example_id")
+    b = pl.read_parquet(slow.outputs_path).sort("model", "example_id")
+    assert a["response"].str.strip_chars().to_list() == b["response"].str.strip_chars().to_list()
+    assert [m["value"] for m in fast.data["metrics"]] == [m["value"] for m in slow.data["metrics"]]
