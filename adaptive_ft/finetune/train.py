@@ -284,7 +284,10 @@ def save_checkpoint(run: Path, model: Any, opt: Any, sched: Any, state: LoopStat
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / CKPT_WEIGHTS))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "loop": state.as_dict()}, tmp / CKPT_STATE)
+                "torch_rng": torch.get_rng_state(), "loop": state.as_dict(),
+                # LoRA dropout on a GPU draws from the CUDA generators, not the CPU one
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / CKPT_STATE)
     (tmp / "trainer_state.json").write_text(json.dumps(state.as_dict(), indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -315,6 +318,8 @@ def load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> LoopState:
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     return LoopState(**saved["loop"])
 
 
