@@ -8,8 +8,8 @@ Four ways to fine-tune the same base on the same training split, with the same b
   aft-last   adaptive-ft train, the last k layers (LLaMA-Factory's freeze_trainable_layers, Unsloth's
              finetune_last_n_layers)
 
-Each runs ``--steps`` optimizer steps (equal steps), and each adaptive-ft variant runs again for the
-Trainer's training time (equal wall-clock time). Every run is a separate process, so peak memory is its own.
+Each runs ``--steps`` optimizer steps (equal steps), and the ``--equal-time`` variants (default: the plan's
+layers) run again for the Trainer's training time (equal wall-clock time). Every run is a separate process, so peak memory is its own.
 Printed per run: examples/s, real (non-padding) tokens/s, peak memory, and exact-match accuracy on the
 held-out test split (teacher-forced: every answer token is the argmax, which is exactly when greedy
 decoding reproduces the reference and stops; each model is asked in the format it was trained with).
@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--plan-layers", default="15-29", help="the plan's layers when --plan is not given")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
+    ap.add_argument("--equal-time", default="aft-plan",
+                    help="variants that run again for the Trainer's wall-clock time (comma-separated)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "aft-bench-train"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--score-run", default=None, help="only score RUN/adapter on RUN's test split, then exit")
@@ -268,8 +270,8 @@ def main() -> None:
     results = [spawn(a, v) if v == "trainer" else spawn(a, v, layer_sets[v]) for v in wanted]
     base = next((r for r in results if r["variant"] == "trainer"), None)
     if base and not a.no_equal_time:
-        for v in wanted:
-            if v != "trainer":
+        for v in a.equal_time.split(","):
+            if v in layer_sets:
                 r = spawn(a, v, layer_sets[v], minutes=base["seconds"] / 60)
                 r["variant"] = v + "@time"
                 results.append(r)
