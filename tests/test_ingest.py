@@ -372,3 +372,56 @@ def test_missing_example_id_is_the_same_stable_id_simulate_gives(tmp_path):
     ingest([log], store=tmp_path / "s.duckdb")
     with Store.open(tmp_path / "s.duckdb", read_only=True) as s:
         assert s.examples()["example_id"].to_list() == [example_id_for(prompt)]
+
+
+# ------------------------------------------------------------------------------------------- fast and careful paths
+
+
+def _contents(db: Path) -> tuple[list, list, list]:
+    with Store.open(db, read_only=True) as s:
+        return (
+            s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY event_id").rows(),
+            s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
+            s.sql("SELECT * FROM users ORDER BY user_id").rows(),
+        )
+
+
+def test_a_clean_file_takes_the_fast_path_and_stores_what_the_careful_path_stores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import adaptive_ft.store.load as load
+
+    careful: list[str] = []
+    stage_file = load._stage_file
+    monkeypatch.setattr(load, "_stage_file", lambda con, src, *a, **k: careful.append(src.path.name)
+                        or stage_file(con, src, *a, **k))
+    good = [
+        rec(0), rec(1, event_id=None), rec(2, ts=1709287211), rec(3, ts="2024-03-01T12:00:00+02:00"),
+        rec(4, event=" Thumbs_Up ", reference="ref 4"), rec(5, event="rating", value=4),
+        rec(6, event_id=None, event="rating", value=2.5), rec(7, example_id=None, prompt="  Question   FIVE "),
+        rec(8, ts="2024-03-01 10:00:08"), rec(9, segment=None), rec(10, response="an answer", model_version="m2"),
+    ]
+    fast = write_jsonl(tmp_path / "fast.jsonl", good)
+    slow = write_jsonl(tmp_path / "slow.jsonl", good + ["{broken"])
+    pq = tmp_path / "fast.parquet"  # the same records, every field as text (the JSON reader reads them so)
+    pl.DataFrame([{k: str(v) for k, v in r.items()} for r in good]).write_parquet(pq)
+    stores = {}
+    for log in (fast, slow, pq):
+        f = ingest([log], tmp_path / f"{log.name}.duckdb").files[0]
+        assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (len(good), 0, log is slow)
+        stores[log.name] = _contents(tmp_path / f"{log.name}.duckdb")
+    assert careful == ["slow.jsonl"]  # the two clean files never staged
+    assert stores["fast.jsonl"] == stores["slow.jsonl"] == stores["fast.parquet"]
+    assert len(stores["fast.jsonl"][0]) == len(good)
+
+
+@pytest.mark.parametrize("extra", ["", "\n", "dup", "stored"])
+def test_what_the_fast_path_cannot_take_goes_the_careful_way(tmp_path: Path, extra: str):
+    db = tmp_path / "s.duckdb"
+    ingest([write_jsonl(tmp_path / "old.jsonl", [rec(100)])], db)
+    records = [rec(i) for i in range(10)] + {"dup": [rec(3)], "stored": [rec(100)]}.get(extra, [])
+    log = write_jsonl(tmp_path / "a.jsonl", records)
+    if extra == "\n":  # a blank line in the middle: not a record, and the lines after it keep their numbers
+        log.write_text(log.read_text().replace("\n", "\n\n", 1))
+    f = ingest([log], db).files[0]
+    assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (10, len(records) - 10, 0)
+    assert _stored_ids(db) == sorted([f"e{i}" for i in range(10)] + ["e100"])

@@ -256,15 +256,33 @@ def jsonl_fast_reader(src: Source) -> Reader:
     without error, yields one record per line, and sees no value starting with '{' or '['. Anything
     else is read again by :func:`jsonl_reader`.
     """
-    cols = "{" + ", ".join(f"{q(f)}: 'VARCHAR'" for f in FIELDS) + "}"
-    base = (
-        f"SELECT row_number() OVER () AS _line, NULL::VARCHAR AS _raw, _r FROM read_json({q(str(src.path))}, "
-        f"format='newline_delimited', columns={cols}) AS _r"
-    )
+    base = f"SELECT row_number() OVER () AS _line, NULL::VARCHAR AS _raw, _r FROM {_read_json(src)} AS _r"
     suspect = " OR ".join(f"starts_with(_r.{ident(f)}, '{{') OR starts_with(_r.{ident(f)}, '[')"
                           for f in FIELDS if f != "value")
     return Reader(base=base, fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
                   suspect=f"coalesce({suspect}, false)")
+
+
+def _read_json(src: Source) -> str:
+    cols = "{" + ", ".join(f"{q(f)}: 'VARCHAR'" for f in FIELDS) + "}"
+    return f"read_json({q(str(src.path))}, format='newline_delimited', columns={cols})"
+
+
+def direct_reader(src: Source) -> Reader | None:
+    """The clean-file fast path's reader: DuckDB's own reader as a plain table ``_r`` (``base`` is a FROM
+    item, each field a column of it), so the reader only parses the columns a query uses and no line
+    numbers are made (a clean file needs none). Parquet and plain JSONL only; None for other formats.
+    """
+    if src.format == "parquet":
+        r = parquet_reader(src)
+        r.base = f"read_parquet({q(str(src.path))}) AS _r"
+    elif src.format == "jsonl" and src.path.suffix.lower() != ".gz":
+        r = jsonl_fast_reader(src)
+        r.base = f"{_read_json(src)} AS _r"
+    else:
+        return None
+    r.line, r.raw = "NULL", "NULL"
+    return r
 
 
 def lines_relation(src: Source) -> str:
