@@ -1,7 +1,7 @@
 """Ingest throughput against a bare DuckDB load of the same file, in one run.
 
 Generates an N-event interaction log (default 5 million) as Parquet and as JSONL, then, each in its own
-child process so peak RSS is measured per step (``os.wait4``):
+child process so peak RSS is measured per step (the child's own VmHWM):
 
 * bare: ``CREATE TABLE t AS SELECT * FROM read_parquet(...)`` / ``read_json(...)`` into a fresh DuckDB
   file (the same storage the store uses), with the same memory_limit and threads as ingest;
@@ -43,7 +43,15 @@ COPY (
 ) TO '{path}' ({opts})
 """
 
-_BARE = """
+# The child's own peak RSS (VmHWM of its address space since exec). Not wait4's ru_maxrss: that also
+# counts the parent's RSS at fork, and the parent holds DuckDB's memory from generating the logs.
+_PEAK = """
+def _peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+"""
+
+_BARE = _PEAK + """
 import duckdb, sys, time
 path, db, reader, mem, threads = sys.argv[1:6]
 con = duckdb.connect(db, config={"memory_limit": mem, **({"threads": int(threads)} if int(threads) else {})})
@@ -51,10 +59,10 @@ t0 = time.perf_counter()
 con.execute(f"CREATE TABLE t AS SELECT * FROM {reader}('{path}')")
 n = con.execute("SELECT count(*) FROM t").fetchall()[0][0]
 con.close()
-print(n, time.perf_counter() - t0)
+print(n, time.perf_counter() - t0, _peak_kib())
 """
 
-_INGEST = """
+_INGEST = _PEAK + """
 import sys, time
 from adaptive_ft.config import IngestConfig
 from adaptive_ft.store import ingest
@@ -63,7 +71,7 @@ t0 = time.perf_counter()
 r = ingest([path], store=db, config=IngestConfig(memory_limit=mem, threads=int(threads)))
 f = r.files[0]
 assert f.error is None and f.rows_rejected == 0, f
-print(f.rows_ok, time.perf_counter() - t0)
+print(f.rows_ok, time.perf_counter() - t0, _peak_kib())
 """
 
 
@@ -81,14 +89,12 @@ def generate(n: int, out: Path) -> tuple[Path, Path]:
 
 
 def run_child(code: str, args: list[str]) -> tuple[int, float, float]:
-    """Run ``code`` in a fresh Python; return (rows, seconds it reports, its peak RSS in GiB)."""
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out = proc.stdout.read() if proc.stdout else ""
-    if status != 0:
-        raise SystemExit(f"child failed ({status}): {code[:60]}... {args}\n{out}")
-    rows, seconds = out.split()[-2:]
-    return int(rows), float(seconds), usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    """Run ``code`` in a fresh Python; return (rows, seconds and peak RSS in GiB, as it reports them)."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}): {code[:60]}... {args}\n{proc.stdout}")
+    rows, seconds, peak_kib = proc.stdout.split()[-3:]
+    return int(rows), float(seconds), int(peak_kib) / 2**20
 
 
 def _fresh(path: Path) -> str:
