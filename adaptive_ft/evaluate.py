@@ -449,7 +449,11 @@ def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, 
 
 
 def representation(split: pl.DataFrame, traffic: pl.DataFrame, ratio: float) -> list[dict[str, Any]]:
-    """Each segment's and domain's share of the training sample beside its share of traffic."""
+    """Each segment's and domain's share of the training sample beside its share of traffic.
+
+    The training sample is what the run drew: each training example weighs its sampling probability
+    (``weight`` in RUN/split.parquet), or the same for every example when the split has no weights.
+    """
     train = split.filter(pl.col("split") == "train")
     if train.height == 0 or traffic.height == 0:
         return []
@@ -457,8 +461,13 @@ def representation(split: pl.DataFrame, traffic: pl.DataFrame, ratio: float) -> 
     out = []
     # A training example serves each segment in proportion to that segment's share of its traffic.
     per_ex = traffic.with_columns(share=pl.col("n") / pl.col("n").sum().over("example_id"))
-    seg_train = (train.select("example_id").join(per_ex, on="example_id", how="inner")
-                 .group_by("segment").agg(pl.col("share").sum()))
+    # The run's sampling probability per training example (RUN/split.parquet's weight), else each example once.
+    if "weight" in train.columns and train["weight"].sum() > 0:
+        train = train.with_columns(w=pl.col("weight") / pl.col("weight").sum())
+    else:
+        train = train.with_columns(w=pl.lit(1.0 / train.height))
+    seg_train = (train.select("example_id", "w").join(per_ex, on="example_id", how="inner")
+                 .group_by("segment").agg((pl.col("share") * pl.col("w")).sum()))
     seg_traffic = traffic.group_by("segment").agg(pl.col("n").sum())
     served = {r["segment"]: r["share"] for r in seg_train.iter_rows(named=True)}
     n_attributed = max(sum(served.values()), 1e-12)
@@ -468,10 +477,9 @@ def representation(split: pl.DataFrame, traffic: pl.DataFrame, ratio: float) -> 
     dom_traffic = (traffic.join(split.select("example_id", "domain").unique("example_id"), on="example_id")
                    .group_by("domain").agg(pl.col("n").sum()))
     known = dom_traffic["n"].sum() or 1
-    dom_train = dict(train.group_by("domain").agg(pl.len()).iter_rows())
+    dom_train = dict(train.group_by("domain").agg(pl.col("w").sum()).iter_rows())
     for r in dom_traffic.sort("domain").iter_rows(named=True):
-        out.append(_rep_row("domain", r["domain"], dom_train.get(r["domain"], 0) / train.height, r["n"] / known,
-                            ratio))
+        out.append(_rep_row("domain", r["domain"], dom_train.get(r["domain"], 0.0), r["n"] / known, ratio))
     return out
 
 

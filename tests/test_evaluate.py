@@ -126,6 +126,12 @@ def test_representation_audit_by_hand():
     assert rows[("segment", "pro")]["underserved"] and not rows[("segment", "free")]["underserved"]
     assert rows[("domain", "y")] == {"kind": "domain", "name": "y", "train_share": 0.0,
                                      "traffic_share": pytest.approx(10 / 16), "underserved": True}
+    # With the run's sampling weights, the audit reads the sample drawn, not the examples eligible.
+    weighted = split.with_columns(weight=pl.Series([0.5, 0.25, 0.25, 0.0]))
+    rows = {(r["kind"], r["name"]): r for r in representation(weighted, traffic, 0.8)}
+    assert rows[("segment", "free")]["train_share"] == pytest.approx(0.5 + 0.25 / 4)
+    assert rows[("segment", "pro")]["train_share"] == pytest.approx(0.25 * 3 / 4 + 0.25)
+    assert rows[("domain", "x")]["train_share"] == pytest.approx(1.0)
 
 
 def test_parse_label():

@@ -113,7 +113,10 @@ def test_run_writes_contract_files_and_adapts_only_the_plans_layers(tiny, exampl
         assert key in man, key
     assert man["task"] == "label" and man["layers"] == [1]
     split = pl.read_parquet(run / "split.parquet")
-    assert split.columns == D.SPLIT_COLUMNS and D.split_sha256(split) == man["split_sha256"]
+    assert split.columns == D.SPLIT_COLUMNS + ["weight"] and D.split_sha256(split) == man["split_sha256"]
+    train_w = split.filter(pl.col("split") == "train")["weight"]
+    assert train_w.sum() == pytest.approx(1.0) and (train_w > 0).all()  # the sample the run drew from
+    assert split.filter(pl.col("split") != "train")["weight"].sum() == 0
     assert lines[-1]["val_loss"] < lines[3]["val_loss"]  # it learned something
 
 

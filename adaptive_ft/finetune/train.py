@@ -385,6 +385,13 @@ def prepare_data(cfg: Config, plan: Plan, examples: pl.DataFrame, tok: Any, out:
         split = pl.read_parquet(path)  # the same split across resumes, processes and later evaluation
     else:
         split = D.split_examples(D.select_examples(examples, plan), tc.val_fraction, tc.test_fraction, cfg.seed)
+        # each training row's sampling probability, so the evaluation's representation audit sees the sample
+        # the run drew (the plan's weights), not just which examples were eligible
+        is_train = (split["split"] == "train").to_numpy()
+        weight = np.zeros(split.height)
+        if is_train.any():
+            weight[is_train] = D.sampling_weights(split.filter(pl.col("split") == "train"), plan)
+        split = split.with_columns(weight=pl.Series(weight))
         if dist.main:
             tmp = path.with_suffix(".parquet.tmp")
             split.write_parquet(tmp)
