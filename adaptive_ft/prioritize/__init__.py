@@ -104,51 +104,79 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
                            minlength=len(segments) * n_items).reshape(len(segments), n_items)
     predicted = dm.segment_demand(factors, user_segment, len(segments))
     demand = dm.blend_demand(predicted, observed, pc.demand_prior)
-    known, basis, notes = _known_outcome(inter.pairs, neg, pc)
+    known, failed, basis, notes = _outcomes(inter.pairs, neg, hits, pc)
     exposures = np.bincount(iix, weights=known, minlength=n_items)
-    negatives = np.bincount(iix, weights=neg, minlength=n_items)
+    negatives = np.bincount(iix, weights=failed, minlength=n_items)
     domain_ix = np.unique(inter.items["domain"].to_numpy(), return_inverse=True)[1]
     neighbours = dm.item_neighbours(factors.item, pc.neighbours, groups=domain_ix)
     fail = dm.example_failure(exposures, negatives, neighbours, pc.prior_strength, groups=domain_ix)
+    floor = dm.signal_floor(exposures, negatives, pc.noise_floor_quantile, 2 * pc.prior_strength)
+    raw_global = fail.global_rate
+    if floor > 0:
+        fail.rate, fail.prior = dm.remove_floor(fail.rate, floor), dm.remove_floor(fail.prior, floor)
+        fail.global_rate = float(dm.remove_floor(fail.global_rate, floor))
     if negatives.sum() == 0:  # only reachable with no_feedback=demand: plan by demand alone
         fail.rate = np.ones(n_items)
         notes.append("no negative feedback: failure taken as 1 everywhere, so priority = demand")
     seg_of_pair = user_segment[uix]
-    traffic = np.bincount(seg_of_pair, minlength=len(segments)).astype(np.float64)
+    # traffic in queries (impressions), the unit demand is counted in: counting (user, example) pairs
+    # instead under-weighted segments whose users ask the same things again
+    traffic = np.bincount(seg_of_pair, weights=hits, minlength=len(segments))
     seg_known = np.bincount(seg_of_pair, weights=known, minlength=len(segments))
-    seg_neg = np.bincount(seg_of_pair, weights=neg, minlength=len(segments))
-    seg_fail = (seg_neg + pc.prior_strength * fail.global_rate) / (seg_known + pc.prior_strength)
+    seg_neg = np.bincount(seg_of_pair, weights=failed, minlength=len(segments))
+    seg_fail = dm.remove_floor((seg_neg + pc.prior_strength * raw_global) / (seg_known + pc.prior_strength), floor)
     seg_w = dm.segment_weights(segments, traffic, seg_fail, pc)
     prio, contrib = dm.priorities(demand, fail.rate, seg_w)
     timings["score"] = time.perf_counter() - t
     examples = inter.items.select("example_id", "domain").with_columns(
         priority=pl.Series(prio), demand=pl.Series((seg_w[:, None] * demand).sum(axis=0)),
         failure=pl.Series(fail.rate), failure_prior=pl.Series(fail.prior),
-        exposures=pl.Series(exposures.astype(np.int64)), negatives=pl.Series(negatives.astype(np.int64)))
+        exposures=pl.Series(np.round(exposures).astype(np.int64)),
+        negatives=pl.Series(np.round(negatives).astype(np.int64)))
     examples, contrib, sample_notes = _sample(examples, contrib, inter, neighbours, exposures, pc)
     notes += sample_notes
     seg_users = np.bincount(user_segment, minlength=len(segments))
     seg_frame = pl.DataFrame({"segment": segments, "users": seg_users.astype(np.int64),
                               "traffic_share": traffic / traffic.sum(), "failure": seg_fail, "weight": seg_w})
     prior = {"global_rate": fail.global_rate, "strength": pc.prior_strength, "neighbours": pc.neighbours,
-             "basis": basis,
+             "basis": basis, "noise_floor": floor,
              "neighbours_within": "domain"}
     return Scored(examples, seg_frame, contrib, rec, prior, notes)
 
 
-def _known_outcome(pairs: pl.DataFrame, neg: np.ndarray, pc) -> tuple[np.ndarray, str, list[str]]:
-    """1.0 for each pair whose outcome counts in the failure rate's denominator, and the basis used.
+def _outcomes(pairs: pl.DataFrame, neg: np.ndarray, hits: np.ndarray, pc
+              ) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """Per pair: the queries whose outcome counts in the failure rate's denominator, how many of them
+    failed, and the basis used.
 
-    ``feedback`` basis: pairs with a verdict (a negative or a positive signal), so the rate is the share of
-    judged answers that failed, not diluted by how often users bother to react. Logs with no positive
-    signal at all fall back to every pair (``exposure`` basis), with a note.
+    The unit is the query (impression), as for demand. A pair asked ``h`` times with ``n-`` negative and
+    ``n+`` positive signal events counts ``h`` judged queries of which ``h * n- / (n- + n+)`` failed.
+    (Counting the pair once as failed when *any* signal was negative biased the rate upward for examples
+    users ask repeatedly: with enough repeats nearly every pair carries a stray negative signal, so
+    domains with a concentrated popularity looked worse than they were.) Frames without the event counts
+    (``neg_n``, ``pos_n``; in-memory logs) fall back to the pair's flags.
+
+    ``feedback`` basis: queries with a verdict (a negative or a positive signal), so the rate is the share
+    of judged answers that failed, not diluted by how often users bother to react. Logs with no positive
+    signal at all fall back to every query (``exposure`` basis), with a note; a failed query is then a
+    negative signal event, at most ``h`` per pair.
     """
-    if pc.failure_basis == "exposure":
-        return np.ones(len(neg)), "exposure", []
     pos = pairs["pos"].to_numpy().astype(np.float64) if "pos" in pairs.columns else np.zeros(len(neg))
+    counts = "neg_n" in pairs.columns and "pos_n" in pairs.columns
+    if counts:
+        n_neg = pairs["neg_n"].to_numpy().astype(np.float64)
+        n_pos = pairs["pos_n"].to_numpy().astype(np.float64)
+        judged = n_neg + n_pos
+        failed = hits * np.divide(n_neg, judged, out=np.zeros(len(neg)), where=judged > 0)
+        known = hits * (judged > 0)
+    else:
+        failed, known = neg * hits, np.maximum(neg, pos) * hits
     if pos.sum() == 0:
-        return np.ones(len(neg)), "exposure", ["no positive signal in the log: failure is negatives over all exposures"]
-    return np.maximum(neg, pos), "feedback", []
+        failed = np.minimum(n_neg, hits) if counts else neg * hits
+        return hits.copy(), failed, "exposure", ["no positive signal in the log: failure is negatives over all exposures"]
+    if pc.failure_basis == "exposure":
+        return hits.copy(), failed, "exposure", []
+    return known, failed, "feedback", []
 
 
 def _sample(examples: pl.DataFrame, contrib: np.ndarray, inter: dm.Interactions, neighbours, exposures: np.ndarray,

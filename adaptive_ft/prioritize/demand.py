@@ -49,7 +49,8 @@ class Interactions:
     ``users`` has columns uix, user_id, segment; ``items`` has iix, example_id, domain, prompt.
     ``pairs`` has uix, iix, conf (float32), neg (0/1: the pair drew a negative signal), pos (0/1: a
     positive one; optional), t0 (epoch seconds of the pair's first event), hits (how many times the user
-    asked it: impressions, at least 1; optional). Row ``uix`` of every matrix built from it is user ``uix``.
+    asked it: impressions, at least 1; optional), neg_n / pos_n (how many negative / positive signal
+    events; optional). Row ``uix`` of every matrix built from it is user ``uix``.
     """
 
     users: pl.DataFrame
@@ -115,7 +116,9 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
            max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS neg,
            max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS pos,
            epoch(min(e.ts))::DOUBLE AS t0,
-           greatest(count(*) FILTER (WHERE e.event = 'impression'), 1)::INTEGER AS hits
+           greatest(count(*) FILTER (WHERE e.event = 'impression'), 1)::INTEGER AS hits,
+           count(*) FILTER (WHERE {_negative_sql(cfg)})::INTEGER AS neg_n,
+           count(*) FILTER (WHERE {_positive_sql(cfg)})::INTEGER AS pos_n
     FROM events e JOIN u ON e.user_id = u.user_id JOIN i ON e.example_id = i.example_id
     GROUP BY u.uix, i.iix
     """
@@ -358,6 +361,29 @@ def example_failure(exposures: np.ndarray, negatives: np.ndarray, neighbours: tu
         prior[has] = (wts[has] * shrunk[idx[has]]).sum(axis=1) / mass[has]
     rate = (negatives + strength * prior) / (exposures + strength)
     return Failure(rate, exposures, negatives, prior, g)
+
+
+def signal_floor(exposures: np.ndarray, negatives: np.ndarray, quantile: float, min_queries: float,
+                 cap: float = 0.2) -> float:
+    """The failure rate that even the best-answered examples show: the rate of negative signals on right answers.
+
+    Feedback is noisy: users sometimes thumb down or regenerate a right answer (and praise a wrong one), so an
+    observed rate is about f + eps * (1 - 2f), not f. That additive floor inflates low failure rates the most
+    (a domain failing 10% reads as ~17%), which lifts high-traffic, low-failure domains above smaller ones
+    that fail far more. Estimated as the ``quantile`` of the raw rates of examples with at least
+    ``min_queries`` judged queries (assumption, stated: the easiest examples are nearly always answered
+    right), capped at ``cap`` so a model that fails everywhere is not read as noise; 0 when fewer than 10
+    examples qualify or ``quantile`` is 0.
+    """
+    ok = exposures >= min_queries
+    if quantile <= 0 or ok.sum() < 10:
+        return 0.0
+    return float(min(np.quantile(negatives[ok] / exposures[ok], quantile), cap))
+
+
+def remove_floor(rate: np.ndarray | float, eps: float) -> np.ndarray:
+    """Invert observed = f + eps * (1 - 2f): f = (observed - eps) / (1 - 2 eps), clipped to [0, 1]."""
+    return np.clip((np.asarray(rate, dtype=np.float64) - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
 
 
 def segment_weights(names: list[str], traffic: np.ndarray, seg_failure: np.ndarray,
