@@ -208,3 +208,33 @@ def test_demand_blends_observed_traffic_with_the_cf_prediction():
     assert d[0] == pytest.approx(np.array([3 + 1.5, 1 + 0.75, 0 + 0.75]) / (4 + 3))
     assert d[1] == pytest.approx(predicted[1])  # no traffic: CF alone
     assert d.sum(axis=1) == pytest.approx([1.0, 1.0])
+
+
+def test_noise_floor_is_estimated_from_well_measured_examples_and_inverted():
+    # observed = f + eps * (1 - 2f): removing the floor gives f back, clipped at 0 below the floor
+    f = np.array([0.0, 0.1, 0.3, 0.6])
+    eps = 0.08
+    assert np.allclose(dm.remove_floor(f + eps * (1 - 2 * f), eps), f)
+    assert dm.remove_floor(0.02, eps) == 0.0
+    # the floor: a low quantile of raw rates among examples with enough judged queries only
+    exposures = np.array([100.0] * 20 + [5.0] * 5)
+    negatives = np.concatenate([np.linspace(5, 43, 20), np.zeros(5)])  # the 5 barely-seen ones read 0
+    floor = dm.signal_floor(exposures, negatives, quantile=0.05, min_queries=20)
+    assert floor == pytest.approx(np.quantile(np.linspace(5, 43, 20) / 100, 0.05))
+    assert dm.signal_floor(exposures, negatives, quantile=0.0, min_queries=20) == 0.0
+    assert dm.signal_floor(exposures[:9], negatives[:9], quantile=0.05, min_queries=20) == 0.0  # < 10 qualify
+    assert dm.signal_floor(exposures, negatives + 60, quantile=0.05, min_queries=20) == 0.2  # capped
+
+
+def test_failure_is_counted_per_query_not_per_pair():
+    from adaptive_ft.prioritize import _outcomes
+
+    # one pair asked 4 times with 1 negative and 3 positive signal events; one asked once, no verdict
+    pairs = pl.DataFrame({"neg": [1, 0], "pos": [1, 0], "hits": [4, 1], "neg_n": [1, 0], "pos_n": [3, 0]})
+    hits = pairs["hits"].to_numpy().astype(float)
+    known, failed, basis, _ = _outcomes(pairs, pairs["neg"].to_numpy().astype(float), hits, PrioritizeConfig())
+    assert basis == "feedback"
+    assert known.tolist() == [4.0, 0.0] and failed.tolist() == [1.0, 0.0]  # 1 of 4, not 'any negative' = 1 of 1
+    known, failed, basis, _ = _outcomes(pairs, pairs["neg"].to_numpy().astype(float), hits,
+                                        PrioritizeConfig(failure_basis="exposure"))
+    assert basis == "exposure" and known.tolist() == [4.0, 1.0] and failed.tolist() == [1.0, 0.0]
