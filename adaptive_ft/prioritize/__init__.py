@@ -59,7 +59,10 @@ def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndar
     """Fit on the pairs before the time cut, score the hold-out, then fit on everything.
 
     ALS continues from the hold-out fit for ``refit_iterations`` (warm start: ALS keeps its factors
-    between ``fit`` calls), so measuring the recommender costs a few iterations, not a second fit.
+    between ``fit`` calls), so measuring the recommender costs a few iterations, not a second fit. The
+    hold-out fit runs ``iterations - refit_iterations`` of them (at least 1), so the final factors have
+    had ``iterations`` in all, as a plain fit would: the ranking metrics describe the model before its last
+    ``refit_iterations`` (recorded as ``evaluated_after_iterations``).
     """
     pc = cfg.prioritize
     t = time.perf_counter()
@@ -69,15 +72,17 @@ def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndar
         timings["fit"] = time.perf_counter() - t
         return factors, {"k": pc.k, "note": "no hold-out: holdout_fraction is 0 or every event has the same time"}
     train, test = inter.matrix(train_mask), inter.matrix(~train_mask)
-    factors = dm.fit_factors(train, pc, cfg.seed, progress=progress)
+    warm = pc.algorithm == "als"
+    first = max(pc.iterations - pc.refit_iterations, 1) if warm else pc.iterations
+    factors = dm.fit_factors(train, pc, cfg.seed, iterations=first, progress=progress)
     timings["fit"] = time.perf_counter() - t
     t = time.perf_counter()
     rec = evaluate_recommender(factors.model, train, test, user_segment, segments, pc.k, pc.eval_users, cfg.seed)
-    rec.update(train_pairs=int(train_mask.sum()), test_pairs=int((~train_mask).sum()))
+    rec.update(train_pairs=int(train_mask.sum()), test_pairs=int((~train_mask).sum()), evaluated_after_iterations=first)
     timings["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     full = inter.matrix()
-    if pc.algorithm == "als":
+    if warm:
         factors = dm.fit_factors(full, pc, cfg.seed, model=factors.model, iterations=pc.refit_iterations)
     else:
         factors = dm.fit_factors(full, pc, cfg.seed, progress=progress)
