@@ -215,6 +215,7 @@ def forced_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], r
     takes one pass per token. Answers found this way are the ones decoding would give (up to float ties);
     only the rest need decoding, so a mostly-right model is scored several times faster.
     """
+    from adaptive_ft.finetune.data import Encoded, collate
     from adaptive_ft.finetune.train import answer_logits
 
     eos = tokenizer.eos_token_id
@@ -224,25 +225,17 @@ def forced_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], r
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(prompts), batch_size), desc="checking answers", unit="batch"):
-        rows = []
+        items = []
         for prompt, ref in zip(prompts[start:start + batch_size], refs[start:start + batch_size]):
             p = tokenizer(prompt, add_special_tokens=False).input_ids
-            a = tokenizer(ref, add_special_tokens=False).input_ids + [eos]
-            rows.append((p, a))
-        width = max(len(p) + len(a) for p, a in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # right padding: causal attention ignores it
-        pos, tgt, row = [], [], []
-        for r, (p, a) in enumerate(rows):
-            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-            pos += [r * width + len(p) - 1 + j for j in range(len(a))]
-            tgt += a
-            row += [r] * len(a)
-        logits = answer_logits(model, ids.to(device), torch.tensor(pos, device=device))
-        wrong = torch.zeros(len(rows)).index_add_(0, torch.tensor(row),
-                                                  (logits.argmax(-1).cpu() != torch.tensor(tgt)).float())
-        for r, (_, a) in enumerate(rows):
-            if wrong[r] == 0 and len(a) - 1 <= max_new_tokens:
-                out[start + r] = tokenizer.decode(a[:-1], skip_special_tokens=True)
+            items.append(Encoded(p + tokenizer(ref, add_special_tokens=False).input_ids + [eos], len(p), False))
+        b = collate(items, pad)  # training's batching: right padding, positions that predict answer tokens
+        logits = answer_logits(model, b["input_ids"].to(device), b["predict_pos"].to(device))
+        wrong = torch.zeros(len(items)).index_add_(0, b["row"], (logits.argmax(-1).cpu() != b["targets"]).float())
+        for r, it in enumerate(items):
+            answer = it.ids[it.n_prompt:-1]
+            if wrong[r] == 0 and len(answer) <= max_new_tokens:
+                out[start + r] = tokenizer.decode(answer, skip_special_tokens=True)
     return out
 
 
