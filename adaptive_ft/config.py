@@ -118,7 +118,7 @@ class PrioritizeConfig:
     duplicate_threshold: float = _f(0.98, "item-factor cosine at or above which examples are near-duplicates")
     duplicate_min_exposures: int = _f(5, "interactions both examples need before factor similarity can merge them")
     refit_iterations: int = _f(2, "ALS iterations on the full log after the hold-out fit, which runs iterations minus these (warm start)")
-    eval_users: int = _f(10_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
+    eval_users: int = _f(5_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
     layer_domains: int = _f(6, "top domains whose layer sensitivity is probed")
     probe_steps: int = _f(2, "optimizer steps of a layer probe's trial LoRA")
     probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")

@@ -182,12 +182,22 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
                   f1=np.array([token_f1(r, t) for r, t in zip(responses, refs)]), nll_sum=nll, n_tokens=ntok)
 
 
+_EDGE_PUNCTUATION = " .,:;!?\"'`*"
+
+
 def parse_label(response: str, index: dict[str, int]) -> str | None:
-    """The label a response names: its first line, case and surrounding punctuation ignored; None if no label."""
+    """The label a response names: its first line, case and surrounding punctuation ignored; None if no label.
+
+    Labels are normalized the same way, so a label that itself ends in punctuation (Banking77 has
+    ``reverted_card_payment?``) matches a response that says it verbatim.
+    """
     lines = response.strip().splitlines()
-    first = lines[0].strip().strip(" .,:;!?\"'`*").lower() if lines else ""
-    lowered = {label.lower(): label for label in index}
-    return lowered.get(first)
+    line = lines[0].strip().lower() if lines else ""
+    verbatim = {label.lower(): label for label in index}
+    if line in verbatim:  # exact first: two labels may differ only in their punctuation
+        return verbatim[line]
+    normalized = {label.strip(_EDGE_PUNCTUATION).lower(): label for label in index}
+    return normalized.get(line.strip(_EDGE_PUNCTUATION))
 
 
 @torch.no_grad()

@@ -285,8 +285,34 @@ def report(results: list[dict[str, Any]], base: dict[str, Any] | None, a: argpar
         ratio = r["examples_per_s"] / base["examples_per_s"] if base else float("nan")
         print(f"{r['variant']:<16}{r['steps']:>6}{r['seconds']:>9.1f}{r['examples_per_s']:>8.2f}"
               f"{r['tokens_per_s']:>8.0f}{ratio:>10.2f}{r['peak_memory_mb']:>10.0f}{100 * r['accuracy']:>7.1f}%")
+    targets = check_targets(results, base)
+    for name, (ok, detail) in targets.items():
+        print(f"{'met ' if ok else 'MISS'}  {name}: {detail}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=2) + "\n")
+        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results,
+                                           "targets": {k: {"met": ok, "detail": d} for k, (ok, d) in targets.items()}},
+                                          indent=2) + "\n")
+
+
+def check_targets(results: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, tuple[bool, str]]:
+    """Issue 4's targets, for the variants this run has: name -> (met, the figures behind it)."""
+    by = {r["variant"]: r for r in results}
+    out: dict[str, tuple[bool, str]] = {}
+    if base:
+        speed = {v: r["examples_per_s"] / base["examples_per_s"] for v, r in by.items()}
+        if "aft-all" in by:
+            gap = 100 * (by["aft-all"]["accuracy"] - base["accuracy"])
+            out["aft-all >= 1.2x the Trainer's examples/s, accuracy within 1 point or better"] = (
+                speed["aft-all"] >= 1.2 and gap >= -1, f"{speed['aft-all']:.2f}x, accuracy {gap:+.1f} points")
+        if "aft-plan" in by:
+            out["aft-plan >= 2x the Trainer's examples/s"] = (speed["aft-plan"] >= 2, f"{speed['aft-plan']:.2f}x")
+        if "aft-plan@time" in by:
+            gap = 100 * (by["aft-plan@time"]["accuracy"] - base["accuracy"])
+            out["at equal wall-clock, aft-plan reaches the Trainer's accuracy"] = (gap >= 0, f"{gap:+.1f} points")
+    if "aft-plan" in by and "aft-last" in by:
+        gap = 100 * (by["aft-plan"]["accuracy"] - by["aft-last"]["accuracy"])
+        out["aft-plan beats the last k layers by >= 5 points at equal steps"] = (gap >= 5, f"{gap:+.1f} points")
+    return out
 
 
 if __name__ == "__main__":

@@ -139,6 +139,11 @@ def test_parse_label():
     assert parse_label(" Card_Arrival.\nbecause...", index) == "card_arrival"
     assert parse_label("I think card_arrival", index) is None
     assert parse_label("", index) is None
+    # a label with its own trailing punctuation (Banking77's "reverted_card_payment?") matches itself
+    punct = {"reverted_card_payment?": 0, "card_arrival": 1}
+    assert parse_label("reverted_card_payment?", punct) == "reverted_card_payment?"
+    assert parse_label("Reverted_card_payment.", punct) == "reverted_card_payment?"
+    assert parse_label("x?", {"x": 0, "x?": 1}) == "x?" and parse_label("x", {"x": 0, "x?": 1}) == "x"
 
 
 @pytest.fixture(scope="module")

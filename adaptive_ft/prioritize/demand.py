@@ -94,33 +94,37 @@ def _positive_sql(cfg: PrioritizeConfig) -> str:
             f"AND e.value >= {float(cfg.high_rating)}))")
 
 
-def pairs_sql(cfg: PrioritizeConfig) -> str:
-    """The one aggregation over ``events``: (uix, iix, conf, neg, pos, t0, hits), indices in sorted-id order.
+# The two index tables :func:`load_interactions` registers on the connection for :func:`pairs_sql` to join.
+_USER_IX, _ITEM_IX = "_aft_user_ix", "_aft_item_ix"
 
-    Ids become dense integer indices first (two small dictionaries: DISTINCT over the events, numbered in
-    id order, as :data:`USERS_SQL` / :data:`ITEMS_SQL` number them), so the GROUP BY runs over two integer
-    columns instead of two strings: on 10M events with 8.3M distinct pairs that is the difference between
-    ~6.5 s and ~10 s on 2 cores. Row order is not fixed here; :func:`check_interactions` sorts.
+
+def pairs_sql(cfg: PrioritizeConfig) -> str:
+    """The one aggregation over ``events``: (uix, iix, conf, t0, hits, neg_n, pos_n).
+
+    Ids become dense integer indices by joining the users and items index tables that
+    :func:`load_interactions` has already read (registered as ``_aft_user_ix`` / ``_aft_item_ix``), so the
+    GROUP BY runs over two integer columns instead of two strings and the events are not scanned again
+    for their distinct ids. Each aggregate is computed once: whether a pair drew a negative (positive)
+    signal is ``neg_n > 0`` (``pos_n > 0``), not a second pass of the same CASE. Rows come sorted by
+    (uix, iix), the order every matrix is built in: DuckDB's parallel sort adds ~1.3 s on 10M events where
+    sorting the result in numpy took ~2.3 s. On 10M events with 8.3M distinct pairs (2 cores) the query
+    takes ~5 s where the former one (DISTINCT subqueries, max() flags beside the counts, unsorted) took
+    ~9.5 s before its ~2.3 s sort.
     """
     # Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
     whens = " ".join(f"WHEN '{e}' THEN {float(w)!r}" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
     weight = f"CASE e.event {whens} ELSE 0.0 END" if whens else "0.0"
     # round(): the sum's float order varies between DuckDB threads; rounding keeps the matrix bit-identical.
     return f"""
-    WITH u AS (SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1)::INTEGER AS uix
-               FROM (SELECT DISTINCT user_id FROM events)),
-    i AS (SELECT example_id, (row_number() OVER (ORDER BY example_id) - 1)::INTEGER AS iix
-          FROM (SELECT DISTINCT example_id FROM events))
     SELECT u.uix, i.iix,
            round(sum({weight}), 6)::FLOAT AS conf,
-           max(CASE WHEN {_negative_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS neg,
-           max(CASE WHEN {_positive_sql(cfg)} THEN 1 ELSE 0 END)::TINYINT AS pos,
            epoch(min(e.ts))::DOUBLE AS t0,
            greatest(count(*) FILTER (WHERE e.event = 'impression'), 1)::INTEGER AS hits,
            count(*) FILTER (WHERE {_negative_sql(cfg)})::INTEGER AS neg_n,
            count(*) FILTER (WHERE {_positive_sql(cfg)})::INTEGER AS pos_n
-    FROM events e JOIN u ON e.user_id = u.user_id JOIN i ON e.example_id = i.example_id
+    FROM events e JOIN {_USER_IX} u ON e.user_id = u.user_id JOIN {_ITEM_IX} i ON e.example_id = i.example_id
     GROUP BY u.uix, i.iix
+    ORDER BY u.uix, i.iix
     """
 
 
@@ -149,13 +153,24 @@ USER_SEGMENTS_SQL = "SELECT DISTINCT segment FROM users WHERE segment IS NOT NUL
 
 
 def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> Interactions:
-    """Aggregate the store's events (``store`` is an open :class:`adaptive_ft.store.Store`)."""
-    pairs = store.sql(pairs_sql(cfg))
-    if pairs.height == 0:
+    """Aggregate the store's events (``store`` is an open :class:`adaptive_ft.store.Store`).
+
+    The users and items index tables are read first (numbered in id order) and lent to DuckDB for the
+    pair aggregation to join, so the events are scanned for ids once per table, not again inside it.
+    """
+    users = store.sql(USERS_SQL).with_row_index("uix").with_columns(pl.col("uix").cast(pl.Int32))
+    if users.height == 0:
         raise InputError(f"{source}: the store has no events. Ingest logs first: "
                          "`adaptive-ft ingest logs.jsonl` (or `adaptive-ft simulate --out logs.jsonl`).")
-    users = store.sql(USERS_SQL).with_row_index("uix").with_columns(pl.col("uix").cast(pl.Int32))
     items = store.sql(ITEMS_SQL).with_row_index("iix").with_columns(pl.col("iix").cast(pl.Int32))
+    store.con.register(_USER_IX, users.select("user_id", "uix").to_arrow())
+    store.con.register(_ITEM_IX, items.select("example_id", "iix").to_arrow())
+    try:
+        pairs = store.sql(pairs_sql(cfg))
+    finally:
+        store.con.unregister(_USER_IX)
+        store.con.unregister(_ITEM_IX)
+    pairs = pairs.with_columns(neg=(pl.col("neg_n") > 0).cast(pl.Int8), pos=(pl.col("pos_n") > 0).cast(pl.Int8))
     return check_interactions(Interactions(users, items, pairs, source))
 
 
