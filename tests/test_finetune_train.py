@@ -281,8 +281,8 @@ def test_qlora_on_a_4bit_base_learns(tiny, examples, tmp_path) -> None:
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> None:
+def _two_processes(launcher: list[str], examples, tiny, tmp_path) -> None:
+    """Train 4 steps with ``launcher + [script]`` starting 2 CPU processes; check one run came out of it."""
     examples.write_parquet(tmp_path / "ex.parquet")
     plan = _plan(tmp_path / "plan.json", layers=[1, 2])
     script = tmp_path / "run_train.py"
@@ -292,10 +292,8 @@ def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> N
         f"cfg = load_config(None, {['train.max_steps=4', 'train.batch_size=4', 'train.eval_every=2', 'train.lora.r=4', 'train.threads=1']!r})\n"
         f"train(cfg, None, {str(plan)!r}, {str(tiny)!r}, {str(tmp_path / 'run')!r}, "
         f"examples=pl.read_parquet({str(tmp_path / 'ex.parquet')!r}))\n")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # HF_HOME: no user accelerate config
+    done = subprocess.run(launcher + [str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     assert [p.name for p in run.iterdir() if p.name.startswith("adapter")] == ["adapter"]
@@ -303,6 +301,21 @@ def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> N
     assert man["world_size"] == 2 and man["steps"] == 4
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # one process writes the log
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_adapter(tiny, examples, tmp_path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _two_processes([str(torchrun), "--standalone", "--nproc_per_node=2"], examples, tiny, tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_write_one_adapter(tiny, examples, tmp_path) -> None:
+    """`accelerate launch` starts the processes through torch.distributed.run, as torchrun does; train() joins
+    the process group from the environment it sets (gloo on the CPU)."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    _two_processes([str(accelerate), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                    "--mixed_precision=no", "--dynamo_backend=no"], examples, tiny, tmp_path)
 
 
 def test_time_budget_stops_the_run_and_says_so(tiny, examples, tmp_path) -> None:

@@ -714,8 +714,11 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
         if dist.main:
             _append_metrics(out, rec)
         bar.update(1)
+        # with a time budget the bar's own ETA (toward max_steps) means little: show the minutes left
+        left = tc.max_minutes - (state.train_seconds + state.eval_seconds) / 60
         bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{tps:.0f}",
-                        **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+                        **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}),
+                        **({"budget_left": f"{max(left, 0.0):.1f}min"} if tc.max_minutes > 0 else {}))
         if tc.patience and state.bad_evals >= tc.patience:
             stopped_early = True
             stop_reason = (f"early stopping at step {state.step}: validation loss did not improve for "
