@@ -120,6 +120,10 @@ class PrioritizeConfig:
     refit_iterations: int = _f(2, "ALS iterations on the full log after the hold-out fit, which runs iterations minus these (warm start)")
     eval_users: int = _f(5_000, "hold-out users scored by the ranking metrics (a seeded sample when more)")
     layer_domains: int = _f(6, "top domains whose layer sensitivity is probed")
+    layer_probe: str = _f(
+        "cells", "how layers are scored: cells (one-layer trial LoRAs on probe_fraction of the domain x layer "
+        "cells, the rest completed) | warmup (one trial LoRA on all layers for probe_steps steps at the run's "
+        "lr, rank and batch size, then each layer's adapter switched off: the held-out loss it carried)")
     probe_steps: int = _f(2, "optimizer steps of a layer probe's trial LoRA")
     probe_rank: int = _f(4, "rank of a layer probe's trial LoRA")
     completion_rank: int = _f(1, "rank of the matrix factorization that completes unprobed cells")
@@ -305,6 +309,8 @@ def _validate(cfg: Config) -> list[str]:
         p.append(f"prioritize.segment_weighting: {pr.segment_weighting!r} is not one of traffic, uniform, underserved")
     if not 0 < pr.probe_fraction <= 1:
         p.append(f"prioritize.probe_fraction: {pr.probe_fraction} must be in (0, 1]")
+    if pr.layer_probe not in ("cells", "warmup"):
+        p.append(f"prioritize.layer_probe: {pr.layer_probe!r} is not one of cells, warmup")
     if not 0 <= pr.holdout_fraction < 1:
         p.append(f"prioritize.holdout_fraction: {pr.holdout_fraction} must be in [0, 1)")
     if not 0 <= pr.noise_floor_quantile < 1:

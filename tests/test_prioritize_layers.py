@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_ft.prioritize.layers import (choose_cells, complete, encode_examples, layer_scores, probe_cell,
-                                           probe_layers, rank_pattern, select_layers, spearman)
+from adaptive_ft.prioritize.layers import (choose_cells, complete, decoder_layers, encode_examples, layer_scores,
+                                           probe_cell, probe_layers, rank_pattern, select_layers, spearman,
+                                           split_probe_examples, warmup_ablation)
 
 TEXTS = ["how do I reset my card pin", "my transfer has not arrived", "what is the exchange rate",
          "card_pin", "transfer_pending", "exchange_rate", "why was I charged twice", "duplicate_charge"]
@@ -96,6 +97,59 @@ def test_probe_layers_records_measured_and_completed_cells(tiny):
     assert res.values.shape == (3, 4) and np.isfinite(res.values).all()
     assert res.measured.sum() == 8 and (res.measured.sum(axis=0) == 2).all()  # round(0.5 x 3) -> at least 2
     assert len(res.selected) == 2 and set(res.rank_pattern) == {str(i) for i in res.selected}
+
+
+WARMUP_EXAMPLES = {"cards": [("reset my pin", "card_pin"), ("how do I reset my card pin", "card_pin")],
+                   "transfers": [("my transfer has not arrived", "transfer_pending"),
+                                 ("why was I charged twice", "duplicate_charge")],
+                   "fx": [("what is the exchange rate", "exchange_rate"), ("exchange rate", "exchange_rate")]}
+
+
+def test_split_probe_examples_holds_out_a_quarter():
+    pairs = [(str(i), str(i)) for i in range(8)]
+    fit, held = split_probe_examples(pairs)
+    assert held == [pairs[3], pairs[7]] and len(fit) == 6 and not set(fit) & set(held)
+    assert split_probe_examples(pairs[:2]) == (pairs[:1], pairs[1:2])
+    assert split_probe_examples(pairs[:1]) == (pairs[:1], pairs[:1])
+
+
+def test_warmup_ablation_scores_what_each_layer_adapter_carries(tiny):
+    model, tok = tiny
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(rank=2, lr=2e-2, batch_size=4, targets=["q_proj", "v_proj"], seed=0)
+    # untrained, every adapter is zero (B = 0): switching one off changes nothing
+    assert (warmup_ablation(model, tok, WARMUP_EXAMPLES, steps=0, **kw) == 0).all()
+    a = warmup_ablation(model, tok, WARMUP_EXAMPLES, steps=6, **kw)
+    assert a.shape == (3, 4) and np.isfinite(a).all() and np.abs(a).max() > 0
+    assert (a == warmup_ablation(model, tok, WARMUP_EXAMPLES, steps=6, **kw)).all()  # seeded: repeatable
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+    # a layer whose q/v inputs are all zero cannot carry anything: its column must be exactly 0
+    norm = decoder_layers(model)[2].input_layernorm.weight
+    saved = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.zero_()
+        dead = warmup_ablation(model, tok, WARMUP_EXAMPLES, steps=6, **kw)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert (dead[:, 2] == 0).all() and np.abs(np.delete(dead, 2, axis=1)).max() > 0
+
+
+def test_probe_layers_warmup_measures_every_cell(tiny):
+    model, tok = tiny
+    res = probe_layers(model, tok, WARMUP_EXAMPLES, np.array([0.5, 0.3, 0.2]), fraction=0.25, rank=2, steps=4,
+                       lr=2e-2, targets=["q_proj", "v_proj"], completion_rank=1, k=2, cost_weight=0.0, base_rank=8,
+                       by_score=False, seed=0, method="warmup", batch_size=4)
+    assert res.method == "warmup" and res.measured.all() and res.values.shape == (3, 4)
+    assert res.selected == sorted(np.argsort(-res.layer_score)[:2].tolist())  # weight 0: the top 2 by score
+    with pytest.raises(ValueError, match="cells"):
+        probe_layers(model, tok, WARMUP_EXAMPLES, np.ones(3), fraction=0.5, rank=2, steps=1, lr=1e-2,
+                     targets=["q_proj"], completion_rank=1, k=2, cost_weight=0.0, base_rank=8, by_score=False,
+                     seed=0, method="oneshot")
 
 
 def test_spearman_helper():

@@ -267,7 +267,7 @@ def build_plan(scored: Scored, cfg: Config, inputs: dict, layers: LayerScores | 
     if layers is not None:
         plan.extra["layer_matrix"] = {"domains": layers.domains, "values": layers.values.tolist(),
                                       "measured": layers.measured.tolist(), "depth_fraction": layers.depth_fraction,
-                                      "probe_seconds": layers.probe_seconds}
+                                      "probe_seconds": layers.probe_seconds, "method": layers.method}
     return plan
 
 
@@ -342,7 +342,10 @@ def _plan_layers(scored: Scored, refs: pl.DataFrame, cfg: Config, model_spec: st
                          "to probe layers with; ingest an examples file with `reference`, or drop --model.")
     torch.manual_seed(cfg.seed)
     model, tok = load_model(model_spec)
-    return probe_layers(model, tok, examples, np.array(shares), fraction=pc.probe_fraction, rank=pc.probe_rank,
-                        steps=pc.probe_steps, lr=1e-3, targets=cfg.train.lora.target_modules,
+    warmup = pc.layer_probe == "warmup"  # the warm-up imitates the run: its lr, rank and batch size
+    return probe_layers(model, tok, examples, np.array(shares), fraction=pc.probe_fraction,
+                        rank=cfg.train.lora.r if warmup else pc.probe_rank, steps=pc.probe_steps,
+                        lr=cfg.train.lr if warmup else 1e-3, targets=cfg.train.lora.target_modules,
                         completion_rank=pc.completion_rank, k=pc.layers_k, cost_weight=pc.layer_cost_weight,
-                        base_rank=cfg.train.lora.r, by_score=pc.rank_by_score, seed=cfg.seed, progress=progress)
+                        base_rank=cfg.train.lora.r, by_score=pc.rank_by_score, seed=cfg.seed, progress=progress,
+                        method=pc.layer_probe, batch_size=cfg.train.batch_size)

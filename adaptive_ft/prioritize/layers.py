@@ -11,6 +11,19 @@ step, so probing every cell of a 30-layer model is expensive; only ``probe_fract
 probed (every row and column at least twice where possible) and the rest are completed: row and
 column effects plus a rank-r residual by soft-impute (:func:`complete`).
 
+``layer_probe: warmup`` scores layers differently, for the question a real run asks ("which layers
+carry the learning after many steps?"): one trial LoRA on every layer at once, ``probe_steps`` Adam
+steps at the training learning rate on the probed domains' examples (three quarters of each domain's),
+then each layer's adapter is switched off in turn and the rise in loss on the held-out quarter of each
+domain is that (domain, layer) cell -- every cell measured, none completed. This is ablation of a jointly
+trained adapter, in the spirit of LoRA-drop (Zhou et al. 2024, arXiv:2402.07721), which keeps the layers
+whose LoRA output matters most after a short all-layer fit; it uses the loss itself rather than the
+LoRA output's norm, because on SmolLM2 the output norm is dominated by one layer with outsized
+activations (layer 11) that is not one worth adapting. On Banking77 (7 layer sets of 10, each trained
+100 steps x 16) the sum of a set's warm-up ablation scores ranked the sets' accuracies with Spearman
++0.89, the one-step cell probe's with -0.86: one step measures which layer moves the loss fastest at
+first, not which keeps helping.
+
 Selection weighs score against compute: the backward pass runs down to the lowest adapted layer, so the
 cost of a set of layers is its depth (L - min(layer)) / L. The plan keeps the k layers maximizing
 sum(score) - ``layer_cost_weight`` x depth (greedy; with weight 0, simply the top k by score).
@@ -38,6 +51,7 @@ class LayerScores:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     depth_fraction: float = 1.0
     probe_seconds: float = 0.0
+    method: str = "cells"
 
 
 # --------------------------------------------------------------------------------------------- probing
@@ -81,7 +95,9 @@ def encode_examples(tokenizer: Any, pairs: list[tuple[str, str]], max_len: int =
 
 
 class _TrialLora:
-    """A throw-away LoRA on chosen Linear modules, added with forward hooks (the model itself is untouched)."""
+    """A throw-away LoRA on chosen Linear modules, added with forward hooks (the model itself is untouched).
+
+    ``enabled = False`` switches it off without removing it (the warm-up probe's ablation)."""
 
     def __init__(self, modules: list[torch.nn.Linear], rank: int, seed: int):
         import torch
@@ -89,15 +105,17 @@ class _TrialLora:
         gen = torch.Generator().manual_seed(seed)
         self.params: list[torch.nn.Parameter] = []
         self.handles = []
+        self.enabled = True
         for mod in modules:
             a = torch.nn.Parameter(torch.randn(rank, mod.in_features, generator=gen) / mod.in_features ** 0.5)
             b = torch.nn.Parameter(torch.zeros(mod.out_features, rank))
             self.params += [a, b]
             self.handles.append(mod.register_forward_hook(self._hook(a, b)))
 
-    @staticmethod
-    def _hook(a: torch.nn.Parameter, b: torch.nn.Parameter):
+    def _hook(self, a: torch.nn.Parameter, b: torch.nn.Parameter):
         def hook(_mod, inputs, output):
+            if not self.enabled:
+                return output
             return output + (inputs[0] @ a.T) @ b.T  # (B, T, in) -> (B, T, r) -> (B, T, out)
         return hook
 
@@ -106,9 +124,7 @@ class _TrialLora:
             h.remove()
 
 
-def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: list[str], rank: int,
-               steps: int, lr: float, seed: int) -> float:
-    """Relative loss drop on ``batch`` after ``steps`` Adam steps of a trial LoRA on ``layer`` alone."""
+def _target_modules(model: Any, layer: int, targets: list[str]) -> list[torch.nn.Linear]:
     import torch
 
     block = decoder_layers(model)[layer]
@@ -117,7 +133,15 @@ def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: 
     if not modules:
         raise ModelError(f"layer {layer}: none of the target modules {targets} found; "
                          "set train.lora.target_modules to the model's Linear layer names")
-    trial = _TrialLora(modules, rank, seed + layer)
+    return modules
+
+
+def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: list[str], rank: int,
+               steps: int, lr: float, seed: int) -> float:
+    """Relative loss drop on ``batch`` after ``steps`` Adam steps of a trial LoRA on ``layer`` alone."""
+    import torch
+
+    trial = _TrialLora(_target_modules(model, layer, targets), rank, seed + layer)
     opt = torch.optim.Adam(trial.params, lr=lr)
     try:
         before = None
@@ -135,6 +159,67 @@ def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: 
     if before is None:  # steps == 0: nothing trained, nothing gained
         return 0.0
     return (before - after) / max(before, 1e-8)
+
+
+def split_probe_examples(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(fit, held-out): every fourth example held out (2 or 3 examples: the last); one example serves as both."""
+    if len(pairs) <= 1:
+        return pairs, pairs
+    if len(pairs) < 4:
+        return pairs[:-1], pairs[-1:]
+    return [p for i, p in enumerate(pairs) if i % 4 != 3], pairs[3::4]
+
+
+def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str, str]]], *, rank: int,
+                    steps: int, lr: float, batch_size: int, targets: list[str], seed: int,
+                    progress: bool = False) -> np.ndarray:
+    """(D, L): the rise in each domain's held-out loss when one layer's adapter is switched off, after
+    ``steps`` Adam steps of a trial LoRA on all layers at once (see the module docstring).
+
+    The fit batches are drawn round-robin from a seeded shuffle of every domain's fit examples. Each
+    domain's held-out loss is its mean answer-token cross-entropy; a cell is
+    loss(without layer l's adapter) - loss(with all adapters), so a layer whose adapter the others can
+    stand in for scores near 0. The model itself is left as it was.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    domains = list(examples)
+    n_layers = len(decoder_layers(model))
+    fit, held = [], []
+    for di, d in enumerate(domains):
+        f, h = split_probe_examples(examples[d])
+        fit += f
+        held.append(encode_examples(tokenizer, h))
+    trials = [_TrialLora(_target_modules(model, li, targets), rank, seed + li) for li in range(n_layers)]
+    values = np.zeros((len(domains), n_layers))
+    try:
+        opt = torch.optim.Adam([p for t in trials for p in t.params], lr=lr)
+        order = np.random.default_rng(seed).permutation(len(fit))
+        bs = max(1, min(batch_size, len(fit)))
+        for step in tqdm(range(steps), desc="layer warm-up", disable=not progress):
+            idx = [order[(step * bs + i) % len(order)] for i in range(bs)]
+            opt.zero_grad()
+            loss = model(**encode_examples(tokenizer, [fit[i] for i in idx])).loss
+            if not torch.isfinite(loss):
+                raise ModelError(f"layer warm-up: the loss is {float(loss)} at step {step}; "
+                                 "lower train.lr or prioritize.probe_steps")
+            loss.backward()
+            opt.step()
+
+        @torch.no_grad()
+        def held_losses() -> np.ndarray:
+            return np.array([float(model(**b).loss) for b in held])
+
+        full = held_losses()
+        for li in tqdm(range(n_layers), desc="layer ablation", disable=not progress):
+            trials[li].enabled = False
+            values[:, li] = held_losses() - full
+            trials[li].enabled = True
+    finally:
+        for t in trials:
+            t.remove()
+    return values
 
 
 def choose_cells(n_rows: int, n_cols: int, fraction: float, seed: int) -> np.ndarray:
@@ -242,9 +327,11 @@ def rank_pattern(score: np.ndarray, selected: list[int], base_rank: int) -> dict
 def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str, str]]], shares: np.ndarray,
                  *, fraction: float, rank: int, steps: int, lr: float, targets: list[str], completion_rank: int,
                  k: int, cost_weight: float, base_rank: int, by_score: bool, seed: int,
-                 progress: bool = False) -> LayerScores:
-    """Probe ``fraction`` of the (domain, layer) cells, complete the rest and select ``k`` layers.
+                 progress: bool = False, method: str = "cells", batch_size: int = 16) -> LayerScores:
+    """Score the (domain, layer) cells, then select ``k`` layers.
 
+    ``method="cells"``: probe ``fraction`` of the cells with one-layer trial LoRAs and complete the rest.
+    ``method="warmup"``: :func:`warmup_ablation` measures every cell (``fraction`` is not used).
     ``examples`` maps each probed domain to its top (prompt, reference) pairs; ``shares`` is each domain's
     share of the plan, in the same order.
     """
@@ -252,24 +339,31 @@ def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str,
 
     from tqdm.auto import tqdm
 
+    if method not in ("cells", "warmup"):
+        raise ValueError(f"layer probe method {method!r}: expected 'cells' or 'warmup'")
     domains = list(examples)
     n_layers = len(decoder_layers(model))
-    mask = choose_cells(len(domains), n_layers, fraction, seed)
-    values = np.zeros(mask.shape)
-    batches = [encode_examples(tokenizer, examples[d]) for d in domains]
     start = time.perf_counter()
     model.eval()  # no dropout: a probe must be repeatable
     for p in model.parameters():
         p.requires_grad_(False)
-    cells = list(zip(*np.nonzero(mask)))
-    for di, li in tqdm(cells, desc="layer probes", disable=not progress):
-        values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
+    if method == "warmup":
+        mask = np.ones((len(domains), n_layers), dtype=bool)
+        values = warmup_ablation(model, tokenizer, examples, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
+                                 targets=targets, seed=seed, progress=progress)
+    else:
+        mask = choose_cells(len(domains), n_layers, fraction, seed)
+        values = np.zeros(mask.shape)
+        batches = [encode_examples(tokenizer, examples[d]) for d in domains]
+        cells = list(zip(*np.nonzero(mask)))
+        for di, li in tqdm(cells, desc="layer probes", disable=not progress):
+            values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
     seconds = time.perf_counter() - start
     filled = values if mask.all() else complete(values, mask, rank=completion_rank)
     score = layer_scores(filled, shares)
     selected, depth = select_layers(score, k, cost_weight)
     pattern = rank_pattern(score, selected, base_rank) if by_score else {}
-    return LayerScores(domains, filled, mask, score, selected, pattern, depth, seconds)
+    return LayerScores(domains, filled, mask, score, selected, pattern, depth, seconds, method)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
