@@ -48,6 +48,9 @@ def test_selection_by_score_and_by_cost():
 def test_layer_scores_normalize_each_domain_and_weigh_shares():
     values = np.array([[2.0, 1.0], [0.1, 0.4]])  # domain 0 on a 5x larger loss scale
     assert layer_scores(values, np.array([0.5, 0.5])) == pytest.approx([(1.0 + 0.25) / 2, (0.5 + 1.0) / 2])
+    # the warm-up's cells share one unit: averaged as they are (a negative cell counts against), then max 1
+    raw = np.array([[0.02, 0.01, -0.01], [0.4, 0.1, 0.0]])
+    assert layer_scores(raw, np.array([0.5, 0.5]), normalize_rows=False) == pytest.approx([1.0, 0.11 / 0.42, -0.01 / 0.42])
 
 
 def test_rank_pattern_scales_with_score():

@@ -195,6 +195,11 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
     values = np.zeros((len(domains), n_layers))
     try:
         opt = torch.optim.Adam([p for t in trials for p in t.params], lr=lr)
+        # the run's schedule in miniature: linear warm-up over the first quarter, cosine decay after it
+        # (Adam at full lr from step 0 on every layer at once scatters the adapters and the ablation with them)
+        warm = max(1, steps // 4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / warm if i < warm else
+                                                  0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, steps - warm))))
         order = np.random.default_rng(seed).permutation(len(fit))
         bs = max(1, min(batch_size, len(fit)))
         for step in tqdm(range(steps), desc="layer warm-up", disable=not progress):
@@ -206,6 +211,7 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
                                  "lower train.lr or prioritize.probe_steps")
             loss.backward()
             opt.step()
+            sched.step()
 
         @torch.no_grad()
         def held_losses() -> np.ndarray:
@@ -285,12 +291,21 @@ def _additive(values: np.ndarray, observed: np.ndarray, iters: int = 100) -> np.
 # -------------------------------------------------------------------------------------------- selection
 
 
-def layer_scores(values: np.ndarray, shares: np.ndarray) -> np.ndarray:
-    """(L,) score per layer: each domain's row scaled to max 1 (so a domain with a large loss scale does
-    not outvote the rest), then averaged with the domains' shares of the plan."""
+def layer_scores(values: np.ndarray, shares: np.ndarray, normalize_rows: bool = True) -> np.ndarray:
+    """(L,) score per layer, the domains averaged with their shares of the plan.
+
+    ``normalize_rows`` (the cell probes): each domain's row is clipped at 0 and scaled to max 1 first, so a
+    domain with a large loss scale does not outvote the rest. The warm-up probe's cells are all in one
+    unit (nats of held-out loss, from one shared adapter), and there scaling a domain whose rises are all
+    small up to 1 would only amplify its noise; its rows are averaged as they are (a negative cell --
+    switching that adapter off helped -- counts against the layer) and the result scaled to max 1.
+    """
+    w = shares / max(shares.sum(), 1e-12)
+    if not normalize_rows:
+        score = w @ values
+        return score / max(float(np.abs(score).max()), 1e-12)
     v = np.clip(values, 0.0, None)
     v = v / np.maximum(v.max(axis=1, keepdims=True), 1e-12)
-    w = shares / max(shares.sum(), 1e-12)
     return w @ v
 
 
@@ -360,7 +375,7 @@ def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str,
             values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
     seconds = time.perf_counter() - start
     filled = values if mask.all() else complete(values, mask, rank=completion_rank)
-    score = layer_scores(filled, shares)
+    score = layer_scores(filled, shares, normalize_rows=method == "cells")
     selected, depth = select_layers(score, k, cost_weight)
     pattern = rank_pattern(score, selected, base_rank) if by_score else {}
     return LayerScores(domains, filled, mask, score, selected, pattern, depth, seconds, method)
