@@ -110,9 +110,10 @@ def _render_layers(plan: Plan) -> list[str]:
         return ["", "layers: all (no layer selection in this plan)"]
     out = ["", f"layers selected: {lay.selected}" + (f"  rank_pattern {lay.rank_pattern}" if lay.rank_pattern else "")]
     if lay.scores:
+        completed = any(not s.get("measured") for s in lay.scores)
         out.append("  " + "  ".join(
             f"{s['layer']}:{s['score']:.2f}{'' if s.get('measured') else '*'}" for s in lay.scores)
-            + "   (* = partly completed, not all cells measured)")
+            + ("   (* = partly completed, not all cells measured)" if completed else "   (every cell measured)"))
     return out
 
 
