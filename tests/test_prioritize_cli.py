@@ -126,3 +126,28 @@ def test_no_negative_feedback_through_the_store(tmp_path):
     res = CliRunner().invoke(cli, args + ["prioritize.no_feedback=demand", "prioritize.factors=2"])
     assert res.exit_code == 0, res.output
     assert "NaN" not in (tmp_path / "p.json").read_text()
+
+
+def test_warmup_layer_probe_through_the_cli(sim_store, tmp_path):
+    """`layer_probe=warmup` end to end on a tiny model: every cell measured, the method recorded, plan show says so."""
+    import torch
+
+    from adaptive_ft.models import build_tiny_model
+
+    torch.set_num_threads(1)
+    store, _ = sim_store
+    model = build_tiny_model(tmp_path / "tiny", texts=["how do I reset my card pin", "my parcel never arrived"],
+                             n_layers=3, hidden=32)
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(cli, ["prioritize", "--store", str(store), "--out", str(out), "--model", str(model),
+                                   "--quiet", "prioritize.layer_probe=warmup", "prioritize.probe_steps=3",
+                                   "prioritize.layer_domains=2", "prioritize.probe_examples=4",
+                                   "prioritize.layers_k=2", "prioritize.layer_cost_weight=0", "train.batch_size=4"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    plan = Plan.load(out)
+    matrix = plan.extra["layer_matrix"]
+    assert matrix["method"] == "warmup" and len(matrix["domains"]) == 2
+    assert all(all(row) for row in matrix["measured"]) and len(matrix["values"][0]) == 3
+    assert len(plan.layers.selected) == 2 and all(s["measured"] for s in plan.layers.scores)
+    show = CliRunner().invoke(cli, ["plan", "show", str(out)])
+    assert "every cell measured" in show.output and "partly completed" not in show.output
