@@ -231,10 +231,13 @@ def _layers_section(arts: Artifacts) -> Section | None:
     lay = arts.plan.layers if arts.plan else None
     if lay is None:
         return None
+    warmup = (arts.plan.extra.get("layer_matrix") or {}).get("method") == "warmup"
+    how = ("Every domain × layer cell is measured: a short LoRA warm-up on all layers, then each layer's adapter "
+           "switched off in turn; a cell is how much that domain's held-out loss rises." if warmup else
+           "A fraction of the domain × layer cells is measured by a probe; the rest is completed by matrix "
+           "factorization.")
     sec = Section("layers", "Which layers get adapters",
-                  intro=f"Selected: layer{'s' if len(lay.selected) != 1 else ''} {_ranges(lay.selected)}. "
-                        "A fraction of the domain × layer cells is "
-                        "measured by a probe; the rest is completed by matrix factorization.")
+                  intro=f"Selected: layer{'s' if len(lay.selected) != 1 else ''} {_ranges(lay.selected)}. " + how)
     grid = layer_matrix(arts.plan.extra.get("layer_matrix")) or layer_grid(lay.scores)
     if grid is not None:
         rows, layers, score, measured = grid
