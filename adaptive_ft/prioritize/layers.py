@@ -187,7 +187,7 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
     domains = list(examples)
     n_layers = len(decoder_layers(model))
     fit, held = [], []
-    for di, d in enumerate(domains):
+    for d in domains:
         f, h = split_probe_examples(examples[d])
         fit += f
         held.append(encode_examples(tokenizer, h))

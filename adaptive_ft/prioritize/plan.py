@@ -21,8 +21,8 @@ The plan is the contract between the stages; a hand-written one is valid too. It
 ``prioritize`` adds (extra keys, kept on load in ``Plan.extra``): ``failure_prior`` (global rate, Beta
 strength, basis), ``sampling`` (temperature, domain floor, example/cluster cap), ``notes`` (anything a
 constraint or a bad input changed), and with ``--model`` ``layer_matrix`` (the domain x layer values,
-which cells were measured, and ``method``: the ``prioritize.layer_probe`` that measured them). Each example row also carries priority, demand, failure, exposures,
-negatives and its near-duplicate cluster.
+which cells were measured, and ``method``: the ``prioritize.layer_probe`` that measured them). Each example
+row also carries priority, demand, failure, exposures, negatives and its near-duplicate cluster.
 
 Only ``domains`` is required; ``examples`` empty means "uniform over the plan's domains" and ``layers``
 null means "all layers".
