@@ -16,6 +16,9 @@ What it does, all on models built in-process (no downloads, nothing from the sto
    sizes and ms/token. Then (on CUDA) each variant is also reloaded with plain ``from_pretrained`` onto the
    GPU and its top-1 predictions compared with the merged model's on the same probes.
 3. ``tiny-lora``: the same run without quantization (fp32 base; train() has no bf16 option).
+5. ``resume``: a run with LoRA dropout 0.1 interrupted at step 8 and resumed equals an uninterrupted one (losses,
+   adapter weights); on CUDA a control resume with the CUDA RNG state not restored must differ.
+6. ``tiny-distill``: ``--teacher`` (the tiny base as its own teacher) on the device; the loss falls.
 4. ``smol-lora-bN`` / ``smol-qlora-bN`` (unless --no-smol): a SmolLM2-135M-shaped body (30 layers, hidden
    576, 9 heads / 3 KV heads, intermediate 1536) with random weights and the tiny tokenizer, for a throughput
    figure the tiny model is too small to give on a GPU; one pair per --smol-batch-sizes value, and with
@@ -152,13 +155,14 @@ class Capture:
 
 
 def run_train(name: str, model_dir: Path, ex: pl.DataFrame, out: Path, overrides: list[str],
-              profile_step: int = -1) -> dict[str, Any]:
+              profile_step: int = -1, teacher: str | None = None) -> dict[str, Any]:
     cfg = load_config(None, overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the manifest's peak is the process's: make it this run's
     with Capture() as cap, StepTimer(profile_step) as timer:
         t0 = time.perf_counter()
-        r = T.train(cfg, None, plan(out.parent / f"{name}-plan.json"), str(model_dir), out, examples=ex)
+        r = T.train(cfg, None, plan(out.parent / f"{name}-plan.json"), str(model_dir), out, examples=ex,
+                    teacher=teacher)
         wall = time.perf_counter() - t0
     changed = cap.changed()
     m = cap.model
@@ -263,6 +267,7 @@ def main() -> None:
     ap.add_argument("--no-smol", action="store_true", help="skip the SmolLM2-shaped throughput runs")
     ap.add_argument("--smol-batch-sizes", default="8", help="comma-separated train.batch_size values of the smol runs")
     ap.add_argument("--only-smol", action="store_true", help="run the SmolLM2-shaped throughput runs alone")
+    ap.add_argument("--only-resume", action="store_true", help="run the resume check alone")
     ap.add_argument("--profile", action="store_true", help="profile the 11th step of each smol run")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     args = ap.parse_args()
@@ -352,11 +357,86 @@ def main() -> None:
                                          profile_step=10 if args.profile else -1)
                 report["checks"][f"{name}_only_lora_changed"] = report[name]["only_lora_changed"]
 
-    if not args.only_smol:
+    def resume() -> None:
+        """Interrupted at step 8 (last checkpoint: step 4), resumed: the same losses and adapter as one run.
+
+        LoRA dropout 0.1 draws from the device's generator, so on CUDA this holds only if the checkpoint's CUDA RNG
+        state is restored. The control resumes once more with ``torch.cuda.set_rng_state_all`` made a no-op: it
+        must differ (on CUDA), or the check could not have failed."""
+        from safetensors.torch import load_file
+
+        cfg = [*base, "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=4", "train.lora.dropout=0.1"]
+        rec: dict[str, Any] = {}
+
+        def cut_run(name: str) -> None:
+            real, calls = T.train_step, {"n": 0}
+
+            def crash(*a: Any, **k: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 8:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+
+            T.train_step = crash
+            try:
+                T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / name,
+                        examples=ex)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                T.train_step = real
+
+        def losses(name: str) -> list[float]:
+            rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+            return [m["train_loss"] for m in rows]
+
+        def max_weight_diff(a: str, b: str) -> float:
+            wa = load_file(str(root / a / "adapter" / "adapter_model.safetensors"))
+            wb = load_file(str(root / b / "adapter" / "adapter_model.safetensors"))
+            return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+        T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / "resume-full",
+                examples=ex)
+        cut_run("resume-cut")
+        T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / "resume-cut",
+                examples=ex, resume=True)
+        full, cut = losses("resume-full"), losses("resume-cut")
+        rec["steps"] = [len(full), len(cut)]
+        rec["max_loss_diff"] = max(abs(a - b) for a, b in zip(full, cut))
+        rec["max_weight_diff"] = max_weight_diff("resume-full", "resume-cut")
+        report["checks"]["resume_equals_uninterrupted"] = (len(full) == len(cut) == 12 and rec["max_loss_diff"] < 1e-4
+                                                           and rec["max_weight_diff"] < 1e-5)
+        if cuda:  # the control: the same resume without the CUDA RNG restored
+            real_set = torch.cuda.set_rng_state_all
+            cut_run("resume-norng")
+            torch.cuda.set_rng_state_all = lambda *_a, **_k: None
+            try:
+                T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny),
+                        root / "resume-norng", examples=ex, resume=True)
+            finally:
+                torch.cuda.set_rng_state_all = real_set
+            rec["control_max_loss_diff"] = max(abs(a - b) for a, b in zip(full, losses("resume-norng")))
+            rec["control_max_weight_diff"] = max_weight_diff("resume-full", "resume-norng")
+            report["checks"]["resume_control_differs"] = rec["control_max_weight_diff"] > 1e-5
+        report["resume"] = rec
+        print(f"[resume] {json.dumps(rec)}", flush=True)
+
+    def distill() -> None:
+        """``--teacher``: a KL term toward a teacher (here the tiny base itself) on the device; loss must fall."""
+        rec = run_train("tiny-distill", tiny, ex, root / "tiny-distill",
+                        [*tiny_cfg, "train.distill_weight=0.5"], teacher=str(tiny))
+        report["tiny-distill"] = rec
+        report["checks"].update(distill_loss_fell=rec["loss_fell"], distill_on_device=rec["param_devices"] == [str(device)])
+
+    if args.only_resume:
+        guarded(report, "5. resume on the device", resume)
+    elif not args.only_smol:
         guarded(report, "1. QLoRA on a 4-bit base", qlora)
         guarded(report, "2. export merged/int8/nf4", export_variants)
         guarded(report, "3. LoRA on an fp32 base", lora)
-    if not args.no_smol:
+        guarded(report, "5. resume on the device", resume)
+        guarded(report, "6. distillation (--teacher)", distill)
+    if not args.no_smol and not args.only_resume:
         guarded(report, "4. SmolLM2-shaped throughput", smol)
 
     (root / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
