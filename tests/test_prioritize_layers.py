@@ -142,6 +142,21 @@ def test_warmup_ablation_scores_what_each_layer_adapter_carries(tiny):
     assert (dead[:, 2] == 0).all() and np.abs(np.delete(dead, 2, axis=1)).max() > 0
 
 
+def test_warmup_ablation_fast_path_gives_the_whole_forward_losses(tiny):
+    """Answer-position logits plus replayed lower layers must equal plain ``model(**batch).loss`` passes."""
+    model, tok = tiny
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kw = dict(rank=2, lr=2e-2, batch_size=4, targets=["q_proj", "v_proj", "down_proj"], seed=1, steps=6)
+    fast = warmup_ablation(model, tok, WARMUP_EXAMPLES, fast=True, **kw)
+    slow = warmup_ablation(model, tok, WARMUP_EXAMPLES, fast=False, **kw)
+    assert np.abs(slow).max() > 1e-3  # something to compare
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    layers = decoder_layers(model)
+    assert not any("forward" in vars(layer) for layer in layers)  # every replayed layer computes again
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_probe_layers_warmup_measures_every_cell(tiny):
     model, tok = tiny
     res = probe_layers(model, tok, WARMUP_EXAMPLES, np.array([0.5, 0.3, 0.2]), fraction=0.25, rank=2, steps=4,
