@@ -368,6 +368,10 @@ def main() -> None:
         cfg = [*base, "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=4", "train.lora.dropout=0.1"]
         rec: dict[str, Any] = {}
 
+        def go(name: str, resume: bool = False) -> None:
+            T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / name,
+                    examples=ex, resume=resume)
+
         def cut_run(name: str) -> None:
             real, calls = T.train_step, {"n": 0}
 
@@ -379,8 +383,7 @@ def main() -> None:
 
             T.train_step = crash
             try:
-                T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / name,
-                        examples=ex)
+                go(name)
             except KeyboardInterrupt:
                 pass
             finally:
@@ -390,33 +393,29 @@ def main() -> None:
             rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
             return [m["train_loss"] for m in rows]
 
-        def max_weight_diff(a: str, b: str) -> float:
-            wa = load_file(str(root / a / "adapter" / "adapter_model.safetensors"))
-            wb = load_file(str(root / b / "adapter" / "adapter_model.safetensors"))
-            return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        def diffs(name: str) -> tuple[float, float]:
+            """Largest train-loss and adapter-weight differences of run ``name`` from the uninterrupted one."""
+            wa = load_file(str(root / "resume-full" / "adapter" / "adapter_model.safetensors"))
+            wb = load_file(str(root / name / "adapter" / "adapter_model.safetensors"))
+            return (max(abs(x - y) for x, y in zip(losses("resume-full"), losses(name))),
+                    max(float((wa[k] - wb[k]).abs().max()) for k in wa))
 
-        T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / "resume-full",
-                examples=ex)
+        go("resume-full")
         cut_run("resume-cut")
-        T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny), root / "resume-cut",
-                examples=ex, resume=True)
-        full, cut = losses("resume-full"), losses("resume-cut")
-        rec["steps"] = [len(full), len(cut)]
-        rec["max_loss_diff"] = max(abs(a - b) for a, b in zip(full, cut))
-        rec["max_weight_diff"] = max_weight_diff("resume-full", "resume-cut")
-        report["checks"]["resume_equals_uninterrupted"] = (len(full) == len(cut) == 12 and rec["max_loss_diff"] < 1e-4
+        go("resume-cut", resume=True)
+        rec["steps"] = [len(losses("resume-full")), len(losses("resume-cut"))]
+        rec["max_loss_diff"], rec["max_weight_diff"] = diffs("resume-cut")
+        report["checks"]["resume_equals_uninterrupted"] = (rec["steps"] == [12, 12] and rec["max_loss_diff"] < 1e-4
                                                            and rec["max_weight_diff"] < 1e-5)
         if cuda:  # the control: the same resume without the CUDA RNG restored
             real_set = torch.cuda.set_rng_state_all
             cut_run("resume-norng")
             torch.cuda.set_rng_state_all = lambda *_a, **_k: None
             try:
-                T.train(load_config(None, cfg), None, plan(root / "resume-plan.json"), str(tiny),
-                        root / "resume-norng", examples=ex, resume=True)
+                go("resume-norng", resume=True)
             finally:
                 torch.cuda.set_rng_state_all = real_set
-            rec["control_max_loss_diff"] = max(abs(a - b) for a, b in zip(full, losses("resume-norng")))
-            rec["control_max_weight_diff"] = max_weight_diff("resume-full", "resume-norng")
+            rec["control_max_loss_diff"], rec["control_max_weight_diff"] = diffs("resume-norng")
             report["checks"]["resume_control_differs"] = rec["control_max_weight_diff"] > 1e-5
         report["resume"] = rec
         print(f"[resume] {json.dumps(rec)}", flush=True)

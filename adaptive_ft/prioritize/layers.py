@@ -177,17 +177,15 @@ def split_probe_examples(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, 
 
 def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean answer-token cross-entropy of ``model(**batch).loss``, with the output layer applied only at
-    the positions that predict an answer token (a 49k-word output layer over every prompt position is a
-    fifth of SmolLM2's forward pass, and most positions are prompt)."""
+    the positions that predict an answer token (``finetune.train.answer_logits``; a 49k-word output layer
+    over every prompt position is a fifth of SmolLM2's forward pass, and most positions are prompt)."""
     import torch.nn.functional as F
 
-    labels = batch["labels"]
-    tgt = labels[:, 1:]
+    from adaptive_ft.finetune.train import answer_logits
+
+    ids, tgt = batch["input_ids"], batch["labels"][:, 1:]
     rows, cols = (tgt != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[rows, cols])
-    return F.cross_entropy(logits.float(), tgt[rows, cols])
+    return F.cross_entropy(answer_logits(model, ids, rows * ids.shape[1] + cols), tgt[rows, cols])
 
 
 class _PrefixCache:
@@ -273,15 +271,20 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
             sched.step()
 
         cache = _PrefixCache(layers)
+
+        def held_loss(i: int, ablated: int | None = None) -> float:
+            run = lambda: loss_of(model, held[i])  # noqa: E731
+            if not fast:
+                return float(run())
+            return float(cache.record(i, run) if ablated is None else cache.replay(i, ablated, run))
+
         with torch.no_grad():
-            full = np.array([float(cache.record(i, lambda b=b: loss_of(model, b)) if fast else loss_of(model, b))
-                             for i, b in enumerate(held)])
+            full = np.array([held_loss(i) for i in range(len(held))])
             for li in tqdm(range(n_layers), desc="layer ablation", disable=not progress):
                 trials[li].enabled = False
-                for i, b in enumerate(held):
-                    run = (lambda b=b: loss_of(model, b))
-                    values[i, li] = float(cache.replay(i, li, run) if fast else run()) - full[i]
+                values[:, li] = [held_loss(i, li) for i in range(len(held))]
                 trials[li].enabled = True
+            values -= full[:, None]
     finally:
         for t in trials:
             t.remove()
