@@ -92,6 +92,8 @@ class PrioritizeConfig:
                                     "(higher = flatter: more distinct examples per domain, which held-out "
                                     "accuracy needs; 1 = proportional to priority)")
     domain_floor: float = _f(0.02, "minimum share of the training sample per planned domain")
+    replay: float = _f(0.0, "share of the training sample drawn by demand alone (domains by traffic, whether or "
+                       "not they fail): protects what the deployed model already serves from forgetting")
     example_cap: float = _f(0.05, "maximum share of the training sample for any one example")
     top_domains: int = _f(0, "keep only the top N domains in the plan (0 = all)")
     holdout_fraction: float = _f(0.1, "latest fraction of interactions held out to score the recommender")
@@ -205,6 +207,7 @@ class EvaluateConfig:
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")
     seed: int = _f(0, "bootstrap seed (same resamples for every model: paired comparisons)")
     max_examples: int = _f(0, "score a seeded random subset of this many test examples (0 = the whole test split)")
+    baseline: str = _f("base", "the model every other is compared against (deltas, flags); the loop sets v1's RUN")
 
 
 @dataclass
@@ -336,6 +339,8 @@ def _validate(cfg: Config) -> list[str]:
                  "completion_rank", "eval_users"):
         if getattr(pr, name) <= 0:
             p.append(f"prioritize.{name}: {getattr(pr, name)} must be > 0")
+    if not 0 <= pr.replay <= 1:
+        p.append(f"prioritize.replay must be in [0, 1] (a share of the training sample), got {pr.replay}")
     if not 0 <= pr.domain_floor < 1 or not 0 < pr.example_cap <= 1:
         p.append("prioritize.domain_floor must be in [0, 1) and prioritize.example_cap in (0, 1]")
     if any(v < 0 for v in pr.segment_weights.values()):

@@ -371,7 +371,7 @@ def summarize(test: pl.DataFrame, split: pl.DataFrame, traffic: pl.DataFrame, sc
     primary = PRIMARY[task]
     rows = score_cells(test, traffic, scored, task, labels, cfg)
     models = list(scored)
-    tuned = next((m for m in models if m != "base"), models[0])
+    tuned = next((m for m in models if m not in ("base", cfg.baseline)), models[0])
     worst = [w for m in models if (w := worst_segment(rows, m, primary))]
     gaps = [g for m in models if (g := largest_gap(rows, m, primary))]
     cells, _, _ = cell_weights(test, traffic)
@@ -415,40 +415,61 @@ def largest_gap(rows: list[dict[str, Any]], model: str, metric: str) -> dict[str
 
 
 def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str,
-                   labels: list[str], cfg: EvaluateConfig) -> dict[str, list[dict[str, Any]]]:
-    """Paired bootstrap of (model - base) on the primary metric per segment; ``flags`` where it surely dropped."""
-    if "base" not in scored:
+                   labels: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
+    """Paired bootstrap of (model - baseline) on the primary metric per segment; ``flags`` where it surely dropped.
+
+    The baseline is ``cfg.baseline`` when that model was scored (the loop compares v2 against the deployed
+    v1), else "base". The same is done per domain (``domain_deltas``, ``domain_flags``) and overall
+    (``overall_deltas``): "harmed no one" is asked of domains as well as of segments.
+    """
+    ref = cfg.baseline if cfg.baseline in scored else "base"
+    if ref not in scored:
         return {"deltas": [], "flags": []}
+    cells, segments, domains = cell_weights(test, traffic)
+    seg_keys = [("segment", seg, None) for seg in segments] or [("overall", None, None)]
+    deltas, flags = _paired_deltas(test, cells, seg_keys, scored, ref, task, labels, cfg)
+    dom_deltas, dom_flags = _paired_deltas(test, cells, [("domain", None, d) for d in domains], scored, ref, task,
+                                           labels, cfg)
+    overall, _ = _paired_deltas(test, cells, [("overall", None, None)], scored, ref, task, labels, cfg)
+    return {"deltas": deltas, "flags": flags, "baseline": ref, "domain_deltas": dom_deltas,
+            "domain_flags": dom_flags, "overall_deltas": overall}
+
+
+def _paired_deltas(test: pl.DataFrame, cells: dict[tuple, np.ndarray], keys: list[tuple], scored: dict[str, Scored],
+                   ref: str, task: str, labels: list[str], cfg: EvaluateConfig
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """For each cell key: every model's paired-bootstrap delta against ``ref``, and the rows that surely dropped."""
     primary = PRIMARY[task]
     sign = -1.0 if primary in LOWER_IS_BETTER else 1.0
-    cells, segments, _ = cell_weights(test, traffic)
     index = {label: i for i, label in enumerate(labels)}
     true_idx = np.array([index.get(r, -1) for r in test["reference"].to_list()]) if task == "label" else None
     deltas, flags = [], []
-    for seg in segments or ["all"]:
-        key = ("segment", seg, None) if segments else ("overall", None, None)
+    for key in keys:
         w = cells[key]
         idx = np.flatnonzero(w > 0)
         if w.sum() < cfg.min_count or len(idx) < cfg.min_examples:
             continue
         mask = _label_mask(true_idx[idx], len(labels)) if task == "label" else None
         counts = resample_counts(len(idx), cfg.bootstrap, _seed(cfg, key)) * w[idx]
-        base = metric_fn(_subset(scored["base"], idx, true_idx), task, len(labels), mask)
+        base = metric_fn(_subset(scored[ref], idx, true_idx), task, len(labels), mask)
         for model, s in scored.items():
-            if model == "base":
+            if model == ref:
                 continue
             other = metric_fn(_subset(s, idx, true_idx), task, len(labels), mask)
             b0, m0 = base(w[idx][None, :])[primary][0], other(w[idx][None, :])[primary][0]
             boot = other(counts)[primary] - base(counts)[primary]
             low, high = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
-            row = {"model": model, "segment": seg, "metric": primary, "base": round(float(b0), 6),
-                   "finetuned": round(float(m0), 6), "delta": round(float(m0 - b0), 6),
+            row = {"model": model, "segment": key[1] if key[0] == "segment" else "all", "metric": primary,
+                   "base": round(float(b0), 6), "finetuned": round(float(m0), 6), "delta": round(float(m0 - b0), 6),
                    "ci_low": round(float(low), 6), "ci_high": round(float(high), 6), "n": int(w.sum())}
+            if key[0] == "domain":
+                row = {"model": model, "domain": key[2], **{k: v for k, v in row.items() if k not in ("model", "segment")}}
             deltas.append(row)
             worse_bound = high * sign if sign > 0 else low * sign  # the CI end nearest "no worse"
             if worse_bound < 0:
-                flags.append({**row, "reason": "dropped from base to fine-tuned"})
-    return {"deltas": deltas, "flags": flags}
+                flags.append({**row, "reason": "dropped from base to fine-tuned" if ref == "base"
+                              else f"dropped from {ref} to {model}"})
+    return deltas, flags
 
 
 def representation(split: pl.DataFrame, traffic: pl.DataFrame, ratio: float) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ seconds), and the same seed gives a byte-identical log.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -500,15 +501,21 @@ def responder_answers(pool: Pool, q: Queries, responder: Responder, batch_size: 
     (after trimming and case-folding)."""
     asked = np.unique(q.example)
     prompts = pool.frame["prompt"].gather(asked).to_list()
+    refs = pool.frame["reference"].gather(asked).to_list()
+    # A model responder (``responder.ModelResponder``) also takes the references: its teacher-forced check
+    # needs them to decide cheaply which answers are right. A plain callable sees only the prompts.
+    answer = getattr(responder, "answer", None)
+    if hasattr(responder, "prepare"):  # e.g. a model responder learns the label set (a label task) here
+        responder.prepare(pool.frame["reference"].to_list())
     answers: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="responder", unit="batch", leave=False):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="responder", unit="batch", leave=False,
+                      disable=None):
         batch = prompts[start:start + batch_size]
-        got = list(responder(batch))
+        got = list(answer(batch, refs[start:start + batch_size]) if answer else responder(batch))
         if len(got) != len(batch):
             raise InputError(f"responder returned {len(got)} answers for {len(batch)} prompts; it must return "
                              "one answer per prompt, in order")
         answers += [str(a) for a in got]
-    refs = pool.frame["reference"].gather(asked).to_list()
     ok = np.array([a.strip().casefold() == r.strip().casefold() for a, r in zip(answers, refs)])
     where = np.searchsorted(asked, q.example)
     return Answers(correct=ok[where], response=pl.Series("response", answers).gather(where), fail_prob=None)
@@ -763,6 +770,8 @@ def simulate(cfg: SimulateConfig, out: str | Path, fmt: str = "jsonl", pool: str
     """
     t0 = time.perf_counter()
     validate(cfg)
+    if responder is not None and getattr(responder, "name", "") and cfg.model_version == SimulateConfig.model_version:
+        cfg = dataclasses.replace(cfg, model_version=responder.name)  # the events name the model that answered
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)

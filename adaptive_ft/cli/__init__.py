@@ -37,14 +37,18 @@ def cli() -> None:
       adaptive-ft export RUN --out EXPORT
       adaptive-ft evaluate --models base,RUN,EXPORT/int8 --out eval.json
       adaptive-ft report --plan plan.json --run RUN --eval eval.json --out report.html
+    The loop, once a model is deployed and its users' logs are in:
+      adaptive-ft simulate --out v1.jsonl --responder RUN_V1   # or v1's real logs
+      adaptive-ft loop --store v1.duckdb --v1 RUN_V1 --out LOOP
     Or all of it at once: adaptive-ft demo
     """
 
 
 def _register() -> None:
-    from adaptive_ft.cli import data_cmds, demo_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds, sim_cmds
+    from adaptive_ft.cli import (data_cmds, demo_cmds, loop_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds,
+                                 sim_cmds)
 
-    for module in (data_cmds, sim_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, demo_cmds):
+    for module in (data_cmds, sim_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, loop_cmds, demo_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -35,15 +35,25 @@ def _guess_format(out: Path) -> str:
 @click.option("--users", type=int, default=None, help="Number of users (overrides simulate.users).")
 @click.option("--events", type=int, default=None, help="About this many events (overrides simulate.events).")
 @click.option("--seed", type=int, default=None, help="Random seed (overrides the config's seed).")
+@click.option("--responder", type=click.Path(path_type=Path), default=None,
+              help="A deployed model answers the users: a RUN folder, an EXPORT variant, an HF folder or a .gguf. "
+                   "Its own right and wrong answers decide the feedback (instead of planted failure rates).")
+@click.option("--responder-batch", type=int, default=32, show_default=True, help="Prompts per batch for --responder.")
 @config_option
 @overrides_argument
 def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: int | None, events: int | None,
-                 seed: int | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
+                 seed: int | None, responder: Path | None, responder_batch: int, config_path: str | None,
+                 overrides: tuple[str, ...]) -> None:
     """Write a realistic interaction log and the need planted in it.
 
     Users in segments with different domain preferences ask questions from an example pool; a simulated
     model fails more in some segment x domain cells; feedback (thumbs, ratings, edits, escalations...)
     follows whether the answer was right, with noise. Same seed, same bytes.
+
+    With --responder, a real model answers instead: each distinct prompt once, the answer goes into
+    `response`, right or wrong (exact label for label tasks) decides the feedback, `model_version` names
+    the model, and the truth file records its measured failure per segment x domain. This is v1's log in
+    the loop (`adaptive-ft loop`).
 
     \b
     Examples:
@@ -51,6 +61,7 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
       adaptive-ft simulate --out logs.parquet --events 1000000 --seed 3
       adaptive-ft simulate --out b77.jsonl --examples ../shared/data/banking77/train.csv
       adaptive-ft simulate --out chat.jsonl --format chat simulate.bad_cells=5 simulate.noise=0.1
+      adaptive-ft simulate --out v1-logs.jsonl --pool banking77 --responder runs/v1
     """
     cfg = load_config(config_path, overrides)
     sim = cfg.simulate
@@ -58,9 +69,15 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
         sim.users = users
     if events is not None:
         sim.events = events
+    model = None
+    if responder is not None:
+        from adaptive_ft.responder import ModelResponder
+
+        model = ModelResponder(str(responder), batch_size=responder_batch,
+                               max_new_tokens=cfg.evaluate.max_new_tokens)
     result = simulate(sim, out, fmt=_guess_format(out) if fmt == "auto" else fmt,
                       pool=examples if examples is not None else pool,
-                      seed=cfg.seed if seed is None else seed)
+                      seed=cfg.seed if seed is None else seed, responder=model)
     click.echo(f"wrote {result.n_events:,} events ({result.n_queries:,} queries, {result.n_users:,} users, "
                f"{result.n_examples:,} examples) to {result.log_path} [{result.format}] in {result.seconds:.1f}s; "
                f"truth: {result.truth_path}" + (f"; users: {result.users_path}" if result.users_path else ""))

@@ -199,7 +199,8 @@ def _sample(examples: pl.DataFrame, contrib: np.ndarray, inter: dm.Interactions,
     lookup = {d: i for i, d in enumerate(domain_names)}
     domain_ix = np.array([lookup[d] for d in examples["domain"].to_list()])
     _, cluster_ix = np.unique(examples["cluster"].to_numpy(), return_inverse=True)
-    weights, notes = dm.sampling_weights(examples["priority"].to_numpy(), domain_ix, cluster_ix, pc)
+    weights, notes = dm.sampling_weights(examples["priority"].to_numpy(), domain_ix, cluster_ix, pc,
+                                         demand=examples["demand"].to_numpy())
     return examples.with_columns(weight=pl.Series(weights)), contrib, notes
 
 
@@ -260,6 +261,7 @@ def build_plan(scored: Scored, cfg: Config, inputs: dict, layers: LayerScores | 
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         extra={"failure_prior": scored.failure_prior, "notes": notes,
                "sampling": {"temperature": cfg.prioritize.temperature, "domain_floor": cfg.prioritize.domain_floor,
+                            "replay": cfg.prioritize.replay,
                             "example_cap": cfg.prioritize.example_cap,
                             "cap_applies_to": "each cluster of near-duplicate examples (a lone example is its own)",
                             "clusters": int(weights["cluster"].n_unique())}},

@@ -495,7 +495,7 @@ def _cap_groups(w: np.ndarray, groups: np.ndarray, cap: float, frozen: np.ndarra
 
 
 def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarray,
-                     cfg: PrioritizeConfig) -> tuple[np.ndarray, list[str]]:
+                     cfg: PrioritizeConfig, demand: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
     """Training sampling weights (sum 1) from priorities, and notes on any constraint that had to give.
 
     Two levels. A domain d gets a share ∝ (Σ_{i in d} priority_i) ** (1 / temperature): where the unmet need
@@ -504,6 +504,13 @@ def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarr
     draws (on a simulated Banking77 log: an effective sample size of ~120 of 7,700 examples) and the model
     would memorize them instead of learning the domain; flattening inside a domain keeps the domain mix
     the plan chose while spreading its draws over many distinct examples (ESS ~6,700 at 4).
+
+    ``replay`` of the mass (with ``demand``) is drawn by demand alone, domains in proportion to their
+    traffic and examples flattened the same way: a fine-tune that puts nearly all its draws where the
+    deployed model fails forgets what it already does well (DESIGN.md, "Closing the loop"), and the users
+    of those domains are the ones it would harm. Mixing in what users ask, whether or not it failed, is
+    experience replay in its plainest form.
+
     Then, alternately until both hold, each domain gets at least ``domain_floor`` of the mass (taken pro
     rata from the domains above the floor) and no cluster of near-duplicates (a singleton cluster is one
     example) gets more than ``example_cap``.
@@ -518,14 +525,10 @@ def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarr
     if cap * n_clu < 1:
         cap = 1.0 / n_clu
         notes.append(f"example_cap {cfg.example_cap} x {n_clu} clusters < 1: raised to {cap:.4g}")
-    p = np.maximum(prio, EPS) / max(prio.max(), EPS)
-    dom_total = np.bincount(domain_ix, weights=p, minlength=n_dom)
-    dom_share = np.power(dom_total / dom_total.max(), 1.0 / cfg.temperature) * (dom_total > 0)
-    dom_share /= dom_share.sum()
-    within = np.power(p, 1.0 / cfg.example_temperature)
-    within /= np.maximum(np.bincount(domain_ix, weights=within, minlength=n_dom), EPS)[domain_ix]
-    w = dom_share[domain_ix] * within
-    w /= w.sum()
+    w = _two_level(prio, domain_ix, n_dom, cfg.temperature, cfg.example_temperature)
+    replay = getattr(cfg, "replay", 0.0)
+    if replay > 0 and demand is not None and float(np.sum(demand)) > 0:
+        w = (1 - replay) * w + replay * _two_level(demand, domain_ix, n_dom, 1.0, cfg.example_temperature)
     for _ in range(50):
         w = _apply_floor(w, domain_ix, n_dom, floor)
         w = _cap_groups(w, clusters, cap)
@@ -536,6 +539,20 @@ def sampling_weights(prio: np.ndarray, domain_ix: np.ndarray, clusters: np.ndarr
     else:
         notes.append("domain floor and example cap could not both be met exactly; the cap was kept")
     return w / w.sum(), notes
+
+
+def _two_level(score: np.ndarray, domain_ix: np.ndarray, n_dom: int, temperature: float,
+               example_temperature: float) -> np.ndarray:
+    """Weights (sum 1): domains ∝ (their summed score) ** (1 / temperature), examples within a domain
+    ∝ score ** (1 / example_temperature)."""
+    p = np.maximum(score, EPS) / max(float(score.max()), EPS)
+    dom_total = np.bincount(domain_ix, weights=p, minlength=n_dom)
+    dom_share = np.power(dom_total / dom_total.max(), 1.0 / temperature) * (dom_total > 0)
+    dom_share /= dom_share.sum()
+    within = np.power(p, 1.0 / example_temperature)
+    within /= np.maximum(np.bincount(domain_ix, weights=within, minlength=n_dom), EPS)[domain_ix]
+    w = dom_share[domain_ix] * within
+    return w / w.sum()
 
 
 def _apply_floor(w: np.ndarray, domain_ix: np.ndarray, n_dom: int, floor: float) -> np.ndarray:
