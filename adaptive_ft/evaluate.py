@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from adaptive_ft.config import EvaluateConfig
 from adaptive_ft.errors import InputError
-from adaptive_ft.metrics import macro_prf, mean_loss, resample_counts, weighted_mean
+from adaptive_ft.metrics import (bootstrap_weights, macro_prf, mean_loss, paired_bootstrap_delta,
+                                 percentile_interval, weighted_mean)
 from adaptive_ft.modelio import format_for_model, is_run, load_any, read_run
 
 LABEL_METRICS = ("accuracy", "precision", "recall", "f1")
@@ -331,7 +332,7 @@ def score_cells(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Sco
         idx = np.flatnonzero(w > 0)
         n, n_ex = int(w.sum()), len(idx)
         enough = n >= cfg.min_count and n_ex >= cfg.min_examples
-        counts = resample_counts(n_ex, cfg.bootstrap, _seed(cfg, key)) * w[idx] if enough else None
+        counts = bootstrap_weights(w[idx], cfg.bootstrap, _seed(cfg, key)) if enough else None
         mask = _label_mask(true_idx[idx], len(labels)) if task == "label" else None
         for model, s in scored.items():
             stats = metric_fn(_subset(s, idx, true_idx), task, len(labels), mask)
@@ -355,10 +356,10 @@ def _row(model: str, key: tuple, metric: str, point: np.ndarray | None, boot: np
     row = {"model": model, "scope": scope, "segment": segment, "domain": domain, "metric": metric,
            "value": None, "ci_low": None, "ci_high": None, "n": n, "n_examples": n_ex, "enough": enough}
     if enough and point is not None and np.isfinite(point[0]):
-        finite = boot[np.isfinite(boot)]
         row["value"] = round(float(point[0]), 6)
-        if len(finite):
-            row["ci_low"], row["ci_high"] = (round(float(v), 6) for v in np.percentile(finite, [2.5, 97.5]))
+        low, high = percentile_interval(boot)  # metrics.bootstrap_ci's interval, on resamples shared by models
+        if np.isfinite(low):
+            row["ci_low"], row["ci_high"] = round(low, 6), round(high, 6)
     return row
 
 
@@ -450,15 +451,15 @@ def _paired_deltas(test: pl.DataFrame, cells: dict[tuple, np.ndarray], keys: lis
         if w.sum() < cfg.min_count or len(idx) < cfg.min_examples:
             continue
         mask = _label_mask(true_idx[idx], len(labels)) if task == "label" else None
-        counts = resample_counts(len(idx), cfg.bootstrap, _seed(cfg, key)) * w[idx]
         base = metric_fn(_subset(scored[ref], idx, true_idx), task, len(labels), mask)
         for model, s in scored.items():
             if model == ref:
                 continue
             other = metric_fn(_subset(s, idx, true_idx), task, len(labels), mask)
             b0, m0 = base(w[idx][None, :])[primary][0], other(w[idx][None, :])[primary][0]
-            boot = other(counts)[primary] - base(counts)[primary]
-            low, high = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
+            # metrics.paired_bootstrap_delta: both models on the same resamples of this cell's examples
+            _, low, high = paired_bootstrap_delta(lambda x, f=base: f(x)[primary], lambda x, f=other: f(x)[primary],
+                                                  w[idx], cfg.bootstrap, _seed(cfg, key))
             row = {"model": model, "segment": key[1] if key[0] == "segment" else "all", "metric": primary,
                    "base": round(float(b0), 6), "finetuned": round(float(m0), 6), "delta": round(float(m0 - b0), 6),
                    "ci_low": round(float(low), 6), "ci_high": round(float(high), 6), "n": int(w.sum())}

@@ -119,17 +119,27 @@ def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
 
 
-def bootstrap_ci(stat: Stat, w: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``stat`` (a function of example weights) over resampled examples."""
+def bootstrap_weights(w: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) example weights of ``n_boot`` resamples of the examples, each keeping its own weight ``w``."""
     w = np.asarray(w, float)
-    values = stat(resample_counts(len(w), n_boot, seed) * w)
+    return resample_counts(len(w), n_boot, seed) * w
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of the finite bootstrap values; (NaN, NaN) when none is finite."""
+    values = np.asarray(values, float)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
+    tail = (100 - level * 100) / 2  # 2.5 exactly for 0.95 ((1 - 0.95) / 2 * 100 is 2.500000000000002)
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def bootstrap_ci(stat: Stat, w: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` (a function of example weights) over resampled examples."""
+    return percentile_interval(stat(bootstrap_weights(w, n_boot, seed)), level)
 
 
 def paired_bootstrap_delta(stat_a: Stat, stat_b: Stat, w: np.ndarray, n_boot: int = 1000, seed: int = 0,
@@ -138,9 +148,5 @@ def paired_bootstrap_delta(stat_a: Stat, stat_b: Stat, w: np.ndarray, n_boot: in
     example-to-example spread they share cancels (a paired test, not two overlapping intervals)."""
     w = np.asarray(w, float)
     delta = float(stat_b(w[None, :])[0] - stat_a(w[None, :])[0])
-    counts = resample_counts(len(w), n_boot, seed) * w
-    values = stat_b(counts) - stat_a(counts)
-    values = values[np.isfinite(values)]
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return delta, float(low), float(high)
+    counts = bootstrap_weights(w, n_boot, seed)
+    return (delta, *percentile_interval(stat_b(counts) - stat_a(counts), level))

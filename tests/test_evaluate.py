@@ -113,6 +113,36 @@ def test_bootstrap_intervals_are_reproducible():
         _cell(a, "m", "overall", "accuracy")["ci_high"] != _cell(other, "m", "overall", "accuracy")["ci_high"]
 
 
+def test_intervals_are_the_metrics_modules_bootstrap_on_each_cells_weights():
+    """eval.json's intervals come from metrics.bootstrap_ci / paired_bootstrap_delta (tested in test_metrics) on
+    the cell's query weights and the cell's seed: the bootstrap users see is the tested one."""
+    from adaptive_ft.evaluate import _seed, cell_weights
+    from adaptive_ft.metrics import bootstrap_ci, paired_bootstrap_delta, weighted_mean
+
+    rng = np.random.default_rng(5)
+    test = _test_frame(40)
+    traffic = _traffic([(f"e{i}", "free" if i % 3 else "pro", int(rng.integers(1, 5))) for i in range(40)])
+    refs = test["reference"].to_list()
+    scored = {"base": _scored(test, [r if rng.random() < 0.7 else None for r in refs]),
+              "m": _scored(test, [r if rng.random() < 0.8 else None for r in refs])}
+    data = summarize(test, test, traffic, scored, "label", LABELS, CFG)
+    cells, _, _ = cell_weights(test, traffic)
+    for key in (("overall", None, None), ("segment", "free", None), ("segment_domain", "pro", "cards")):
+        w = cells[key]
+        idx = np.flatnonzero(w > 0)
+        base, tuned = scored["base"].correct[idx], scored["m"].correct[idx]
+        low, high = bootstrap_ci(lambda x: weighted_mean(tuned, x), w[idx], CFG.bootstrap, _seed(CFG, key))
+        row = _cell(data, "m", key[0], "accuracy", segment=key[1], domain=key[2])
+        assert (row["ci_low"], row["ci_high"]) == (round(low, 6), round(high, 6)) and low < high, key
+    w = cells[("segment", "free", None)]
+    idx = np.flatnonzero(w > 0)
+    delta, low, high = paired_bootstrap_delta(lambda x: weighted_mean(scored["base"].correct[idx], x),
+                                              lambda x: weighted_mean(scored["m"].correct[idx], x), w[idx],
+                                              CFG.bootstrap, _seed(CFG, ("segment", "free", None)))
+    (row,) = [d for d in data["deltas"] if d["segment"] == "free"]
+    assert (row["delta"], row["ci_low"], row["ci_high"]) == (round(delta, 6), round(low, 6), round(high, 6))
+
+
 def test_representation_audit_by_hand():
     split = pl.DataFrame({"example_id": ["a", "b", "c", "d"], "domain": ["x", "x", "x", "y"],
                           "split": ["train", "train", "train", "test"]})
