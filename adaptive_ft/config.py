@@ -202,6 +202,9 @@ class EvaluateConfig:
     decode_all: bool = _f(False, "label answers: decode every test prompt, instead of one teacher-forced pass "
                           "that finds the answers greedy decoding would give token for token and decoding "
                           "only the rest (same answers, several times slower)")
+    decode_rejected: bool = _f(True, "label answers the teacher-forced check rejects are decoded, so a lenient "
+                               "match (case, punctuation) still counts; false scores them wrong undecoded "
+                               "(faster; a benchmark's choice, at most a slight under-count)")
     min_examples: int = _f(5, "cells with fewer distinct test examples than this say so too")
     query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")

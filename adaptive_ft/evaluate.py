@@ -163,7 +163,8 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
     refs = test["reference"].to_list()
     if task == "label" and not cfg.decode_all:
         responses = forced_answers(model, tokenizer, prompts, refs, cfg.batch_size, cfg.max_new_tokens)
-        todo = [i for i, r in enumerate(responses) if r is None]
+        todo = [i for i, r in enumerate(responses) if r is None] if cfg.decode_rejected else []
+        responses = [r if r is not None else "" for r in responses] if not cfg.decode_rejected else responses
         decoded = generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.batch_size,
                            desc=f"{spec}, {len(todo)} of {len(prompts)} to decode")
         for i, text in zip(todo, decoded):
