@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -14,11 +13,16 @@ import pytest
 from adaptive_ft.store import Store, ingest
 from store_helpers import rec, write_jsonl
 
+# The child names each stage as it enters it. At "commit" (the batch is written, COMMIT not yet sent) it waits
+# for a line on stdin that the test never sends: however fast or slow the machine, the child is still alive
+# and its transaction still open when the test kills it after seeing `kill_at` (no sleep, no race).
 _DRIVER = """
 import sys
 from adaptive_ft.store import ingest
 def hook(src, stage):
     print(stage, flush=True)
+    if stage == "commit":
+        sys.stdin.readline()
 ingest([sys.argv[1]], sys.argv[2], on_stage=hook)
 print("finished", flush=True)
 """
@@ -45,23 +49,25 @@ def _snapshot(db: Path) -> tuple:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["read + validate", "write"])
+@pytest.mark.parametrize("kill_at", ["read + validate", "write", "commit"])
 def test_kill_9_mid_ingest_leaves_the_store_as_before(tmp_path: Path, kill_at: str):
     db = tmp_path / "s.duckdb"
     ingest([write_jsonl(tmp_path / "first.jsonl", [rec(i) for i in range(40)] + ["{broken"])], db)
     before = _snapshot(db)
     assert before == ([(1, 40)], [(1, 40)], 5, 7, 1)
     big = _big_log(tmp_path / "big.jsonl", 400_000)
-    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(big), str(db)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(big), str(db)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     stages = []
-    for line in proc.stdout:
+    for line in proc.stdout:  # the kill lands as the child starts that stage's statement (or waits at commit)
         stages.append(line.strip())
         if stages[-1] == kill_at:
             break
-    time.sleep(0.3)  # into the staging query / the events insert
-    assert proc.poll() is None, f"ingest finished before the kill (stages seen: {stages})"
+    assert stages[-1] == kill_at and "finished" not in stages, stages
+    assert proc.poll() is None  # it cannot finish: it waits at "commit" for a line it is never sent
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdin.close()
     assert proc.returncode == -signal.SIGKILL
     assert _snapshot(db) == before
     # and the store works: the same file goes in completely afterwards

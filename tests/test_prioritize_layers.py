@@ -69,12 +69,20 @@ def tiny(tmp_path_factory):
 def test_answer_tokens_only_carry_loss(tiny):
     _, tok = tiny
     batch = encode_examples(tok, [("reset my pin", "card_pin"), ("what is the exchange rate today", "exchange_rate")])
-    labelled = batch["input_ids"][batch["labels"] != -100]
-    answer = tok(tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "card_pin"}],
-                                         tokenize=False), add_special_tokens=False)["input_ids"]
-    assert tok.decode(labelled[: len(labelled)]).count("card_pin") == 1
+    for row, (prompt, answer) in enumerate([("reset my pin", "card_pin"),
+                                            ("what is the exchange rate today", "exchange_rate")]):
+        user = [{"role": "user", "content": prompt}]
+        head = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        assert full[: len(head)] == head  # the answer's tokens are what follows the generation prompt
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        # exactly the answer's positions carry labels, and each label is the token at its position
+        assert (labels[: len(head)] == -100).all() and (labels[len(full):] == -100).all()
+        assert labels[len(head): len(full)].tolist() == full[len(head):] == ids[len(head): len(full)].tolist()
+        assert tok.decode(full[len(head):]).startswith(answer)
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
-    assert len(answer) > 0
 
 
 def test_probe_leaves_the_model_unchanged_and_is_repeatable(tiny):
