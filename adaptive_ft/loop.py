@@ -74,8 +74,12 @@ def v2_config(cfg: Config, v1_manifest: dict[str, Any]) -> Config:
 
 
 def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, extra_models: list[str] | None = None,
-             report: bool = True, echo: Callable[[str], None] = print, progress: bool = False) -> LoopResult:
-    """prioritize(store) -> train v2 from v1 -> evaluate v1 vs v2 (+ ``extra_models``) -> report, into ``out``."""
+             report: bool = True, echo: Callable[[str], None] = print, progress: bool = False,
+             export_cfg: Any = None, v2_name: str = "v2",
+             run_step: Callable[[str, Callable[[], Any]], Any] | None = None) -> LoopResult:
+    """prioritize(store) -> train v2 from v1 -> [export v2] -> evaluate v1 vs v2 (+ ``extra_models`` and v2's
+    int8 / nf4 when exported) -> report, into ``out``. ``run_step(name, fn)`` times and announces each step
+    (the demo's stage printer); by default each is echoed and timed here."""
     from adaptive_ft.evaluate import evaluate
     from adaptive_ft.finetune import train
     from adaptive_ft.prioritize import prioritize
@@ -85,29 +89,39 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = v2_config(cfg, man)
-    paths = {"plan": out / "plan.json", "v2": out / "v2", "eval": out / "eval.json", "report": out / "report.html"}
+    paths = {"plan": out / "plan.json", "v2": out / v2_name, "eval": out / "eval.json", "report": out / "report.html",
+             "export": out / "export"}
     timings: dict[str, float] = {}
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
+        if run_step is not None:
+            return run_step(name, fn)
         echo(f"loop: {name}")
         t = time.perf_counter()
         result = fn()
         timings[name] = time.perf_counter() - t
         return result
 
-    pr = step("prioritize (v1's logs)", lambda: prioritize(store, cfg, paths["plan"], model=None, progress=progress))
-    tr = step("train v2 from v1's adapter", lambda: train(cfg, store, paths["plan"], man["base_model_path"], paths["v2"],
-                                                          init_adapter=v1 / "adapter", layers=man.get("layers")))
-    echo(f"      {tr.steps} steps on v1's layers {tr.layers} ({tr.stop_reason})")
+    pr = step("prioritize", lambda: prioritize(store, cfg, paths["plan"], model=None, progress=progress))
+    tr = step("train", lambda: train(cfg, store, paths["plan"], man["base_model_path"], paths["v2"],
+                                     init_adapter=v1 / "adapter", layers=man.get("layers")))
+    echo(f"      v2: {tr.steps} steps from v1's adapter on v1's layers {tr.layers} ({tr.stop_reason})")
     models = [str(v1), str(paths["v2"]), *(extra_models or [])]
+    export_path = None
+    if export_cfg is not None:
+        from adaptive_ft.export import export
+
+        ex = step("export", lambda: export(paths["v2"], paths["export"], export_cfg))
+        export_path = paths["export"]
+        models += [str(paths["export"] / v.path) for v in ex.variants if v.name in ("int8", "nf4")]
     ecfg = dataclasses.replace(cfg.evaluate, baseline=str(v1))
-    ev = step("evaluate v1 vs v2", lambda: evaluate(store, models, paths["eval"], ecfg, run=paths["v2"]))
+    ev = step("evaluate", lambda: evaluate(store, models, paths["eval"], ecfg, run=paths["v2"]))
     report_path = None
     if report:
         from adaptive_ft.report import ReportInputs, build_report
 
         inputs = ReportInputs(store=Path(store), plan=paths["plan"], run=paths["v2"], eval=paths["eval"],
-                              title=f"v1 → v2: {v1.name} → {out.name}/v2")
+                              export=export_path, title=f"v1 → v2: {v1.name} → {paths['v2'].name}")
         report_path = step("report", lambda: build_report(inputs, paths["report"])).html
     return LoopResult(out=out, plan=paths["plan"], v2=paths["v2"], eval=paths["eval"], report=report_path,
                       timings=timings, summary=loop_summary(pr.plan, ev.data, str(v1), str(paths["v2"])),

@@ -375,7 +375,8 @@ class EvalView:
 
     def _pick(self, run_hint: Path | None) -> tuple[str | None, str | None]:
         models = self.models
-        base = "base" if "base" in models else (models[0] if models else None)
+        baseline = self.doc.get("baseline")  # evaluate's paired baseline (the loop's v1), when it names one
+        base = baseline if baseline in models else ("base" if "base" in models else (models[0] if models else None))
         rest = [m for m in models if m != base]
         if self.doc.get("finetuned_model") in rest:  # evaluate says which model is the fine-tune
             return base, self.doc["finetuned_model"]

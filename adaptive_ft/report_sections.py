@@ -862,5 +862,47 @@ def traffic_tables(counts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     return out[0], out[1]
 
 
-BUILDERS = [_plan_section, _layers_section, _recommender_section, _run_section, _overall_section, _segment_section,
+def _loop_section(arts: Artifacts) -> Section | None:
+    """The v1 -> v2 view of a loop turn (eval.json's baseline is the deployed v1, not the raw base): where v1
+    failed according to its logs, what the plan drew there and why, what v2 fixed, and who got worse."""
+    ev = arts.eval
+    if ev is None or ev.tuned is None or ev.doc.get("baseline") in (None, "base") or ev.base != ev.doc["baseline"]:
+        return None
+    plan_doms = {d.domain: d for d in arts.plan.domains} if arts.plan is not None else {}
+    dom_delta = {d.get("domain"): d for d in ev.doc.get("domain_deltas") or []
+                 if isinstance(d, dict) and d.get("model") == ev.tuned}
+    names = ev.names("domain")
+    names.sort(key=lambda n: -(plan_doms[n].failure if n in plan_doms else 0.0))
+    rows = []
+    for name in names:
+        pd_, dd = plan_doms.get(name), dom_delta.get(name)
+        d = as_number(dd.get("delta")) if dd else ev.delta("domain", domain=name)
+        worse = bool(dd) and as_number(dd.get("ci_high")) is not None and dd["ci_high"] < 0
+        ci = f"{fmt_delta(dd['ci_low'], ev.pct)} to {fmt_delta(dd['ci_high'], ev.pct)}" if dd else ""
+        rows.append([Cell(name, "⚠ worse", "bad") if worse else name,
+                     fmt_value(pd_.failure, True) if pd_ else "—", fmt_value(pd_.share, True) if pd_ else "—",
+                     _metric_cell(ev.cell(ev.base, "domain", domain=name), ev.pct),
+                     _metric_cell(ev.cell(ev.tuned, "domain", domain=name), ev.pct),
+                     Cell(fmt_delta(d, ev.pct), ci, tone_of(d, ev.metric))])
+    sec = Section("loop", "v1 → v2: what the loop fixed, and whom it harmed",
+                  intro=f"{ev.label(ev.base)} is the deployed model whose own answers drew the feedback; "
+                        f"{ev.label(ev.tuned)} was trained from its adapter on the plan. Domains in the order of "
+                        "the failure the plan read from the logs; Δ with evaluate's paired 95% interval "
+                        "(both models on the same resamples of the same held-out queries).")
+    harmed = [f"segment {f.get('segment')}" for f in ev.flags() if f.get("model") == ev.tuned]
+    harmed += [f"domain {f.get('domain')}" for f in ev.doc.get("domain_flags") or []
+               if isinstance(f, dict) and f.get("model") == ev.tuned]
+    if harmed:
+        sec.callouts.append(("bad", "Significantly worse under v2 than v1: " + ", ".join(harmed) + "."))
+    else:
+        sec.callouts.append(("good", "Harmed no one measurable: no segment or domain is worse under "
+                                     "v2 with a 95% paired interval that excludes zero."))
+    sec.tables.append(Table(["domain", "failure read from v1's logs", "share of v2's draws", ev.label(ev.base),
+                             ev.label(ev.tuned), "Δ v2 − v1"], rows))
+    sec.data = {"v1": ev.base, "v2": ev.tuned, "domain_deltas": list(dom_delta.values()),
+                "harmed": harmed, "overall_deltas": ev.doc.get("overall_deltas") or []}
+    return sec
+
+
+BUILDERS = [_loop_section, _plan_section, _layers_section, _recommender_section, _run_section, _overall_section, _segment_section,
             _domain_section, _cross_section, _representation_section, _export_section, _store_section]

@@ -16,18 +16,21 @@ from adaptive_ft.cli.common import config_option, overrides_argument
 @config_option
 @overrides_argument
 def demo(quick: bool, pool: str, out: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Run the whole pipeline end to end and summarize what it did.
+    """Run the loop end to end: a deployed v1, its users' feedback, a targeted v2 audited against v1.
 
-    Simulates users of several segments asking a support model questions, ingests the log, lets
-    collaborative filtering choose domains, examples and layers, fine-tunes LoRA on them, exports
-    merged / int8 / nf4 / GGUF variants, evaluates base vs fine-tuned vs quantized per segment and
-    domain, and writes an HTML report. With SmolLM2-135M-Instruct it takes about 10 minutes on 2 CPU cores.
+    Fine-tunes v1 on a skewed launch mix (good where it launched, weak on two domains it barely saw),
+    lets simulated users of several segments ask it -- its own wrong answers draw the thumbs-down,
+    escalations and edits -- then prioritizes from those logs, trains v2 from v1's adapter on the plan,
+    exports merged / int8 / nf4 / GGUF, evaluates v1 vs v2 vs quantized per segment and domain, and writes
+    an HTML report with the v1 -> v2 view. With SmolLM2-135M-Instruct it takes under 10 minutes on 2 CPU
+    cores. A folder the demo did not make is never emptied: pass a new one.
 
     \b
     Examples:
       adaptive-ft demo                       # SmolLM2-135M-Instruct, built-in pool
       adaptive-ft demo --quick               # tiny in-process model, ~1 minute
       adaptive-ft demo --pool banking77 --out b77 train.max_steps=100
+      adaptive-ft demo --out d2 seed=2 prioritize.replay=0.3   # other weak domains, another replay share
     """
     from adaptive_ft.demo import run_demo
 
