@@ -139,6 +139,7 @@ def quantize_bnb(merged_dir: Path, out: Path, kind: str, int8_threshold: float =
         qcfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
     else:
         # fp32 compute: CPU has no fast bf16/fp16 matmul on every machine, and it keeps nf4 error to the weights.
+        # (bitsandbytes 0.50 overrides it at inference on AVX512-BF16 CPUs: a fused bf16 kernel; see RUNTIMES.)
         qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
     try:
@@ -176,6 +177,7 @@ def dir_size(path: Path) -> int:
 # by transformers' loader, so its latency is the fp32 model's, not what llama.cpp would do with Q8_0 / F16 kernels.
 RUNTIMES = {"merged": "transformers fp32", "int8": "transformers + bitsandbytes LLM.int8 (CPU)",
             "nf4": "transformers + bitsandbytes nf4, fp32 compute (CPU)",
+            "nf4-bf16": "transformers + bitsandbytes nf4, bf16 fused kernel (this CPU has AVX512-BF16)",
             "gguf": "transformers GGUF loader, dequantized to fp32 (not llama.cpp kernels)"}
 
 
@@ -185,7 +187,7 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
     reference: list[torch.Tensor] | None = None
     ref_tok = None
     infos = []
-    for name, rel, fmt in tqdm(written, desc="measuring variants", unit="variant"):
+    for name, rel, fmt in tqdm(written, desc="measuring variants", unit="variant", disable=None):
         start = time.perf_counter()
         model, tokenizer = load_any(out / rel)
         load_s = time.perf_counter() - start
@@ -202,9 +204,18 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
         infos.append(VariantInfo(name=name, path=rel, format=fmt, size_bytes=dir_size(out / rel),
                                  load_seconds=round(load_s, 4), ms_per_token=round(ms, 3),
                                  agreement=round(agree / max(total, 1), 6), probe_positions=total,
-                                 tokenizer_match=same_ids, runtime=RUNTIMES[name.split("-")[0]]))
+                                 tokenizer_match=same_ids, runtime=RUNTIMES[_runtime_key(name)]))
         del model
     return infos
+
+
+def _runtime_key(name: str) -> str:
+    """RUNTIMES' key for a variant: nf4 runs bitsandbytes' bf16 kernel in eval mode where the CPU has AVX512-BF16."""
+    if name == "nf4":
+        from bitsandbytes.functional import has_avx512bf16
+
+        return "nf4-bf16" if has_avx512bf16() else "nf4"
+    return name.split("-")[0]
 
 
 @torch.no_grad()

@@ -318,10 +318,21 @@ def test_accelerate_launch_two_processes_write_one_adapter(tiny, examples, tmp_p
                     "--mixed_precision=no", "--dynamo_backend=no"], examples, tiny, tmp_path)
 
 
+def test_off_a_terminal_training_prints_a_line_per_validation_and_no_bar(tiny, examples, tmp_path, capsys) -> None:
+    """stderr captured (a file, not a TTY): tqdm's bar is off (no carriage-return frames), one line per validation."""
+    T.train(_cfg(), None, _plan(tmp_path / "plan.json"), str(tiny), tmp_path / "run", examples=examples)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "step/s" not in err
+    lines = [x for x in err.splitlines() if x.startswith("train: step")]
+    assert [x.split()[2] for x in lines] == ["4/12", "8/12", "12/12"] and all("val_loss" in x for x in lines)
+
+
 def test_time_budget_stops_the_run_and_says_so(tiny, examples, tmp_path) -> None:
-    r = T.train(_cfg("train.max_steps=500", "train.max_minutes=0.0001"), None, _plan(tmp_path / "plan.json"),
+    # 1e-6 minutes is 60 microseconds: no CPU runs a forward and a backward pass through a Llama (and Python's
+    # overhead around them) that fast, so step 1 always overruns it (0.0001 minutes, 6 ms, a fast CPU could beat).
+    r = T.train(_cfg("train.max_steps=500", "train.max_minutes=1e-6"), None, _plan(tmp_path / "plan.json"),
                 str(tiny), tmp_path / "run", examples=examples)
-    assert r.steps == 1 and r.stop_reason.startswith("time budget of 0.0001 minutes reached at step 1")
+    assert r.steps == 1 and r.stop_reason.startswith("time budget of 1e-06 minutes reached at step 1")
     assert "val_loss" in r.metrics[-1]  # the last step is validated, so the best adapter is chosen knowingly
     assert T.lr_lambda(_cfg("train.warmup_steps=0").train, 100, clock=lambda: 1.0)(5) == 0.0  # decayed by time
 
