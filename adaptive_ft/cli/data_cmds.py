@@ -13,13 +13,14 @@ from tqdm import tqdm
 
 from adaptive_ft.cli.common import config_option, store_option
 from adaptive_ft.config import load_config
+from adaptive_ft.console import interactive
 from adaptive_ft.errors import InputError
 from adaptive_ft.store import FORMATS, IngestReport, Store, ingest
 from adaptive_ft.store.load import STAGES
 from adaptive_ft.store.sources import Source
 from adaptive_ft.store.stats import store_stats
 
-_BIG = 20 * 2**20  # files above this size get a progress bar per stage
+_BIG = 20 * 2**20  # files above this size get a progress bar per stage (a line per stage off a terminal)
 
 
 class _Progress:
@@ -40,10 +41,12 @@ class _Progress:
             self.close()
             self.current = src.path
             click.echo(f"ingest: {src.path} ({src.format}, {src.bytes / 2**20:.1f} MiB)", err=True)
-            if src.bytes >= _BIG:
+            if src.bytes >= _BIG and interactive(sys.stderr):
                 self.bar = tqdm(total=len(STAGES), desc=src.path.name, unit="stage", file=sys.stderr, leave=False)
                 self._ticking.clear()
                 threading.Thread(target=self._tick, args=(self.bar,), daemon=True).start()
+        if src.bytes >= _BIG and self.bar is None:  # written to a file or a pipe: a plain line per stage
+            click.echo(f"ingest: {src.path.name}: {stage}", err=True)
         if self.bar is not None:
             self.bar.set_postfix_str(stage)
             if stage != STAGES[0]:

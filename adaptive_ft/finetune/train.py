@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -690,7 +691,10 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
     """Run optimizer steps until ``steps`` or early stopping; log, validate and checkpoint on the way."""
     tc, dist = ctx.tc, ctx.dist
     stop_reason, stopped_early = f"reached {steps} steps", False
-    bar = tqdm(total=steps, initial=state.step, disable=not dist.main, desc="train", unit="step", dynamic_ncols=True)
+    # a bar on a terminal; written to a file or a pipe (disable=None: no TTY), one plain line per validation instead
+    bar = tqdm(total=steps, initial=state.step, disable=None if dist.main else True, desc="train", unit="step",
+               dynamic_ncols=True)
+    plain = dist.main and bar.disable
     while state.step < steps:
         t0 = time.perf_counter()
         micro = [[data.train[i] for i in next(batches)] for _ in range(tc.grad_accum)]
@@ -713,6 +717,9 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
         metrics.append(rec)
         if dist.main:
             _append_metrics(out, rec)
+        if plain and "val_loss" in rec:
+            print(f"train: step {state.step}/{steps}  loss {s.loss:.4f}  val_loss {rec['val_loss']:.4f}  "
+                  f"{tps:.0f} tok/s", file=sys.stderr, flush=True)
         bar.update(1)
         # with a time budget the bar's own ETA (toward max_steps) means little: show the minutes left
         left = tc.max_minutes - (state.train_seconds + state.eval_seconds) / 60

@@ -259,7 +259,7 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
                                                   0.5 * (1 + np.cos(np.pi * (i - warm) / max(1, steps - warm))))
         order = np.random.default_rng(seed).permutation(len(fit))
         bs = max(1, min(batch_size, len(fit)))
-        for step in tqdm(range(steps), desc="layer warm-up", disable=not progress):
+        for step in tqdm(range(steps), desc="layer warm-up", disable=None if progress else True):
             idx = [order[(step * bs + i) % len(order)] for i in range(bs)]
             opt.zero_grad()
             loss = loss_of(model, encode_examples(tokenizer, [fit[i] for i in idx]))
@@ -280,7 +280,7 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
 
         with torch.no_grad():
             full = np.array([held_loss(i) for i in range(len(held))])
-            for li in tqdm(range(n_layers), desc="layer ablation", disable=not progress):
+            for li in tqdm(range(n_layers), desc="layer ablation", disable=None if progress else True):
                 trials[li].enabled = False
                 values[:, li] = [held_loss(i, li) for i in range(len(held))]
                 trials[li].enabled = True
@@ -434,7 +434,7 @@ def probe_layers(model: Any, tokenizer: Any, examples: dict[str, list[tuple[str,
         values = np.zeros(mask.shape)
         batches = [encode_examples(tokenizer, examples[d]) for d in domains]
         cells = list(zip(*np.nonzero(mask)))
-        for di, li in tqdm(cells, desc="layer probes", disable=not progress):
+        for di, li in tqdm(cells, desc="layer probes", disable=None if progress else True):
             values[di, li] = probe_cell(model, batches[di], int(li), targets, rank, steps, lr, seed)
     seconds = time.perf_counter() - start
     filled = values if mask.all() else complete(values, mask, rank=completion_rank)
