@@ -213,11 +213,14 @@ def test_init_adapter_starts_from_the_earlier_weights(tiny, examples, tmp_path) 
     assert mine.keys() == saved.keys()
     for k in saved:
         assert torch.equal(mine[k], saved[k])
-    # A run started from it begins where the first one ended, far below a fresh run's first loss.
-    fresh = json.loads((tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    # A run started from it begins where the first one ended: same seed, so its first batch is r1's first batch,
+    # and its loss there sits near r1's last loss, far from r1's first (measured: 3.48 vs 3.77 last, 7.24 first;
+    # the assertion allows half the drop, 6x what was seen, so float noise between CPUs cannot cross it).
+    r1 = [json.loads(x)["train_loss"] for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
+    fresh, last = r1[0], r1[-1]
     r2 = T.train(_cfg("train.max_steps=1", "train.warmup_steps=0"), None, plan, str(tiny), tmp_path / "r2",
                  examples=examples, init_adapter=tmp_path / "r1" / "adapter")
-    assert r2.metrics[0]["train_loss"] < 0.5 * fresh
+    assert abs(r2.metrics[0]["train_loss"] - last) < 0.5 * (fresh - last)
 
 
 def test_distillation_toward_an_identical_teacher_adds_nothing_at_the_start(tiny, examples, tmp_path) -> None:
