@@ -210,6 +210,9 @@ class EvaluateConfig:
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")
     seed: int = _f(0, "bootstrap seed (same resamples for every model: paired comparisons)")
     max_examples: int = _f(0, "score a seeded random subset of this many test examples (0 = the whole test split)")
+    weighting: str = _f("queries", "how test examples stand for traffic: queries (each as often as the log asked "
+                        "it) | cells (each segment x domain cell's share of the log's queries, spread evenly over "
+                        "the domain's test examples: a far larger effective sample on popularity-skewed logs)")
     baseline: str = _f("base", "the model every other is compared against (deltas, flags); the loop sets v1's RUN")
 
 
@@ -309,6 +312,8 @@ def _validate(cfg: Config) -> list[str]:
     """Value checks that types alone do not catch."""
     p: list[str] = []
     pr, tr = cfg.prioritize, cfg.train
+    if cfg.evaluate.weighting not in ("queries", "cells"):
+        p.append(f"evaluate.weighting: {cfg.evaluate.weighting!r} is not one of queries, cells")
     if pr.algorithm not in ("als", "bpr", "lmf"):
         p.append(f"prioritize.algorithm: {pr.algorithm!r} is not one of als, bpr, lmf")
     if pr.segment_weighting not in ("traffic", "uniform", "underserved"):

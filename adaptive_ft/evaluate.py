@@ -85,6 +85,8 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
         test = test.sample(cfg.max_examples, seed=cfg.seed).sort("example_id")
     task = manifest.get("task", "label")
     traffic = load_traffic(store, cfg.query_events)
+    if cfg.weighting == "cells":
+        traffic = cell_traffic(store, cfg.query_events, test)
     labels = sorted(split["reference"].unique().to_list()) if task == "label" else []
     scored = {}
     for spec in models:
@@ -150,6 +152,40 @@ def load_traffic(store: str | Path | None, query_events: list[str]) -> pl.DataFr
     if queries.height == 0:  # logs without impressions: every event stands for one query
         queries = events
     return queries.group_by("example_id", "segment").agg(n=pl.len().cast(pl.Int64))
+
+
+def cell_traffic(store: str | Path | None, query_events: list[str], test: pl.DataFrame) -> pl.DataFrame:
+    """``weighting: cells``: each test example stands for its domain's unseen queries. Segment s's weight on a
+    test example of domain d is the log's queries of (s, d) spread evenly over d's test examples.
+
+    Per-query weighting (the default) counts each test example as often as the log asked it; on Zipf-popular
+    traffic that leaves an effective sample of a few dozen examples however large the test split (a few
+    popular examples carry most of the weight), so the figures and their intervals swing with whether those
+    few were answered right. Cell weighting keeps every segment x domain cell's share of real traffic and
+    spreads it over every held-out example of the domain.
+    """
+    if store is None:
+        return load_traffic(None, query_events)
+    from adaptive_ft.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        events = s.events().select("example_id", "segment", "event")
+        domains = s.examples().select("example_id", "domain")
+    return spread_cells(events, domains, query_events, test)
+
+
+def spread_cells(events: pl.DataFrame, domains: pl.DataFrame, query_events: list[str], test: pl.DataFrame
+                 ) -> pl.DataFrame:
+    """(example_id, segment, n) for the test examples: each (segment, domain)'s queries in ``events`` divided
+    evenly among the domain's test examples (see :func:`cell_traffic`)."""
+    queries = events.filter(pl.col("event").is_in(query_events))
+    if queries.height == 0:
+        queries = events
+    per_cell = (queries.join(domains, on="example_id", how="left").group_by("segment", "domain")
+                .agg(total=pl.len().cast(pl.Float64)))
+    k = test.group_by("domain").agg(k=pl.len())
+    return (test.select("example_id", "domain").join(per_cell, on="domain").join(k, on="domain")
+            .select("example_id", "segment", n=pl.col("total") / pl.col("k")))
 
 
 # ------------------------------------------------------------------------------------------- running models

@@ -10,6 +10,8 @@ Per seed (Banking77 with SmolLM2-135M-Instruct, or the tiny model with --quick):
   v2 arms from v1's adapter, on v1's layers, the same steps and batch:
     plan           the plan's weighted sample (collaborative filtering over v1's logs), no replay
     plan+replay    the same plan with ``prioritize.replay`` of the draws by demand alone (forgetting guard)
+    plan+replay+flat  and examples drawn evenly within each domain (example_temperature 1000): added after
+                   seeds 0-2 showed the uniform-within-domain heuristic ahead; seeds 3-5 are its held-out test
     uniform        every labelled example equally likely
     failures-only  the examples whose own feedback is mostly negative, uniformly (no CF)
     domain-fails   each domain's share proportional to its negative events, uniform within (no CF)
@@ -56,7 +58,7 @@ from adaptive_ft.simulate import find_banking77, simulate
 from adaptive_ft.store import Store, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("plan", "plan+replay", "uniform", "failures-only", "domain-fails")
+ARMS = ("plan", "plan+replay", "plan+replay+flat", "uniform", "failures-only", "domain-fails")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -146,7 +148,10 @@ def run_seed(seed: int, args, work: Path) -> dict:
                                 w / "plan.json").path,
              "plan+replay": prioritize(store, load_config(args.config, [*base_overrides(seed, args.steps, args),
                                                                           f"prioritize.replay={args.replay}",
-                                                                          *args.set]), w / "plan-replay.json").path}
+                                                                          *args.set]), w / "plan-replay.json").path,
+             "plan+replay+flat": prioritize(store, load_config(args.config, [
+                 *base_overrides(seed, args.steps, args), f"prioritize.replay={args.replay}",
+                 "prioritize.example_temperature=1000", *args.set]), w / "plan-replay-flat.json").path}
     plans.update(heuristic_plans(store, cfg, w))
     runs, train_s = {}, {}
     for arm in ARMS:

@@ -333,3 +333,17 @@ def test_evaluating_with_the_shortcut_gives_the_same_answers_as_decoding_all(tin
     b = pl.read_parquet(slow.outputs_path).sort("model", "example_id")
     assert a["response"].str.strip_chars().to_list() == b["response"].str.strip_chars().to_list()
     assert [m["value"] for m in fast.data["metrics"]] == [m["value"] for m in slow.data["metrics"]]
+
+
+def test_cell_weighting_spreads_each_cells_traffic_over_the_domains_test_examples():
+    from adaptive_ft.evaluate import spread_cells
+
+    # a: 9 queries by free users on one popular example, 1 on another; b: 2 pro queries; train-only ids too
+    events = pl.DataFrame({"example_id": ["a1"] * 9 + ["a2", "a3", "b1", "b9"],
+                           "segment": ["free"] * 11 + ["pro", "pro"],
+                           "event": ["impression"] * 13})
+    domains = pl.DataFrame({"example_id": ["a1", "a2", "a3", "b1", "b9"], "domain": ["a", "a", "a", "b", "b"]})
+    test = pl.DataFrame({"example_id": ["a1", "a2", "b1"], "domain": ["a", "a", "b"]})
+    got = {(r["example_id"], r["segment"]): r["n"] for r in spread_cells(events, domains, ["impression"], test).to_dicts()}
+    # free asked domain a 11 times (a3 is not a test example but its query still counts), 2 test examples
+    assert got == {("a1", "free"): 5.5, ("a2", "free"): 5.5, ("b1", "pro"): 2.0}
