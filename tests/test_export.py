@@ -198,6 +198,10 @@ def test_gguf_q8_0_weights_are_within_q8_0s_bound_of_merged(exported):
     gguf_model, _ = _gguf_model(result.out / "model-q8_0.gguf")
     back = gguf_model.state_dict()
     matrices = [k for k, v in merged.items() if v.ndim == 2 and k != "lm_head.weight"]  # lm_head: the embedding
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(result.out / "model-q8_0.gguf").tensors}
+    assert sum(t == "Q8_0" for t in types.values()) == len(matrices) and types["output_norm.weight"] == "F32"
     assert len(matrices) == 2 * 7 + 1  # the projections and the (tied) embedding
     for key in matrices:
         w, deq = merged[key], back[key]

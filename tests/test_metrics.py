@@ -16,6 +16,7 @@ from adaptive_ft.metrics import (
     macro_precision_recall_f1,
     mean_loss,
     paired_bootstrap_delta,
+    percentile_interval,
     perplexity,
     token_f1,
     weighted_mean,
@@ -82,6 +83,14 @@ def test_loss_and_perplexity_weight_tokens_by_queries():
     assert mean_loss(nll, ntok, np.array([1, 2]))[0] == pytest.approx(2.0)
     assert perplexity(nll, ntok, np.array([1, 2]))[0] == pytest.approx(math.e ** 2)
     assert weighted_mean(np.array([1.0, 0.0]), np.array([3, 1]))[0] == pytest.approx(0.75)
+
+
+def test_percentile_interval_by_hand():
+    # 1001 values 0..1000: the 2.5th and 97.5th percentiles are 25 and 975 exactly; non-finite values are dropped
+    values = np.concatenate([np.arange(1001.0), [np.nan, np.inf]])
+    assert percentile_interval(values) == (25.0, 975.0)
+    assert percentile_interval(values, level=0.9) == (50.0, 950.0)
+    assert all(math.isnan(v) for v in percentile_interval(np.array([np.nan])))
 
 
 def test_bootstrap_is_reproducible_for_a_seed():
