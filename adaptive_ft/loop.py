@@ -58,6 +58,16 @@ def check_v1(v1: str | Path) -> dict[str, Any]:
     return read_run(path)
 
 
+def v1_examples(v1: Path) -> "pl.DataFrame":
+    """The labelled examples v1 was split from (``RUN/split.parquet``, every split)."""
+    import polars as pl
+
+    path = Path(v1) / "split.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the loop needs v1's split to keep v2's test split the same")
+    return pl.read_parquet(path).select("example_id", "domain", "prompt", "reference")
+
+
 def v2_config(cfg: Config, v1_manifest: dict[str, Any]) -> Config:
     """The config v2 trains with: v1's LoRA shape and split (so its adapter loads and the test split is the
     same held-out set), the given training budget."""
@@ -103,8 +113,11 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
         return result
 
     pr = step("prioritize", lambda: prioritize(store, cfg, paths["plan"], model=None, progress=progress))
+    # v2 splits v1's own examples with v1's seed: the same test split, so no example v1 trained on is ever
+    # scored, and v1 and v2 are compared on exactly the same held-out queries.
+    examples = v1_examples(v1)
     tr = step("train", lambda: train(cfg, store, paths["plan"], man["base_model_path"], paths["v2"],
-                                     init_adapter=v1 / "adapter", layers=man.get("layers")))
+                                     init_adapter=v1 / "adapter", layers=man.get("layers"), examples=examples))
     echo(f"      v2: {tr.steps} steps from v1's adapter on v1's layers {tr.layers} ({tr.stop_reason})")
     models = [str(v1), str(paths["v2"]), *(extra_models or [])]
     export_path = None

@@ -271,6 +271,13 @@ def cell_scores(w: Path, models: dict[str, str], weak: list[str], boot: int = 10
     return res
 
 
+def leaks(w: Path) -> int:
+    """Held-out means held out from v1 too: v2's test examples that v1's training split held (expected 0)."""
+    v1 = pl.read_parquet(w / "v1/split.parquet").filter(pl.col("split") == "train")["example_id"]
+    test = pl.read_parquet(w / "v2-uniform/split.parquet").filter(pl.col("split") == "test")["example_id"]
+    return int(test.is_in(v1.implode()).sum())
+
+
 def ms(vals: list[float]) -> str:
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return f"{statistics.mean(vals):.1f} ± {sd:.1f}"
@@ -333,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((w / "result.json").read_text())
         models = saved.get("models") or {"v1": str(w / "v1"), **{a: str(w / f"v2-{a}") for a in ARMS}}
         results.append({**cell_scores(w, models, saved["weak_domains"]), "seed": s})
+        print(f"seed {s}: {leaks(w)} of v2's test examples were in v1's training split")
         query.append({k: saved[k] for k in ("v1", *ARMS)})
         for arm in ("v1", *ARMS):
             r = results[-1][arm]
