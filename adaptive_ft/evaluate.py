@@ -244,7 +244,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new
     """Greedy answers, batched with left padding (so every row's answer starts at the same column)."""
     tokenizer.padding_side = "left"
     out: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"answering ({desc})", unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"answering ({desc})", unit="batch", disable=None):
         batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False)
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -272,7 +272,7 @@ def forced_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], r
         return out
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(prompts), batch_size), desc="checking answers", unit="batch"):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="checking answers", unit="batch", disable=None):
         items = []
         for prompt, ref in zip(prompts[start:start + batch_size], refs[start:start + batch_size]):
             p = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -365,7 +365,7 @@ def score_cells(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Sco
     true_idx = np.array([index.get(r, -1) for r in test["reference"].to_list()]) if task == "label" else None
     names = LABEL_METRICS if task == "label" else TEXT_METRICS
     rows = []
-    for key, w in tqdm(cells.items(), desc="scoring cells", unit="cell"):
+    for key, w in tqdm(cells.items(), desc="scoring cells", unit="cell", disable=None):
         idx = np.flatnonzero(w > 0)
         n, n_ex = int(w.sum()), len(idx)
         enough = n >= cfg.min_count and n_ex >= cfg.min_examples
