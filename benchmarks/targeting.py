@@ -241,6 +241,7 @@ def cell_scores(w: Path, models: dict[str, str], weak: list[str], boot: int = 10
     out = out.with_columns(pl.col("model").map_elements(lambda m: Path(m).name, return_dtype=pl.String))
     score = {name: out.filter(pl.col("model") == Path(spec).name).sort("example_id")["score"].to_numpy()
              for name, spec in models.items()}
+    score = {name: x for name, x in score.items() if x.size}  # an arm a seed did not run
 
     def dom_acc(x: np.ndarray) -> np.ndarray:  # (D,) point, then (B, D) bootstrap
         return np.array([x[g].mean() for g in groups])
@@ -299,9 +300,13 @@ def table(results: list[dict]) -> str:
     rows.append(f"| v1 | {ms([100 * x['acc'] for x in v1])} | {ms([100 * x['weak_acc'] for x in v1])} | "
                 f"{ms([100 * x['served_acc'] for x in v1])} | {ms([100 * x['worst'] for x in v1])} | — | — |")
     for arm in ARMS:
-        rs = [r[arm] for r in results]
-        diff = [100 * (r[arm]["acc"] - r["plan+replay"]["acc"]) for r in results]
-        rows.append(f"| {arm} | {ms([100 * x['acc'] for x in rs])} | {ms([100 * x['weak_acc'] for x in rs])} | "
+        have = [r for r in results if arm in r]
+        if not have:
+            continue
+        rs = [r[arm] for r in have]
+        diff = [100 * (r[arm]["acc"] - r["plan+replay"]["acc"]) for r in have]
+        name = arm if len(have) == len(results) else f"{arm} (seeds {', '.join(str(r['seed']) for r in have)})"
+        rows.append(f"| {name} | {ms([100 * x['acc'] for x in rs])} | {ms([100 * x['weak_acc'] for x in rs])} | "
                     f"{ms([100 * x['served_acc'] for x in rs])} | {ms([100 * x['worst'] for x in rs])} | "
                     f"{sum(1 for x in rs if x['worse'])} of {len(rs)} | "
                     f"{'—' if arm == 'plan+replay' else paired(diff)} |")
@@ -341,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         models = saved.get("models") or {"v1": str(w / "v1"), **{a: str(w / f"v2-{a}") for a in ARMS}}
         results.append({**cell_scores(w, models, saved["weak_domains"]), "seed": s})
         print(f"seed {s}: {leaks(w)} of v2's test examples were in v1's training split")
-        query.append({k: saved[k] for k in ("v1", *ARMS)})
+        query.append({"seed": s, **{k: saved[k] for k in ("v1", *ARMS) if k in saved}})
         for arm in ("v1", *ARMS):
+            if arm not in results[-1]:
+                continue
             r = results[-1][arm]
             print(f"seed {s} {arm:<14} traffic-weighted {r['acc']:.3f}  weak {r['weak_acc']:.3f}  served "
                   f"{r['served_acc']:.3f}  worst segment {r['worst']:.3f}  worse than v1: {r.get('worse') or 'none'}")
