@@ -199,8 +199,9 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
     refs = test["reference"].to_list()
     if task == "label" and not cfg.decode_all:
         responses = forced_answers(model, tokenizer, prompts, refs, cfg.batch_size, cfg.max_new_tokens)
-        todo = [i for i, r in enumerate(responses) if r is None] if cfg.decode_rejected else []
-        responses = [r if r is not None else "" for r in responses] if not cfg.decode_rejected else responses
+        if not cfg.decode_rejected:  # rejected answers stay wrong, undecoded
+            responses = [r if r is not None else "" for r in responses]
+        todo = [i for i, r in enumerate(responses) if r is None]
         decoded = generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.batch_size,
                            desc=f"{spec}, {len(todo)} of {len(prompts)} to decode")
         for i, text in zip(todo, decoded):
@@ -497,11 +498,10 @@ def _paired_deltas(test: pl.DataFrame, cells: dict[tuple, np.ndarray], keys: lis
             # metrics.paired_bootstrap_delta: both models on the same resamples of this cell's examples
             _, low, high = paired_bootstrap_delta(lambda x, f=base: f(x)[primary], lambda x, f=other: f(x)[primary],
                                                   w[idx], cfg.bootstrap, _seed(cfg, key))
-            row = {"model": model, "segment": key[1] if key[0] == "segment" else "all", "metric": primary,
+            where = {"domain": key[2]} if key[0] == "domain" else {"segment": key[1] if key[0] == "segment" else "all"}
+            row = {"model": model, **where, "metric": primary,
                    "base": round(float(b0), 6), "finetuned": round(float(m0), 6), "delta": round(float(m0 - b0), 6),
                    "ci_low": round(float(low), 6), "ci_high": round(float(high), 6), "n": int(w.sum())}
-            if key[0] == "domain":
-                row = {"model": model, "domain": key[2], **{k: v for k, v in row.items() if k not in ("model", "segment")}}
             deltas.append(row)
             worse_bound = high * sign if sign > 0 else low * sign  # the CI end nearest "no worse"
             if worse_bound < 0:

@@ -143,15 +143,14 @@ def run_seed(seed: int, args, work: Path) -> dict:
                        responder=ModelResponder(str(v1), decode=False, max_new_tokens=cfg.evaluate.max_new_tokens))
         ingest([sim.log_path], store=store, config=cfg.ingest)
     cfg2 = v2_config(cfg, man)
-    plans = {"plan": prioritize(store, load_config(args.config, [*base_overrides(seed, args.steps, args),
-                                                                   "prioritize.replay=0", *args.set]),
-                                w / "plan.json").path,
-             "plan+replay": prioritize(store, load_config(args.config, [*base_overrides(seed, args.steps, args),
-                                                                          f"prioritize.replay={args.replay}",
-                                                                          *args.set]), w / "plan-replay.json").path,
-             "plan+replay+flat": prioritize(store, load_config(args.config, [
-                 *base_overrides(seed, args.steps, args), f"prioritize.replay={args.replay}",
-                 "prioritize.example_temperature=1000", *args.set]), w / "plan-replay-flat.json").path}
+    def plan(name: str, *overrides: str) -> Path:
+        pcfg = load_config(args.config, [*base_overrides(seed, args.steps, args), *overrides, *args.set])
+        return prioritize(store, pcfg, w / name).path
+
+    replay = f"prioritize.replay={args.replay}"
+    plans = {"plan": plan("plan.json", "prioritize.replay=0"),
+             "plan+replay": plan("plan-replay.json", replay),
+             "plan+replay+flat": plan("plan-replay-flat.json", replay, "prioritize.example_temperature=1000")}
     plans.update(heuristic_plans(store, cfg, w))
     runs, train_s = {}, {}
     for arm in ARMS:
