@@ -14,7 +14,9 @@ prints what a person would want to know at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +25,16 @@ from typing import Any
 
 import click
 import numpy as np
+import polars as pl
 
 from adaptive_ft.config import Config, load_config
 from adaptive_ft.errors import InputError
+from adaptive_ft.finetune import train
+from adaptive_ft.lm.models import build_tiny_model
+from adaptive_ft.lm.responder import ModelResponder
+from adaptive_ft.loop import launch_plan, run_loop
+from adaptive_ft.simulate import simulate
+from adaptive_ft.store import Store, ingest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("launch log", "train v1", "v1 answers users", "ingest", "prioritize", "train", "export", "evaluate",
@@ -57,10 +66,6 @@ def demo_config(quick: bool, path: str | Path | None = None, overrides: tuple[st
 
 def _tiny_model(out: Path, log: Path, seed: int) -> str:
     """A tiny Llama with a tokenizer trained on the log's own prompts and answers (``demo --quick``)."""
-    import polars as pl
-
-    from adaptive_ft.models import build_tiny_model
-
     frame = pl.read_parquet(log).select("prompt", "reference").drop_nulls().unique()
     texts = frame["prompt"].to_list() + frame["reference"].to_list()
     return str(build_tiny_model(out / "tiny-model", texts=texts, n_layers=4, hidden=64, seed=seed))
@@ -86,8 +91,6 @@ class _Stages:
 def _clear_previous(out: Path, artifacts: dict[str, Path], echo: Callable[[str], None]) -> None:
     """A re-run starts clean, so the demo's numbers are its own -- but only in a folder a demo made (it holds
     the marker file): anything else there is the user's, and the demo refuses rather than delete it."""
-    import shutil
-
     old = [p for p in artifacts.values() if p.exists()]
     if old and not (out / MARKER).is_file():
         raise InputError(f"demo --out {out}: the folder has files the demo did not write "
@@ -107,15 +110,6 @@ def _weak_domains(domains: list[str], seed: int) -> list[str]:
 def run_demo(out: str | Path = "demo-out", quick: bool = False, pool: str = "builtin", config: str | Path | None = None,
              overrides: tuple[str, ...] = (), echo: Callable[[str], None] = click.echo) -> DemoResult:
     """Run the loop into ``out`` and return the artifacts and the closing summary."""
-    import dataclasses
-
-    from adaptive_ft.finetune import train
-    from adaptive_ft.loop import launch_plan, loop_summary, run_loop
-    from adaptive_ft.models import n_layers as count_layers
-    from adaptive_ft.responder import ModelResponder
-    from adaptive_ft.simulate import simulate
-    from adaptive_ft.store import Store, ingest
-
     cfg = demo_config(quick, config, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

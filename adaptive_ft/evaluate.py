@@ -27,14 +27,26 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm import tqdm
 
+from adaptive_ft.artifacts.run import is_run
 from adaptive_ft.config import EvaluateConfig
 from adaptive_ft.errors import InputError
-from adaptive_ft.metrics import (bootstrap_weights, macro_prf, mean_loss, paired_bootstrap_delta,
-                                 percentile_interval, weighted_mean)
-from adaptive_ft.modelio import format_for_model, is_run, load_any, read_run
+from adaptive_ft.lm.answers import forced_answers, generate, parse_label, reference_nll
+from adaptive_ft.lm.models import load_any, read_run
+from adaptive_ft.lm.tokens import format_for_model
+from adaptive_ft.metrics import (
+    bootstrap_weights,
+    exact_match,
+    macro_prf,
+    mean_loss,
+    paired_bootstrap_delta,
+    percentile_interval,
+    token_f1,
+    weighted_mean,
+)
+from adaptive_ft.store import Store
+from adaptive_ft.store.traffic import load_traffic
 
 LABEL_METRICS = ("accuracy", "precision", "recall", "f1")
 TEXT_METRICS = ("loss", "perplexity", "exact_match", "token_f1")
@@ -52,7 +64,7 @@ class EvalResult:
 
 
 @dataclass
-class Scored:
+class ModelScores:
     """One model's per-example results on the test split (arrays aligned with the test frame)."""
 
     responses: list[str]
@@ -140,18 +152,6 @@ def _read_split(run_dir: Path) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def load_traffic(store: str | Path | None, query_events: list[str]) -> pl.DataFrame:
-    """Queries per (example_id, segment) from the store's events; ``query_events`` count as one query each."""
-    if store is None:
-        return pl.DataFrame(schema={"example_id": pl.String, "segment": pl.String, "n": pl.Int64})
-    from adaptive_ft.store import Store
-
-    with Store.open(store, read_only=True) as s:
-        events = s.events().select("example_id", "segment", "event")
-    queries = events.filter(pl.col("event").is_in(query_events))
-    if queries.height == 0:  # logs without impressions: every event stands for one query
-        queries = events
-    return queries.group_by("example_id", "segment").agg(n=pl.len().cast(pl.Int64))
 
 
 def cell_traffic(store: str | Path | None, query_events: list[str], test: pl.DataFrame) -> pl.DataFrame:
@@ -166,8 +166,6 @@ def cell_traffic(store: str | Path | None, query_events: list[str], test: pl.Dat
     """
     if store is None:
         return load_traffic(None, query_events)
-    from adaptive_ft.store import Store
-
     with Store.open(store, read_only=True) as s:
         events = s.events().select("example_id", "segment", "event")
         domains = s.examples().select("example_id", "domain")
@@ -192,7 +190,7 @@ def spread_cells(events: pl.DataFrame, domains: pl.DataFrame, query_events: list
 
 
 def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.DataFrame, task: str,
-                labels: list[str], cfg: EvaluateConfig) -> Scored:
+                labels: list[str], cfg: EvaluateConfig) -> ModelScores:
     """Load ``spec``, answer every test prompt greedily and score each answer."""
     model, tokenizer = load_any(manifest["base_model_path"] if spec == "base" else spec)
     prompts = [format_for_model(tokenizer, p, manifest) for p in test["prompt"].to_list()]
@@ -213,100 +211,24 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
         answers = [parse_label(r, index) for r in responses]
         pred_idx = np.array([index.get(a, -1) if a is not None else -1 for a in answers])
         correct = np.array([a == ref for a, ref in zip(answers, refs)], dtype=float)
-        return Scored(responses, correct=correct, pred_idx=pred_idx)
-    from adaptive_ft.metrics import exact_match, token_f1
-
+        return ModelScores(responses, correct=correct, pred_idx=pred_idx)
     nll, ntok = reference_nll(model, tokenizer, prompts, refs)
-    return Scored(responses, exact=np.array([exact_match(r, t) for r, t in zip(responses, refs)]),
+    return ModelScores(responses, exact=np.array([exact_match(r, t) for r, t in zip(responses, refs)]),
                   f1=np.array([token_f1(r, t) for r, t in zip(responses, refs)]), nll_sum=nll, n_tokens=ntok)
 
 
-_EDGE_PUNCTUATION = " .,:;!?\"'`*"
 
 
-def parse_label(response: str, index: dict[str, int]) -> str | None:
-    """The label a response names: its first line, case and surrounding punctuation ignored; None if no label.
-
-    Labels are normalized the same way, so a label that itself ends in punctuation (Banking77 has
-    ``reverted_card_payment?``) matches a response that says it verbatim.
-    """
-    lines = response.strip().splitlines()
-    line = lines[0].strip().lower() if lines else ""
-    verbatim = {label.lower(): label for label in index}
-    if line in verbatim:  # exact first: two labels may differ only in their punctuation
-        return verbatim[line]
-    normalized = {label.strip(_EDGE_PUNCTUATION).lower(): label for label in index}
-    return normalized.get(line.strip(_EDGE_PUNCTUATION))
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
-             desc: str = "generating") -> list[str]:
-    """Greedy answers, batched with left padding (so every row's answer starts at the same column)."""
-    tokenizer.padding_side = "left"
-    out: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"answering ({desc})", unit="batch", disable=None):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-    return out
 
 
-@torch.no_grad()
-def forced_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], refs: list[str],
-                   batch_size: int, max_new_tokens: int) -> list[str | None]:
-    """Each reference where greedy decoding (``max_new_tokens`` at most) would answer it token for token, else None.
-
-    Greedy decoding emits the reference's tokens and then the end token exactly when each of them is the
-    argmax after the reference's own prefix -- which one teacher-forced forward pass shows, where decoding
-    takes one pass per token. Answers found this way are the ones decoding would give (up to float ties);
-    only the rest need decoding, so a mostly-right model is scored several times faster.
-    """
-    from adaptive_ft.finetune.data import Encoded, collate
-    from adaptive_ft.finetune.train import answer_logits
-
-    eos = tokenizer.eos_token_id
-    out: list[str | None] = [None] * len(prompts)
-    if eos is None:
-        return out
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(prompts), batch_size), desc="checking answers", unit="batch", disable=None):
-        items = []
-        for prompt, ref in zip(prompts[start:start + batch_size], refs[start:start + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            items.append(Encoded(p + tokenizer(ref, add_special_tokens=False).input_ids + [eos], len(p), False))
-        b = collate(items, pad)  # training's batching: right padding, positions that predict answer tokens
-        logits = answer_logits(model, b["input_ids"].to(device), b["predict_pos"].to(device))
-        wrong = torch.zeros(len(items)).index_add_(0, b["row"], (logits.argmax(-1).cpu() != b["targets"]).float())
-        for r, it in enumerate(items):
-            answer = it.ids[it.n_prompt:-1]
-            if wrong[r] == 0 and len(answer) <= max_new_tokens:
-                out[start + r] = tokenizer.decode(answer, skip_special_tokens=True)
-    return out
-
-
-@torch.no_grad()
-def reference_nll(model: torch.nn.Module, tokenizer: Any, prompts: list[str], refs: list[str]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed negative log-likelihood of each reference's tokens after its prompt, and their count."""
-    nll, ntok = np.zeros(len(prompts)), np.zeros(len(prompts))
-    for i, (prompt, ref) in enumerate(zip(prompts, refs)):
-        p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        r_ids = tokenizer(ref, add_special_tokens=False).input_ids
-        ids = torch.tensor([p_ids + r_ids])
-        logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()   # (R, V): predicts each ref token
-        nll[i] = torch.nn.functional.cross_entropy(logits, torch.tensor(r_ids), reduction="sum").item()
-        ntok[i] = len(r_ids)
-    return nll, ntok
 
 
 # ------------------------------------------------------------------------------------------- scoring cells
 
 
-def metric_fn(s: Scored, task: str, n_labels: int, label_mask: np.ndarray | None):
+def metric_fn(s: ModelScores, task: str, n_labels: int, label_mask: np.ndarray | None):
     """A function of example weights ``(B, n)`` -> {metric: (B,)} for one model on one cell's examples."""
     if task == "label":
         def stats(w: np.ndarray) -> dict[str, np.ndarray]:
@@ -320,9 +242,9 @@ def metric_fn(s: Scored, task: str, n_labels: int, label_mask: np.ndarray | None
     return stats
 
 
-def _subset(s: Scored, idx: np.ndarray, true_idx: np.ndarray | None) -> Scored:
+def _subset(s: ModelScores, idx: np.ndarray, true_idx: np.ndarray | None) -> ModelScores:
     """The model's results on the examples ``idx`` (``true_idx`` rides along for macro metrics)."""
-    out = Scored([s.responses[i] for i in idx])
+    out = ModelScores([s.responses[i] for i in idx])
     for name in ("correct", "pred_idx", "exact", "f1", "nll_sum", "n_tokens"):
         value = getattr(s, name)
         setattr(out, name, None if value is None else value[idx])
@@ -358,7 +280,7 @@ def _seed(cfg: EvaluateConfig, key: tuple) -> int:
     return (cfg.seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**32
 
 
-def score_cells(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str, labels: list[str],
+def score_cells(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, ModelScores], task: str, labels: list[str],
                 cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """Every metric of every model in every cell, with its bootstrap interval, ``n`` and ``enough``."""
     cells, _, _ = cell_weights(test, traffic)
@@ -404,7 +326,7 @@ def _row(model: str, key: tuple, metric: str, point: np.ndarray | None, boot: np
 # ------------------------------------------------------------------------------------------- summaries
 
 
-def summarize(test: pl.DataFrame, split: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str,
+def summarize(test: pl.DataFrame, split: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, ModelScores], task: str,
               labels: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
     """The eval.json body (docs/contracts.md, "Evaluation")."""
     primary = PRIMARY[task]
@@ -453,7 +375,7 @@ def largest_gap(rows: list[dict[str, Any]], model: str, metric: str) -> dict[str
             "gap": round(abs(values[0][1] - values[-1][1]), 6)}
 
 
-def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, Scored], task: str,
+def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, ModelScores], task: str,
                    labels: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
     """Paired bootstrap of (model - baseline) on the primary metric per segment; ``flags`` where it surely dropped.
 
@@ -474,7 +396,7 @@ def segment_deltas(test: pl.DataFrame, traffic: pl.DataFrame, scored: dict[str, 
             "domain_flags": dom_flags, "overall_deltas": overall}
 
 
-def _paired_deltas(test: pl.DataFrame, cells: dict[tuple, np.ndarray], keys: list[tuple], scored: dict[str, Scored],
+def _paired_deltas(test: pl.DataFrame, cells: dict[tuple, np.ndarray], keys: list[tuple], scored: dict[str, ModelScores],
                    ref: str, task: str, labels: list[str], cfg: EvaluateConfig
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """For each cell key: every model's paired-bootstrap delta against ``ref``, and the rows that surely dropped."""
@@ -566,7 +488,7 @@ def variant_figures(models: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def outputs_frame(test: pl.DataFrame, scored: dict[str, Scored], task: str) -> pl.DataFrame:
+def outputs_frame(test: pl.DataFrame, scored: dict[str, ModelScores], task: str) -> pl.DataFrame:
     """One row per model x test example: the answer and its score (what ``review export`` samples from)."""
     frames = []
     for model, s in scored.items():

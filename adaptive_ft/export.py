@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from adaptive_ft.config import ExportConfig
 from adaptive_ft.errors import InputError, ModelError
-from adaptive_ft.modelio import format_for_model, load_any, read_run
+from adaptive_ft.lm.models import load_any, read_run
+from adaptive_ft.lm.tokens import format_for_model
 
 # Messages bitsandbytes prints on every int8 matmul on CPU; they say nothing the manifest does not.
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -83,7 +84,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
             quantize_bnb(merged_dir, out / name, name, cfg.int8_threshold)
             written.append((name, name, "hf"))
     if "gguf" in cfg.variants:
-        from adaptive_ft.gguf_export import write_gguf
+        from adaptive_ft.gguf_export import write_gguf  # deferred: the gguf writer loads only for GGUF variants
 
         for qtype in cfg.gguf_types:
             write_gguf(merged, tokenizer, out / f"model-{qtype}.gguf", qtype, name=str(manifest.get("base_model")))

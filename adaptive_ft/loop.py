@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
+from adaptive_ft.artifacts.plan import DomainScore, Plan
+from adaptive_ft.artifacts.run import is_run
 from adaptive_ft.config import Config
 from adaptive_ft.errors import InputError
-from adaptive_ft.modelio import is_run, read_run
+from adaptive_ft.evaluate import evaluate
+from adaptive_ft.export import export
+from adaptive_ft.finetune import train
+from adaptive_ft.lm.models import read_run
+from adaptive_ft.prioritize import prioritize
+from adaptive_ft.report import ReportInputs, build_report
 
 
 @dataclass
@@ -34,11 +43,9 @@ class LoopResult:
     eval_data: dict[str, Any] = field(default_factory=dict)
 
 
-def launch_plan(domain_counts: dict[str, int], weak: list[str], weak_factor: float = 0.04) -> "Plan":
+def launch_plan(domain_counts: dict[str, int], weak: list[str], weak_factor: float = 0.04) -> Plan:
     """The training mix of a v1 a team would have deployed (simulations of the loop): every domain in
     proportion to its examples, except ``weak``, the domains it barely saw, at ``weak_factor`` of their share."""
-    from adaptive_ft.prioritize.plan import DomainScore, Plan
-
     unknown = sorted(set(weak) - set(domain_counts))
     if unknown:
         raise InputError(f"launch plan: weak domains {unknown} are not in the store (it has {sorted(domain_counts)})")
@@ -60,8 +67,6 @@ def check_v1(v1: str | Path) -> dict[str, Any]:
 
 def v1_examples(v1: Path) -> "pl.DataFrame":
     """The labelled examples v1 was split from (``RUN/split.parquet``, every split)."""
-    import polars as pl
-
     path = Path(v1) / "split.parquet"
     if not path.is_file():
         raise InputError(f"{path}: missing; the loop needs v1's split to keep v2's test split the same")
@@ -90,9 +95,6 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
     """prioritize(store) -> train v2 from v1 -> [export v2] -> evaluate v1 vs v2 (+ ``extra_models`` and v2's
     int8 / nf4 when exported) -> report, into ``out``. ``run_step(name, fn)`` times and announces each step
     (the demo's stage printer); by default each is echoed and timed here."""
-    from adaptive_ft.evaluate import evaluate
-    from adaptive_ft.finetune import train
-    from adaptive_ft.prioritize import prioritize
 
     v1 = Path(v1)
     man = check_v1(v1)
@@ -122,8 +124,6 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
     models = [str(v1), str(paths["v2"]), *(extra_models or [])]
     export_path = None
     if export_cfg is not None:
-        from adaptive_ft.export import export
-
         ex = step("export", lambda: export(paths["v2"], paths["export"], export_cfg))
         export_path = paths["export"]
         models += [str(paths["export"] / v.path) for v in ex.variants if v.name in ("int8", "nf4")]
@@ -131,8 +131,6 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
     ev = step("evaluate", lambda: evaluate(store, models, paths["eval"], ecfg, run=paths["v2"]))
     report_path = None
     if report:
-        from adaptive_ft.report import ReportInputs, build_report
-
         inputs = ReportInputs(store=Path(store), plan=paths["plan"], run=paths["v2"], eval=paths["eval"],
                               export=export_path, title=f"v1 → v2: {v1.name} → {paths['v2'].name}")
         report_path = step("report", lambda: build_report(inputs, paths["report"])).html

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from adaptive_ft.errors import InputError
+from adaptive_ft.store.traffic import load_traffic
 
 COLUMNS = ["review_id", "example_id", "segment", "domain", "model", "prompt", "reference", "response", "rating",
            "reviewer", "comment"]
@@ -51,8 +52,6 @@ def review_export(eval_path: str | Path, out: str | Path, store: str | Path | No
     missing = sorted(set(models) - set(outputs["model"].unique().to_list()))
     if missing:
         raise InputError(f"review export: {missing} not in {eval_path} (evaluated: {data['models']})")
-    from adaptive_ft.evaluate import load_traffic
-
     traffic = load_traffic(store, list(query_events)).select("example_id", "segment").unique()
     sample = stratified_sample(outputs.filter(pl.col("model").is_in(models)), traffic, per_cell, seed)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,11 +60,11 @@ def main() -> None:
         run = args.run
         if run is None:
             if args.smollm2:
-                from adaptive_ft.models import resolve_model
+                from adaptive_ft.lm.models import resolve_model
 
                 base = resolve_model("smollm2")
             else:
-                from adaptive_ft.models import build_tiny_model
+                from adaptive_ft.lm.models import build_tiny_model
 
                 base = build_tiny_model(root / "base", n_layers=4, hidden=256, heads=8, kv_heads=4)
             run = make_run(root, base)

@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import polars as pl  # noqa: E402
 
 from adaptive_ft.config import ExportConfig, load_config  # noqa: E402
-from adaptive_ft.finetune import data as D  # noqa: E402
-from adaptive_ft.models import build_tiny_model  # noqa: E402
+from adaptive_ft.lm import tokens as tk
+from adaptive_ft.lm.models import build_tiny_model  # noqa: E402
 
-T = importlib.import_module("adaptive_ft.finetune.train")
+T = importlib.import_module("adaptive_ft.finetune.trainer")
 INTENTS = ["card", "transfer", "refund", "pin", "atm", "cash"]
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
@@ -198,7 +198,7 @@ def reload_with_plain_peft(model_dir: Path, run: Path, quantized: bool, device: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adaptive_ft.models import bnb_config
+    from adaptive_ft.lm.models import bnb_config
 
     kw: dict[str, Any] = {"dtype": torch.float32}
     if quantized:
@@ -212,7 +212,7 @@ def reload_with_plain_peft(model_dir: Path, run: Path, quantized: bool, device: 
     val = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "val")
     total, n = 0.0, 0
     with torch.no_grad():
-        for e in D.encode_all(tok, val, 64):
+        for e in tk.encode_all(tok, val, 64):
             ids = torch.tensor([e.ids], device=device)
             labels = ids.clone()
             labels[0, : e.n_prompt] = -100
@@ -313,7 +313,7 @@ def main() -> None:
 
     def export_variants() -> None:
         from adaptive_ft.export import export, probe_prompts
-        from adaptive_ft.modelio import read_run
+        from adaptive_ft.lm.models import read_run
 
         t0 = time.perf_counter()
         res = export(run_q, root / "export", ExportConfig(variants=["merged", "int8", "nf4"], probe_prompts=16,

@@ -75,7 +75,7 @@ def main() -> None:
 
     import torch
 
-    from adaptive_ft.models import load_model
+    from adaptive_ft.lm.models import load_model
     from adaptive_ft.prioritize.layers import choose_cells, complete, layer_scores, select_layers, spearman
 
     torch.set_num_threads(args.threads)

@@ -45,15 +45,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from adaptive_ft.artifacts.plan import DomainScore, Plan
 from adaptive_ft.config import load_config
 from adaptive_ft.evaluate import evaluate
 from adaptive_ft.finetune import train
+from adaptive_ft.lm.models import build_tiny_model, read_run
+from adaptive_ft.lm.responder import ModelResponder
 from adaptive_ft.loop import launch_plan, v2_config
-from adaptive_ft.modelio import read_run
-from adaptive_ft.models import build_tiny_model
 from adaptive_ft.prioritize import prioritize
-from adaptive_ft.prioritize.plan import DomainScore, Plan
-from adaptive_ft.responder import ModelResponder
 from adaptive_ft.simulate import find_banking77, simulate
 from adaptive_ft.store import Store, ingest
 

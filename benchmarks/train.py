@@ -57,7 +57,7 @@ def banking77_examples() -> pl.DataFrame:
 
 
 def tiny_model(workdir: Path, examples: pl.DataFrame) -> str:
-    from adaptive_ft.models import build_tiny_model
+    from adaptive_ft.lm.models import build_tiny_model
 
     folder = workdir / "tiny-model"
     if not (folder / "config.json").is_file():
@@ -78,17 +78,17 @@ def split(examples: pl.DataFrame, seed: int) -> pl.DataFrame:
 @torch.no_grad()
 def exact_match(model: Any, tok: Any, test: pl.DataFrame, system: str | None, batch: int = 32) -> float:
     """Share of test examples whose every answer token (and the end token) is the model's argmax."""
-    from adaptive_ft.finetune import data as D
+    from adaptive_ft.lm import tokens as tk
 
-    T = importlib.import_module("adaptive_ft.finetune.train")
-    enc = D.encode_all(tok, test, 256, system)
+    T = importlib.import_module("adaptive_ft.finetune.trainer")
+    enc = tk.encode_all(tok, test, 256, system)
     order = np.argsort([len(e.ids) for e in enc])
     right = 0
     model.eval()
     for i in range(0, len(order), batch):
         items = [enc[j] for j in order[i:i + batch]]
-        b = D.collate(items, tok.pad_token_id)
-        wrong = (T.answer_logits(model, b["input_ids"], b["predict_pos"]).argmax(-1) != b["targets"]).float()
+        b = tk.collate(items, tok.pad_token_id)
+        wrong = (tk.answer_logits(model, b["input_ids"], b["predict_pos"]).argmax(-1) != b["targets"]).float()
         per_row = torch.zeros(len(items)).index_add_(0, b["row"], wrong)
         right += int((per_row == 0).sum())
     return right / len(enc)
@@ -102,11 +102,11 @@ def run_trainer(a: argparse.Namespace, train: pl.DataFrame, test: pl.DataFrame) 
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from adaptive_ft.finetune import data as D
-    from adaptive_ft.models import load_model
+    from adaptive_ft.lm import tokens as tk
+    from adaptive_ft.lm.models import load_model
 
     model, tok = load_model(a.model)
-    enc = D.encode_all(tok, train, a.max_seq_len, system=None)  # None: the template's default system turn
+    enc = tk.encode_all(tok, train, a.max_seq_len, system=None)  # None: the template's default system turn
     rows = [{"input_ids": e.ids, "labels": [-100] * e.n_prompt + e.ids[e.n_prompt:]} for e in enc]
     peft = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.05, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -140,7 +140,7 @@ def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, l
 
     from adaptive_ft.config import load_config
     from adaptive_ft.finetune import train
-    from adaptive_ft.models import load_model
+    from adaptive_ft.lm.models import load_model
 
     steps = a.steps if minutes <= 0 else 100_000
     cfg = load_config(None, [f"model={a.model}", f"seed={a.seed}", f"train.max_steps={steps}",
@@ -165,7 +165,7 @@ def score_run(run: Path, n: int, seed: int) -> None:
     """Exact-match accuracy of RUN/adapter on (a seeded sample of) RUN/split.parquet's test split."""
     from peft import PeftModel
 
-    from adaptive_ft.models import load_model
+    from adaptive_ft.lm.models import load_model
 
     manifest = json.loads((run / "manifest.json").read_text())
     test = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "test")
@@ -220,7 +220,7 @@ def spawn(a: argparse.Namespace, variant: str, layers: str = "", minutes: float 
 
 def plan_layers(a: argparse.Namespace) -> str:
     if a.plan:
-        from adaptive_ft.prioritize.plan import Plan
+        from adaptive_ft.artifacts.plan import Plan
 
         p = Plan.load(a.plan)
         if not p.layers or not p.layers.selected:
@@ -260,7 +260,7 @@ def main() -> None:
     if a.score_run:
         return score_run(Path(a.score_run), a.test_examples, a.seed)
     chosen = plan_layers(a)
-    from adaptive_ft.finetune.train import parse_layers
+    from adaptive_ft.finetune.trainer import parse_layers
 
     n_layers = 30 if a.model == "smollm2" else int(json.loads((Path(a.model) / "config.json").read_text())[
         "num_hidden_layers"]) if a.model != "tiny" else 4

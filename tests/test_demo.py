@@ -11,8 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.cli import cli
-from adaptive_ft.prioritize.plan import Plan, file_sha256
+from adaptive_ft.files import file_sha256
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.errors import InputError, PlanError, read_json
-from adaptive_ft.prioritize.plan import Plan
 
 
 def test_missing_file_raises_the_given_error_with_the_given_message(tmp_path):

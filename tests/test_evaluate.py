@@ -9,12 +9,12 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from ship_helpers import tiny_run
 from sklearn.metrics import precision_recall_fscore_support
 
 from adaptive_ft.config import EvaluateConfig
-from adaptive_ft.evaluate import Scored, evaluate, parse_label, representation, summarize
-
-from ship_helpers import tiny_run
+from adaptive_ft.evaluate import ModelScores, evaluate, representation, summarize
+from adaptive_ft.lm.answers import parse_label
 
 LABELS = ["card_arrival", "card_declined", "exchange_rate", "transfer_pending"]
 
@@ -30,10 +30,10 @@ def _traffic(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"example_id": pl.String, "segment": pl.String, "n": pl.Int64}, orient="row")
 
 
-def _scored(test: pl.DataFrame, answers: list[str | None]) -> Scored:
+def _scored(test: pl.DataFrame, answers: list[str | None]) -> ModelScores:
     index = {label: i for i, label in enumerate(LABELS)}
     refs = test["reference"].to_list()
-    return Scored([a or "?" for a in answers], correct=np.array([a == r for a, r in zip(answers, refs)], float),
+    return ModelScores([a or "?" for a in answers], correct=np.array([a == r for a, r in zip(answers, refs)], float),
                   pred_idx=np.array([index.get(a, -1) if a else -1 for a in answers]))
 
 
@@ -298,8 +298,8 @@ def test_forced_answers_are_exactly_the_greedy_answers(tiny):
     """The teacher-forced shortcut returns a reference exactly where greedy decoding produces it."""
     from transformers import AutoModelForCausalLM
 
-    from adaptive_ft.evaluate import forced_answers, generate
-    from adaptive_ft.modelio import format_for_model
+    from adaptive_ft.lm.answers import forced_answers, generate
+    from adaptive_ft.lm.tokens import format_for_model
     from tests.ship_helpers import TEXTS, tiny_tokenizer
 
     base = tiny / "base" if (tiny / "base").is_dir() else tiny.parent / "base"

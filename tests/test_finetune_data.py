@@ -9,10 +9,12 @@ import polars as pl
 import pytest
 from scipy import stats
 
+from adaptive_ft.artifacts import run as run_art
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.errors import PlanError, TrainingError
 from adaptive_ft.finetune import data as D
-from adaptive_ft.models import build_tiny_tokenizer
-from adaptive_ft.prioritize.plan import Plan
+from adaptive_ft.lm import tokens as tk
+from adaptive_ft.lm.models import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def test_split_is_stratified_disjoint_and_order_independent() -> None:
                       ("b", "test"): 4, ("b", "val"): 2, ("b", "train"): 14, ("c", "train"): 1}
     assert s["example_id"].n_unique() == s.height == ex.height
     shuffled = D.split_examples(ex.sample(fraction=1.0, shuffle=True, seed=5), 0.1, 0.2, seed=0)
-    assert D.split_sha256(shuffled) == D.split_sha256(s)
-    assert D.split_sha256(D.split_examples(ex, 0.1, 0.2, seed=1)) != D.split_sha256(s)
+    assert run_art.split_sha256(shuffled) == run_art.split_sha256(s)
+    assert run_art.split_sha256(D.split_examples(ex, 0.1, 0.2, seed=1)) != run_art.split_sha256(s)
 
 
 def test_select_examples_errors_name_the_domains() -> None:
@@ -48,13 +50,13 @@ def test_select_examples_errors_name_the_domains() -> None:
 
 
 def test_format_prompt_is_the_chat_template_with_a_short_system_turn(tok) -> None:
-    assert D.format_prompt(tok, "hi") == (
+    assert tk.format_prompt(tok, "hi") == (
         "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_encoding_puts_answer_and_eos_after_the_prompt(tok) -> None:
-    e = D.encode_example(tok, "my card", "card_arrival", max_len=256)
-    prompt_ids = tok(D.format_prompt(tok, "my card"), add_special_tokens=False).input_ids
+    e = tk.encode_example(tok, "my card", "card_arrival", max_len=256)
+    prompt_ids = tok(tk.format_prompt(tok, "my card"), add_special_tokens=False).input_ids
     answer_ids = tok("card_arrival", add_special_tokens=False).input_ids
     assert e.ids == prompt_ids + answer_ids + [tok.eos_token_id]
     assert e.n_prompt == len(prompt_ids) and not e.truncated
@@ -62,17 +64,17 @@ def test_encoding_puts_answer_and_eos_after_the_prompt(tok) -> None:
 
 def test_truncation_keeps_the_answer_and_the_generation_prompt(tok) -> None:
     long_prompt = " ".join(["card"] * 200)
-    e = D.encode_example(tok, long_prompt, "card_arrival", max_len=40)
-    full = D.encode_example(tok, long_prompt, "card_arrival", max_len=10_000)
+    e = tk.encode_example(tok, long_prompt, "card_arrival", max_len=40)
+    full = tk.encode_example(tok, long_prompt, "card_arrival", max_len=10_000)
     assert e.truncated and len(e.ids) == 40
     assert e.ids[e.n_prompt:] == full.ids[full.n_prompt:]  # the whole answer with its end token
     assert e.ids[: e.n_prompt] == full.ids[full.n_prompt - e.n_prompt: full.n_prompt]  # the prompt's end
 
 
 def test_collate_gives_loss_positions_for_answer_tokens_only() -> None:
-    items = [D.Encoded([5, 6, 7, 8, 9], n_prompt=3, truncated=False),   # answer 8, 9
-             D.Encoded([1, 2, 3], n_prompt=2, truncated=False)]         # answer 3
-    b = D.collate(items, pad_id=0)
+    items = [tk.Encoded([5, 6, 7, 8, 9], n_prompt=3, truncated=False),   # answer 8, 9
+             tk.Encoded([1, 2, 3], n_prompt=2, truncated=False)]         # answer 3
+    b = tk.collate(items, pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 0, 0]]
     # flat position t predicts token t+1: row 0 positions 2, 3 predict 8, 9; row 1 position 1 predicts 3
     assert b["predict_pos"].tolist() == [2, 3, 5 + 1]
@@ -106,13 +108,13 @@ def test_sampling_weights_from_plan_examples_and_from_domain_shares() -> None:
     train = _examples({"a": 2, "b": 3})
     plan = Plan.from_dict({"domains": ["a", "b"], "examples": [
         {"example_id": "a-000", "domain": "a", "weight": 3.0}, {"example_id": "b-002", "domain": "b", "weight": 1.0}]})
-    assert D.sampling_weights(train, plan).tolist() == [0.75, 0.0, 0.0, 0.0, 0.25]
+    assert D.train_probabilities(train, plan).tolist() == [0.75, 0.0, 0.0, 0.0, 0.25]
     shares = Plan.from_dict({"domains": [{"domain": "a", "share": 0.8}, {"domain": "b", "share": 0.2}]})
-    assert np.allclose(D.sampling_weights(train, shares), [0.4, 0.4, 0.2 / 3, 0.2 / 3, 0.2 / 3])
-    assert D.sampling_weights(train, Plan.from_dict({"domains": ["a", "b"]})).tolist() == [0.2] * 5
+    assert np.allclose(D.train_probabilities(train, shares), [0.4, 0.4, 0.2 / 3, 0.2 / 3, 0.2 / 3])
+    assert D.train_probabilities(train, Plan.from_dict({"domains": ["a", "b"]})).tolist() == [0.2] * 5
     nothing = Plan.from_dict({"domains": ["a"], "examples": [{"example_id": "zz", "weight": 1.0}]})
     with pytest.raises(TrainingError, match="weight 0"):
-        D.sampling_weights(train, nothing)
+        D.train_probabilities(train, nothing)
 
 
 def test_length_grouping_cuts_padding_and_keeps_every_draw() -> None:

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from adaptive_ft.artifacts import run as run_art
 from adaptive_ft.config import load_config
 from adaptive_ft.errors import PlanError, TrainingError
-from adaptive_ft.finetune import data as D
-from adaptive_ft.models import build_tiny_model, load_model
+from adaptive_ft.lm import tokens as tk
+from adaptive_ft.lm.models import build_tiny_model, load_model
 
 # The package exports the function train(), which shadows the submodule's name as an attribute.
-T = importlib.import_module("adaptive_ft.finetune.train")
+T = importlib.import_module("adaptive_ft.finetune.trainer")
 INTENTS = ["card", "transfer", "refund", "pin", "atm", "cash"]
 
 
@@ -72,15 +73,15 @@ def test_only_adapter_weights_change_and_loss_is_on_answer_tokens_only(tiny: Pat
     params = [p for p in model.parameters() if p.requires_grad]
     ctx = T.Ctx(model, torch.optim.AdamW(params, lr=0.01), None, tc, T.Dist(), tok.pad_token_id)
     ctx.sched = torch.optim.lr_scheduler.LambdaLR(ctx.opt, lambda s: 1.0)
-    enc = D.encode_all(tok, examples.head(8), 64)
+    enc = tk.encode_all(tok, examples.head(8), 64)
 
     # The answer-only loss equals the standard masked loss (labels -100 on prompt and padding).
-    b = D.collate(enc, tok.pad_token_id)
+    b = tk.collate(enc, tok.pad_token_id)
     labels = torch.full_like(b["input_ids"], -100)
     for i, e in enumerate(enc):
         labels[i, e.n_prompt:len(e.ids)] = torch.tensor(e.ids[e.n_prompt:])
     with torch.no_grad():
-        ours = F.cross_entropy(T.answer_logits(model, b["input_ids"], b["predict_pos"]), b["targets"])
+        ours = F.cross_entropy(tk.answer_logits(model, b["input_ids"], b["predict_pos"]), b["targets"])
         hf = model(input_ids=b["input_ids"], labels=labels).loss
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
@@ -113,7 +114,7 @@ def test_run_writes_contract_files_and_adapts_only_the_plans_layers(tiny, exampl
         assert key in man, key
     assert man["task"] == "label" and man["layers"] == [1]
     split = pl.read_parquet(run / "split.parquet")
-    assert split.columns == D.SPLIT_COLUMNS + ["weight"] and D.split_sha256(split) == man["split_sha256"]
+    assert split.columns == run_art.SPLIT_COLUMNS + ["weight"] and run_art.split_sha256(split) == man["split_sha256"]
     train_w = split.filter(pl.col("split") == "train")["weight"]
     assert train_w.sum() == pytest.approx(1.0) and (train_w > 0).all()  # the sample the run drew from
     assert split.filter(pl.col("split") != "train")["weight"].sum() == 0
@@ -129,7 +130,7 @@ def test_adapter_loads_with_plain_peft_and_reproduces_the_best_validation_loss(t
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "run" / "adapter")
     _, tok = load_model(tiny)
     val = pl.read_parquet(tmp_path / "run" / "split.parquet").filter(pl.col("split") == "val")
-    enc = D.encode_all(tok, val, 64)
+    enc = tk.encode_all(tok, val, 64)
     total, n = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_early_stopping_fires_on_a_rising_validation_loss(tiny, examples, tmp_pa
     split = ex.with_columns(
         pl.when(pl.int_range(pl.len()) < 40).then(pl.lit("val")).otherwise(pl.lit("train")).alias("split"),
         pl.when(pl.int_range(pl.len()) < 40).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("reference"))
-    split.select(D.SPLIT_COLUMNS).write_parquet(run / "split.parquet")  # a given split is used as is
+    split.select(run_art.SPLIT_COLUMNS).write_parquet(run / "split.parquet")  # a given split is used as is
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"domains": ["cards"]}))
     r = T.train(_cfg("train.max_steps=40", "train.eval_every=2", "train.patience=2", "train.warmup_steps=0"),
@@ -248,7 +249,7 @@ def test_bad_inputs_say_what_to_do(tiny, examples, tmp_path) -> None:
                 examples=examples.filter(pl.col("domain") == "cards"))
     one = examples.head(1).with_columns(pl.lit("cards").alias("domain"))
     (tmp_path / "c").mkdir()
-    one.with_columns(pl.lit("test").alias("split")).select(D.SPLIT_COLUMNS).write_parquet(tmp_path / "c" / "split.parquet")
+    one.with_columns(pl.lit("test").alias("split")).select(run_art.SPLIT_COLUMNS).write_parquet(tmp_path / "c" / "split.parquet")
     with pytest.raises(TrainingError, match="training split is empty"):
         T.train(_cfg(), None, _plan(tmp_path / "p3.json"), str(tiny), tmp_path / "c", examples=one)
     with pytest.raises(PlanError, match="--layers"):

@@ -18,10 +18,10 @@ from adaptive_ft.cli import cli
 from adaptive_ft.config import load_config
 from adaptive_ft.errors import InputError, ModelError
 from adaptive_ft.finetune import train
+from adaptive_ft.lm.models import build_tiny_model
+from adaptive_ft.lm.responder import ModelResponder
 from adaptive_ft.loop import launch_plan, run_loop
-from adaptive_ft.models import build_tiny_model
 from adaptive_ft.prioritize import prioritize
-from adaptive_ft.responder import ModelResponder
 from adaptive_ft.simulate import csv_pool, simulate
 from adaptive_ft.store import Store, ingest
 

@@ -11,7 +11,7 @@ import torch
 
 from adaptive_ft import models
 from adaptive_ft.errors import ModelError
-from adaptive_ft.models import build_tiny_model, load_model, resolve_model
+from adaptive_ft.lm.models import build_tiny_model, load_model, resolve_model
 
 TEXTS = ["my card has not arrived yet", "how do I top up my account", "card_arrival", "top_up_failed"]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.cli import cli
 from adaptive_ft.config import Config
 from adaptive_ft.errors import InputError
 from adaptive_ft.prioritize import prioritize
-from adaptive_ft.prioritize.plan import Plan
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -132,7 +132,7 @@ def test_warmup_layer_probe_through_the_cli(sim_store, tmp_path):
     """`layer_probe=warmup` end to end on a tiny model: every cell measured, the method recorded, plan show says so."""
     import torch
 
-    from adaptive_ft.models import build_tiny_model
+    from adaptive_ft.lm.models import build_tiny_model
 
     torch.set_num_threads(1)
     store, _ = sim_store

@@ -9,14 +9,14 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 import pytest
+from prioritize_synth import planted_log
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.config import Config, PrioritizeConfig
 from adaptive_ft.errors import InputError, PlanError
 from adaptive_ft.prioritize import build_plan, domain_scores, score_interactions
 from adaptive_ft.prioritize import demand as dm
 from adaptive_ft.prioritize.layers import spearman
-from adaptive_ft.prioritize.plan import Plan
-from prioritize_synth import planted_log
 
 
 def test_beta_failure_with_neighbour_prior_matches_hand_computation():
@@ -227,7 +227,7 @@ def test_noise_floor_is_estimated_from_well_measured_examples_and_inverted():
 
 
 def test_failure_is_counted_per_query_not_per_pair():
-    from adaptive_ft.prioritize import _outcomes
+    from adaptive_ft.prioritize.stage import _outcomes
 
     # one pair asked 4 times with 1 negative and 3 positive signal events; one asked once, no verdict
     pairs = pl.DataFrame({"neg": [1, 0], "pos": [1, 0], "hits": [4, 1], "neg_n": [1, 0], "pos_n": [3, 0]})

@@ -6,9 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_ft.prioritize.layers import (choose_cells, complete, decoder_layers, encode_examples, layer_scores,
-                                           probe_cell, probe_layers, rank_pattern, select_layers, spearman,
-                                           split_probe_examples, warmup_ablation)
+from adaptive_ft.lm.tokens import encode_example, format_prompt
+from adaptive_ft.prioritize.layers import (
+    choose_cells,
+    complete,
+    decoder_layers,
+    encode_examples,
+    layer_scores,
+    probe_cell,
+    probe_layers,
+    rank_pattern,
+    select_layers,
+    spearman,
+    split_probe_examples,
+    warmup_ablation,
+)
 
 TEXTS = ["how do I reset my card pin", "my transfer has not arrived", "what is the exchange rate",
          "card_pin", "transfer_pending", "exchange_rate", "why was I charged twice", "duplicate_charge"]
@@ -59,7 +71,7 @@ def test_rank_pattern_scales_with_score():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adaptive_ft.models import build_tiny_model, load_model
+    from adaptive_ft.lm.models import build_tiny_model, load_model
 
     torch.set_num_threads(1)
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS, n_layers=4, hidden=32)
@@ -68,21 +80,34 @@ def tiny(tmp_path_factory):
 
 def test_answer_tokens_only_carry_loss(tiny):
     _, tok = tiny
-    batch = encode_examples(tok, [("reset my pin", "card_pin"), ("what is the exchange rate today", "exchange_rate")])
-    for row, (prompt, answer) in enumerate([("reset my pin", "card_pin"),
-                                            ("what is the exchange rate today", "exchange_rate")]):
-        user = [{"role": "user", "content": prompt}]
-        head = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False),
-                   add_special_tokens=False)["input_ids"]
-        assert full[: len(head)] == head  # the answer's tokens are what follows the generation prompt
+    pairs = [("reset my pin", "card_pin"), ("what is the exchange rate today", "exchange_rate")]
+    batch = encode_examples(tok, pairs)
+    for row, (prompt, answer) in enumerate(pairs):
+        trained = encode_example(tok, prompt, answer, 256)  # what training feeds the model for this example
+        head, full = trained.ids[: trained.n_prompt], trained.ids
+        # the probe sees training's token ids: the same system turn, template and end token
+        assert batch["input_ids"][row, : len(full)].tolist() == full
+        assert tok.decode(head) == format_prompt(tok, prompt)
         labels, ids = batch["labels"][row], batch["input_ids"][row]
         # exactly the answer's positions carry labels, and each label is the token at its position
         assert (labels[: len(head)] == -100).all() and (labels[len(full):] == -100).all()
         assert labels[len(head): len(full)].tolist() == full[len(head):] == ids[len(head): len(full)].tolist()
         assert tok.decode(full[len(head):]).startswith(answer)
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_probe_prompts_carry_trainings_system_turn(tiny):
+    """A template with a default system prompt (SmolLM2's) must not inject it into the probe's prompts."""
+    _, tok = tiny
+    saved = tok.chat_template
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are SmolLM<|im_end|>\n"
+                         "{% endif %}" + saved)
+    try:
+        ids = encode_examples(tok, [("reset my pin", "card_pin")])["input_ids"][0].tolist()
+        assert "You are SmolLM" not in tok.decode(ids)
+        assert ids == encode_example(tok, "reset my pin", "card_pin", 256).ids
+    finally:
+        tok.chat_template = saved
 
 
 def test_probe_leaves_the_model_unchanged_and_is_repeatable(tiny):

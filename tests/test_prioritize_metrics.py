@@ -9,8 +9,13 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from adaptive_ft.prioritize.metrics import (evaluate_recommender, per_user_metrics, popularity_recs, summarize,
-                                            time_split)
+from adaptive_ft.prioritize.metrics import (
+    evaluate_recommender,
+    per_user_metrics,
+    popularity_recs,
+    summarize,
+    time_split,
+)
 
 
 def _csr(rows: list[list[int]], n_items: int) -> sp.csr_matrix:

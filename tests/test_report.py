@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from adaptive_ft.artifacts.plan import DomainScore, LayerPlan, Plan
 from adaptive_ft.errors import InputError
-from adaptive_ft.prioritize.plan import DomainScore, LayerPlan, Plan
 from adaptive_ft.report import ReportInputs, build_report, read_metrics
-from adaptive_ft.report_sections import layer_grid, recommender_rows, traffic_tables
+from adaptive_ft.report.sections import layer_grid, recommender_rows, traffic_tables
 
 SEGMENTS = ["free", "pro", "enterprise"]
 DOMAINS = ["card_arrival", "exchange_rate", "top_up_failed", "transfer_timing", "pin_blocked", "refund_status"]
@@ -244,7 +244,7 @@ def test_export_section_joins_quality_from_eval(full) -> None:
 
 
 def test_training_section_marks_best_step_and_plan_match(tmp_path: Path) -> None:
-    from adaptive_ft.prioritize.plan import file_sha256
+    from adaptive_ft.files import file_sha256
 
     plan = make_plan(tmp_path)
     run = make_run(tmp_path, best_step=60)

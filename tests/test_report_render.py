@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_report import make_all
 
 from adaptive_ft.report import ReportInputs, build_report
-from test_report import make_all
 
 websocket = pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium (pip install "
                                                     "-e '.[test]')")

@@ -15,8 +15,17 @@ from adaptive_ft.cli import cli
 from adaptive_ft.config import SimulateConfig, load_config
 from adaptive_ft.errors import ConfigError, InputError
 from adaptive_ft.simulate import (
-    BANKING77_DOMAINS, BANKING77_INTENT_DOMAIN, KINDS, Pool, builtin_pool, csv_pool, example_id_for, find_banking77,
-    simulate, subset_pool, validate,
+    BANKING77_DOMAINS,
+    BANKING77_INTENT_DOMAIN,
+    KINDS,
+    Pool,
+    builtin_pool,
+    csv_pool,
+    example_id_for,
+    find_banking77,
+    simulate,
+    subset_pool,
+    validate,
 )
 
 BANKING77 = Path(__file__).resolve().parents[2] / "shared/data/banking77"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from store_helpers import rec, write_jsonl
 
 from adaptive_ft.cli import cli
-from store_helpers import rec, write_jsonl
 
 
 def _run(*args: str, env: dict[str, str] | None = None):

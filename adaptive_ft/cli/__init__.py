@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from adaptive_ft import __version__
+from adaptive_ft.cli import data_cmds, demo_cmds, loop_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds, sim_cmds
 from adaptive_ft.errors import AdaptiveFTError
 
 
@@ -44,13 +45,6 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    from adaptive_ft.cli import (data_cmds, demo_cmds, loop_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds,
-                                 sim_cmds)
-
-    for module in (data_cmds, sim_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, loop_cmds, demo_cmds):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
+for _module in (data_cmds, sim_cmds, plan_cmds, model_cmds, ship_cmds, report_cmds, loop_cmds, demo_cmds):
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)

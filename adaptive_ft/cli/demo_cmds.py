@@ -32,7 +32,7 @@ def demo(quick: bool, pool: str, out: str, config_path: str | None, overrides: t
       adaptive-ft demo --pool banking77 --out b77 train.max_steps=100
       adaptive-ft demo --out d2 seed=2 prioritize.replay=0.3   # other weak domains, another replay share
     """
-    from adaptive_ft.demo import run_demo
+    from adaptive_ft.demo import run_demo  # deferred: the stage imports torch; --help stays fast
 
     result = run_demo(out, quick=quick, pool=pool, config=config_path, overrides=overrides)
     total = sum(result.timings.values())

@@ -35,7 +35,7 @@ def loop_cmd(store: str, v1: Path, out: Path, models: str, no_report: bool, conf
       adaptive-ft loop --store v1.duckdb --v1 runs/v1 --out loop1 train.max_steps=60
       adaptive-ft loop --store v1.duckdb --v1 runs/v1 --out loop1 --models base prioritize.replay=0.5
     """
-    from adaptive_ft.loop import run_loop
+    from adaptive_ft.loop import run_loop  # deferred: the stage imports torch; --help stays fast
 
     cfg = load_config(config_path, overrides)
     extra = [m.strip() for m in models.split(",") if m.strip()]

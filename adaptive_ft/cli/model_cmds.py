@@ -51,7 +51,7 @@ def train_cmd(store: str, plan_path: Path, model: str | None, out: Path, max_ste
       adaptive-ft train --plan plan.json --out runs/r1 --resume
       adaptive-ft train --plan plan2.json --out runs/r2 --init-adapter runs/r1/adapter
     """
-    from adaptive_ft.finetune import train
+    from adaptive_ft.finetune import train  # deferred: the stage imports torch; --help stays fast
 
     flags = {"max_steps": max_steps, "epochs": epochs, "lr": lr, "batch_size": batch_size}
     extra = [f"train.{k}={v}" for k, v in flags.items() if v is not None]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.cli.common import config_option, overrides_argument, store_option
 from adaptive_ft.config import load_config
-from adaptive_ft.prioritize.plan import Plan
 
 
 @click.command("prioritize")
@@ -35,7 +35,7 @@ def prioritize_cmd(store: str, out: Path, model: str | None, seed: int | None, q
       adaptive-ft prioritize --out plan.json --model smollm2 prioritize.layers_k=6
       adaptive-ft plan show plan.json
     """
-    from adaptive_ft.prioritize import prioritize
+    from adaptive_ft.prioritize import prioritize  # deferred: the stage imports torch; --help stays fast
 
     cfg = load_config(config_path, overrides)
     if seed is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+
 @click.command("report")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="ADAPTIVE_FT_STORE",
               help="DuckDB store: adds the interaction-data section (env ADAPTIVE_FT_STORE).")
@@ -35,7 +36,7 @@ def report_cmd(store: Path | None, plan: Path | None, run: Path | None, eval_pat
       adaptive-ft report --store logs.duckdb --plan plan.json --out reports/plan.html
       adaptive-ft report --eval eval.json --export export/ --out report.html --title "v2 vs base"
     """
-    from adaptive_ft.report import ReportInputs, build_report
+    from adaptive_ft.report import ReportInputs, build_report  # deferred: the stage imports torch; --help stays fast
 
     inputs = ReportInputs(store=store, plan=plan, run=run, eval=eval_path, export=export, title=title)
     result = build_report(inputs, out, draw=not no_plots)

@@ -36,7 +36,7 @@ def export_cmd(run: Path, out: Path, variants: str | None, config_path: str | No
       adaptive-ft export runs/r1 --out export/r1
       adaptive-ft export runs/r1 --out export/r1 --variants merged,gguf export.gguf_types=q8_0
     """
-    from adaptive_ft.export import export
+    from adaptive_ft.export import export  # deferred: the stage imports torch; --help stays fast
 
     cfg = load_config(config_path, overrides).export
     if variants:
@@ -71,7 +71,7 @@ def evaluate_cmd(store: str, models: str, out: Path, run: Path | None, config_pa
       adaptive-ft evaluate --store logs.duckdb --models base,runs/r1 --out eval.json evaluate.bootstrap=2000
       adaptive-ft evaluate --models base,runs/r1,export/r1 --out eval.json   # every exported variant
     """
-    from adaptive_ft.evaluate import evaluate
+    from adaptive_ft.evaluate import evaluate  # deferred: the stage imports torch; --help stays fast
 
     cfg = load_config(config_path, overrides).evaluate
     result = evaluate(store, _split(models) or [], out, cfg, run=run)
@@ -120,7 +120,7 @@ def review_export_cmd(store: str, eval_path: Path, out: Path, models: str | None
       adaptive-ft review export --eval eval.json --out review.csv
       adaptive-ft review export --eval eval.json --out review.csv --models base,runs/r1 --per-cell 5
     """
-    from adaptive_ft.review import review_export
+    from adaptive_ft.review import review_export  # deferred: the stage imports torch; --help stays fast
 
     result = review_export(eval_path, out, store=store, models=_split(models), per_cell=per_cell, seed=seed)
     click.echo(f"wrote {result.csv} ({result.rows} rows over {result.cells} segment x domain cells) and {result.html}")

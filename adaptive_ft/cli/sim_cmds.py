@@ -71,7 +71,7 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
         sim.events = events
     model = None
     if responder is not None:
-        from adaptive_ft.responder import ModelResponder
+        from adaptive_ft.lm.responder import ModelResponder  # deferred: the stage imports torch; --help stays fast
 
         model = ModelResponder(str(responder), batch_size=responder_batch,
                                max_new_tokens=cfg.evaluate.max_new_tokens)

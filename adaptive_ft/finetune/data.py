@@ -7,24 +7,16 @@ run, computes the same split and the same batch order without talking to the oth
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.errors import PlanError, TrainingError
-from adaptive_ft.prioritize.plan import Plan
-
-# The system turn every prompt carries. SmolLM2's template injects "You are a helpful AI assistant named
-# SmolLM, trained by Hugging Face" (17 tokens) when a conversation has no system turn: that doubles the cost
-# of a short Banking77 query (median 12 tokens), so an explicit empty system turn (4 tokens) replaces it.
-# Training and evaluation both call format_prompt, so they always ask the same question.
-DEFAULT_SYSTEM = ""
+from adaptive_ft.store import Store
 
 SPLIT_COLUMNS = ["example_id", "domain", "split", "prompt", "reference"]
-IGNORE = -100  # label of a token that carries no loss (prompt and padding)
 
 
 # --------------------------------------------------------------------------------------------- examples
@@ -32,8 +24,6 @@ IGNORE = -100  # label of a token that carries no loss (prompt and padding)
 
 def load_examples(store_path: str | Path) -> pl.DataFrame:
     """example_id, domain, prompt, reference of every example in the store (read-only)."""
-    from adaptive_ft.store import Store
-
     with Store.open(store_path, read_only=True) as store:
         return store.examples()
 
@@ -77,61 +67,23 @@ def split_examples(examples: pl.DataFrame, val_fraction: float, test_fraction: f
     return df.with_columns(split.alias("split")).select(SPLIT_COLUMNS).sort("example_id")
 
 
-def split_sha256(split: pl.DataFrame) -> str:
-    """A hash of which example is in which split (what the manifest records)."""
-    h = hashlib.sha256()
-    for eid, s in split.sort("example_id").select("example_id", "split").iter_rows():
-        h.update(f"{eid}\t{s}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- formatting
 
 
-def format_prompt(tokenizer: Any, prompt: str, system: str | None = DEFAULT_SYSTEM) -> str:
-    """The prompt as the model sees it: its chat template with the generation prompt (training and evaluation)."""
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-@dataclass
-class Encoded:
-    """One tokenized example: ``ids`` = prompt + answer, the first ``n_prompt`` ids carry no loss."""
-
-    ids: list[int]
-    n_prompt: int
-    truncated: bool
 
 
-def encode_example(tokenizer: Any, prompt: str, reference: str, max_len: int,
-                   system: str | None = DEFAULT_SYSTEM) -> Encoded:
-    """Prompt and answer ids; over-long examples lose the start of the prompt, never the answer's end token.
-
-    Keeping the end of the prompt keeps the generation prompt right before the answer, which is what
-    the model sees at inference.
-    """
-    p = tokenizer(format_prompt(tokenizer, prompt, system), add_special_tokens=False).input_ids
-    a = tokenizer(reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    truncated = len(p) + len(a) > max_len
-    if truncated:
-        if len(a) > max_len - 1:  # the answer alone is too long: keep its start, its end token, one prompt token
-            a = a[: max_len - 2] + [tokenizer.eos_token_id]
-        p = p[-(max_len - len(a)):]
-    return Encoded(p + a, len(p), truncated)
 
 
-def encode_all(tokenizer: Any, frame: pl.DataFrame, max_len: int, system: str | None = DEFAULT_SYSTEM) -> list[Encoded]:
-    """Encode every row (prompt, reference) of ``frame`` in order."""
-    rows = frame.select("prompt", "reference").iter_rows()
-    return [encode_example(tokenizer, p, r, max_len, system) for p, r in rows]
 
 
 # --------------------------------------------------------------------------------------------- sampling
 
 
-def sampling_weights(train: pl.DataFrame, plan: Plan) -> np.ndarray:
+def train_probabilities(train: pl.DataFrame, plan: Plan) -> np.ndarray:
     """Per-row sampling probability of the training split, from the plan (sums to 1).
 
     The plan's example weights when it has them (examples it does not list are not drawn); otherwise each
@@ -210,26 +162,3 @@ def epoch_batches(weights: np.ndarray, lengths: np.ndarray, batch_size: int, see
 
 # --------------------------------------------------------------------------------------------- collation
 
-
-def collate(items: list[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-padded ``input_ids`` (B, T) and the flat indices of the positions that predict answer tokens.
-
-    ``predict_pos`` are indices into the flattened (B*T) hidden states: position t predicts token t+1, so
-    the answer tokens at [n_prompt, len) are predicted from [n_prompt - 1, len - 1). ``targets`` are those
-    answer tokens. With right padding and causal attention no real token ever sees a pad, so no attention
-    mask is needed.
-    """
-    import torch
-
-    width = max(len(it.ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    pos, tgt, row = [], [], []
-    for b, it in enumerate(items):
-        ids[b, : len(it.ids)] = torch.tensor(it.ids)
-        for t in range(it.n_prompt, len(it.ids)):
-            pos.append(b * width + t - 1)
-            tgt.append(it.ids[t])
-            row.append(b)
-    return {"input_ids": ids, "predict_pos": torch.tensor(pos, dtype=torch.long),
-            "targets": torch.tensor(tgt, dtype=torch.long), "row": torch.tensor(row, dtype=torch.long),
-            "n_tokens": sum(len(it.ids) for it in items), "n_padded": ids.numel()}

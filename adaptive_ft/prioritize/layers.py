@@ -40,8 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from adaptive_ft.errors import ModelError
+from adaptive_ft.lm.tokens import IGNORE, answer_logits, encode_example
 
 
 @dataclass
@@ -74,29 +77,20 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 def encode_examples(tokenizer: Any, pairs: list[tuple[str, str]], max_len: int = 256) -> dict[str, torch.Tensor]:
-    """Chat-formatted prompt + reference answers as a padded batch; labels are -100 outside the answer."""
-    import torch
-
-    rows, labels = [], []
-    for prompt, answer in pairs:
-        user = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
-        ids_head = tokenizer(head, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
-        lab = [-100] * min(len(ids_head), len(ids)) + ids[len(ids_head):]
-        rows.append(ids)
-        labels.append(lab[:len(ids)])
-    width = max(len(r) for r in rows)
+    """Prompt + reference answers as a padded batch, encoded exactly as training encodes them
+    (:func:`adaptive_ft.lm.tokens.encode_example`: the same system turn, template and end token), so the probe
+    scores layers on the question training asks; labels are -100 outside the answer."""
+    encoded = [encode_example(tokenizer, prompt, answer, max_len) for prompt, answer in pairs]
+    width = max(len(e.ids) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, :len(r)] = torch.tensor(r)
-        lab_t[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab_t}
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        labels[i, e.n_prompt:len(e.ids)] = torch.tensor(e.ids[e.n_prompt:])
+        mask[i, :len(e.ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class _TrialLora:
@@ -105,8 +99,6 @@ class _TrialLora:
     ``enabled = False`` switches it off without removing it (the warm-up probe's ablation)."""
 
     def __init__(self, modules: list[torch.nn.Linear], rank: int, seed: int):
-        import torch
-
         gen = torch.Generator().manual_seed(seed)
         self.params: list[torch.nn.Parameter] = []
         self.handles = []
@@ -130,8 +122,6 @@ class _TrialLora:
 
 
 def _target_modules(model: Any, layer: int, targets: list[str]) -> list[torch.nn.Linear]:
-    import torch
-
     block = decoder_layers(model)[layer]
     modules = [m for name, m in block.named_modules()
                if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets]
@@ -144,8 +134,6 @@ def _target_modules(model: Any, layer: int, targets: list[str]) -> list[torch.nn
 def probe_cell(model: Any, batch: dict[str, torch.Tensor], layer: int, targets: list[str], rank: int,
                steps: int, lr: float, seed: int) -> float:
     """Relative loss drop on ``batch`` after ``steps`` Adam steps of a trial LoRA on ``layer`` alone."""
-    import torch
-
     trial = _TrialLora(_target_modules(model, layer, targets), rank, seed + layer)
     opt = torch.optim.Adam(trial.params, lr=lr)
     try:
@@ -177,12 +165,8 @@ def split_probe_examples(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, 
 
 def _answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The mean answer-token cross-entropy of ``model(**batch).loss``, with the output layer applied only at
-    the positions that predict an answer token (``finetune.train.answer_logits``; a 49k-word output layer
+    the positions that predict an answer token (``lm.tokens.answer_logits``; a 49k-word output layer
     over every prompt position is a fifth of SmolLM2's forward pass, and most positions are prompt)."""
-    import torch.nn.functional as F
-
-    from adaptive_ft.finetune.train import answer_logits
-
     ids, tgt = batch["input_ids"], batch["labels"][:, 1:]
     rows, cols = (tgt != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
     return F.cross_entropy(answer_logits(model, ids, rows * ids.shape[1] + cols), tgt[rows, cols])
@@ -236,7 +220,6 @@ def warmup_ablation(model: Any, tokenizer: Any, examples: dict[str, list[tuple[s
     the ablated one from the all-adapters pass (:class:`_PrefixCache`); ``fast=False`` runs whole forward
     passes (``model(**batch).loss``): the same losses up to float rounding, about 3x slower on SmolLM2.
     """
-    import torch
     from tqdm.auto import tqdm
 
     domains = list(examples)

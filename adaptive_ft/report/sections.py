@@ -13,11 +13,24 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_ft import report_plots as plots
-from adaptive_ft.prioritize.plan import file_sha256
-from adaptive_ft.report import (TOP_WHY, Artifacts, Bullet, Cell, EvalView, Figure, Section, Summary, Table, Tile,
-                                as_number, fmt_bytes, fmt_delta, fmt_value, higher_is_better, is_rate, tone_of)
-
+from adaptive_ft.artifacts.eval import EvalView, as_number, is_rate
+from adaptive_ft.files import file_sha256
+from adaptive_ft.report import plots
+from adaptive_ft.report.inputs import Artifacts
+from adaptive_ft.report.page import (
+    TOP_WHY,
+    Bullet,
+    Cell,
+    Figure,
+    Section,
+    Summary,
+    Table,
+    Tile,
+    fmt_bytes,
+    fmt_delta,
+    fmt_value,
+    tone_of,
+)
 
 # ----------------------------------------------------------------------------------------------- summary
 
@@ -670,7 +683,7 @@ def _cross_section(arts: Artifacts) -> Section | None:
     order = np.argsort(-np.nan_to_num(np.abs(np.where(enough, delta, 0)), nan=0).sum(axis=0), kind="stable")
     doms_sorted = [doms[j] for j in order]
     png = plots.delta_heatmap(segs, doms_sorted, delta[:, order], enough[:, order], ev.pct,
-                              higher_is_better(ev.metric))
+                              is_rate(ev.metric))
     sec = Section("eval-cross", "Segment × domain: where it changed",
                   intro=f"Change in {ev.metric} from {ev.label(ev.base)} to {ev.label(ev.tuned)} for each segment "
                         "on each domain; "
@@ -798,7 +811,7 @@ def _store_section(arts: Artifacts) -> Section | None:
     sec = Section("store", "The interaction data",
                   intro=f"{_n(total, 'event')} from {_n(facts.get('users', 0), 'user')} on "
                         f"{_n(facts.get('examples', 0), 'example')}, "
-                        f"in {_n(facts.get('batches', 0), 'ingested batch')}. "
+                        f"in {_n(len(facts.get('batches') or []), 'ingested batch')}. "
                         "Negative feedback = thumbs-down, escalations, regenerations and abandons over those plus "
                         "thumbs-up and resolutions.")
     png = plots.traffic_bars(*traffic_matrix(facts.get("counts") or [], [r["name"] for r in dom],
@@ -806,8 +819,9 @@ def _store_section(arts: Artifacts) -> Section | None:
     if png:
         sec.figures.append(Figure(png, "Events per domain by segment, and negative-feedback rate",
                                   _top_note(len(dom), "domains by traffic")))
-    if facts.get("rejected"):
-        sec.callouts.append(("warn", f"{facts['rejected']:,} rows were rejected at ingest; see "
+    rejected = (facts.get("rejected") or {}).get("total", 0)
+    if rejected:
+        sec.callouts.append(("warn", f"{rejected:,} rows were rejected at ingest; see "
                                      "`adaptive-ft stats`."))
     sec.tables.append(Table(["segment", "events", "share", "negative feedback"], [
         [r["name"], f"{r['events']:,}", f"{r['share']:.1%}", fmt_value(r["negative_rate"], True)] for r in seg],
@@ -816,7 +830,7 @@ def _store_section(arts: Artifacts) -> Section | None:
         [r["name"], f"{r['events']:,}", f"{r['share']:.1%}", fmt_value(r["negative_rate"], True)] for r in dom],
         "Traffic per domain, busiest first"))
     sec.data = {"events": total, "users": facts.get("users"), "examples": facts.get("examples"),
-                "batches": facts.get("batches"), "rejected": facts.get("rejected"),
+                "batches": len(facts.get("batches") or []), "rejected": rejected,
                 "fingerprint": facts.get("fingerprint"), "segments": seg, "domains": dom}
     return sec
 

@@ -30,7 +30,6 @@ null means "all layers".
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,12 +174,3 @@ class Plan:
             inputs=doc.get("inputs") or {}, created=doc.get("created", ""),
             extra={k: v for k, v in doc.items() if k not in known_keys},
         )
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (the plan hash a run records, the input hashes a plan records)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

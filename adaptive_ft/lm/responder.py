@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
+from adaptive_ft.artifacts.run import guess_task, is_run
 from adaptive_ft.errors import InputError, ModelError
-from adaptive_ft.evaluate import forced_answers, generate, parse_label
-from adaptive_ft.modelio import format_for_model, is_run, load_any, read_run
+from adaptive_ft.lm.answers import forced_answers, generate, parse_label
+from adaptive_ft.lm.models import load_any, read_run
+from adaptive_ft.lm.tokens import format_for_model
 
 
 def responder_name(spec: str | Path) -> str:
@@ -58,10 +62,6 @@ class ModelResponder:
     def prepare(self, references: list[str]) -> None:
         """Called by ``simulate`` with every reference of the pool: a label task (short answers from a small set,
         the rule training uses) turns on the forced check and label parsing."""
-        import polars as pl
-
-        from adaptive_ft.finetune.train import guess_task
-
         if self.labels is None and references and guess_task(pl.DataFrame({"reference": references})) == "label":
             self.labels = sorted(set(references))
 

@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adaptive_ft.artifacts import run as run_art
+from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.config import Config, TrainConfig, config_to_dict
 from adaptive_ft.errors import ModelError, PlanError, TrainingError
+from adaptive_ft.files import file_sha256
 from adaptive_ft.finetune import data as D
-from adaptive_ft.models import load_model, resolve_model
-from adaptive_ft.prioritize.plan import Plan, file_sha256
+from adaptive_ft.lm import tokens as tk
+from adaptive_ft.lm.models import load_model, resolve_model
 
 CKPT_STATE = "trainer_state.pt"
 CKPT_WEIGHTS = "adapter_model.safetensors"
@@ -207,12 +210,6 @@ def load_init_adapter(model: Any, path: str | Path) -> int:
     return loaded
 
 
-def answer_logits(model: Any, input_ids: torch.Tensor, predict_pos: torch.Tensor) -> torch.Tensor:
-    """Logits (N, V) at the positions that predict answer tokens only: the output layer skips the prompt."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, predict_pos)  # (N, H)
-    return base.get_output_embeddings()(h)  # (N, V)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -363,19 +360,14 @@ class RunData:
     """The run's split and its encoded training / validation examples."""
 
     split: pl.DataFrame
-    train: list[D.Encoded]
-    val: list[D.Encoded]
+    train: list[tk.Encoded]
+    val: list[tk.Encoded]
     weights: np.ndarray
     lengths: np.ndarray
     truncated: int
     task: str
 
 
-def guess_task(split: pl.DataFrame) -> str:
-    """"label" when answers are a small set of short names (intents, classes), else "text"."""
-    refs = split["reference"]
-    short = refs.str.split(" ").list.len().max() <= 4
-    return "label" if short and refs.n_unique() <= max(2, split.height // 2) else "text"
 
 
 def prepare_data(cfg: Config, plan: Plan, examples: pl.DataFrame, tok: Any, out: Path, dist: Dist) -> RunData:
@@ -391,7 +383,7 @@ def prepare_data(cfg: Config, plan: Plan, examples: pl.DataFrame, tok: Any, out:
         is_train = (split["split"] == "train").to_numpy()
         weight = np.zeros(split.height)
         if is_train.any():
-            weight[is_train] = D.sampling_weights(split.filter(pl.col("split") == "train"), plan)
+            weight[is_train] = D.train_probabilities(split.filter(pl.col("split") == "train"), plan)
         split = split.with_columns(weight=pl.Series(weight))
         if dist.main:
             tmp = path.with_suffix(".parquet.tmp")
@@ -404,13 +396,16 @@ def prepare_data(cfg: Config, plan: Plan, examples: pl.DataFrame, tok: Any, out:
     val = split.filter(pl.col("split") == "val")
     if tc.max_eval_examples and val.height > tc.max_eval_examples:
         val = val.sample(tc.max_eval_examples, seed=cfg.seed, shuffle=False)
-    enc_train = D.encode_all(tok, train, tc.max_seq_len)
-    enc_val = D.encode_all(tok, val, tc.max_seq_len)
+    enc_train = tk.encode_all(tok, train, tc.max_seq_len)
+    enc_val = tk.encode_all(tok, val, tc.max_seq_len)
     truncated = sum(e.truncated for e in enc_train) + sum(e.truncated for e in enc_val)
     if truncated and dist.main:
         tqdm.write(f"{truncated} examples longer than train.max_seq_len={tc.max_seq_len} were truncated")
-    return RunData(split, enc_train, enc_val, D.sampling_weights(train, plan),
-                   np.array([len(e.ids) for e in enc_train]), truncated, guess_task(split))
+    # the sampler draws with the weights split.parquet records (computed once, above), so what the run audits
+    # and what it draws cannot drift apart on --resume
+    weights = train["weight"].to_numpy() if "weight" in train.columns else D.train_probabilities(train, plan)
+    return RunData(split, enc_train, enc_val, weights,
+                   np.array([len(e.ids) for e in enc_train]), truncated, run_art.guess_task(split))
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -433,11 +428,11 @@ def _loss(ctx: Ctx, batch: dict[str, Any], n_answer: int) -> torch.Tensor:
     """This micro-batch's share of the step loss: summed answer-token CE over the step's answer tokens."""
     dev = ctx.dist.device
     ids, pos, tgt = batch["input_ids"].to(dev), batch["predict_pos"].to(dev), batch["targets"].to(dev)
-    logits = answer_logits(ctx.model, ids, pos)
+    logits = tk.answer_logits(ctx.model, ids, pos)
     loss = F.cross_entropy(logits, tgt, reduction="sum") / n_answer
     if ctx.teacher is not None:
         with torch.no_grad():
-            t_logits = answer_logits(ctx.teacher, ids, pos)
+            t_logits = tk.answer_logits(ctx.teacher, ids, pos)
         w = ctx.tc.distill_weight
         kl = distill_loss(logits, t_logits, ctx.tc.distill_temperature) * (len(tgt) / n_answer)
         loss = (1 - w) * loss + w * kl
@@ -468,9 +463,9 @@ class StepOut:
     finite: bool
 
 
-def train_step(ctx: Ctx, micro: list[list[D.Encoded]], params: list[torch.Tensor]) -> StepOut:
+def train_step(ctx: Ctx, micro: list[list[tk.Encoded]], params: list[torch.Tensor]) -> StepOut:
     """Forward/backward over the micro-batches, reduce, clip, step; a non-finite loss skips the update."""
-    batches = [D.collate(m, ctx.pad_id) for m in micro]
+    batches = [tk.collate(m, ctx.pad_id) for m in micro]
     n_answer = sum(len(b["targets"]) for b in batches)
     total = 0.0
     for b in batches:
@@ -493,7 +488,7 @@ def train_step(ctx: Ctx, micro: list[list[D.Encoded]], params: list[torch.Tensor
 
 
 @torch.no_grad()
-def validate(ctx: Ctx, examples: list[D.Encoded], batch_size: int) -> tuple[float, float]:
+def validate(ctx: Ctx, examples: list[tk.Encoded], batch_size: int) -> tuple[float, float]:
     """(answer-token loss, exact-match rate) on ``examples``; exact = every answer token is the argmax.
 
     Exact match under teacher forcing equals greedy decoding reproducing the reference and stopping.
@@ -503,9 +498,9 @@ def validate(ctx: Ctx, examples: list[D.Encoded], batch_size: int) -> tuple[floa
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, answer tokens, exact examples, examples
     ctx.model.eval()
     for chunk in chunks:
-        b = D.collate([examples[i] for i in chunk], ctx.pad_id)
+        b = tk.collate([examples[i] for i in chunk], ctx.pad_id)
         dev = ctx.dist.device
-        logits = answer_logits(ctx.model, b["input_ids"].to(dev), b["predict_pos"].to(dev))
+        logits = tk.answer_logits(ctx.model, b["input_ids"].to(dev), b["predict_pos"].to(dev))
         tgt = b["targets"].to(dev)
         wrong = torch.zeros(len(chunk), device=dev).index_add_(0, b["row"].to(dev), (logits.argmax(-1) != tgt).float())
         sums += torch.tensor([F.cross_entropy(logits, tgt, reduction="sum").item(), len(tgt),
@@ -634,9 +629,9 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
     manifest = {
         "config": config_to_dict(cfg), "base_model": spec, "base_model_path": str(resolve_model(spec)),
         "plan": str(Path(plan_path).resolve()), "plan_sha256": file_sha256(plan_path),
-        "split_sha256": D.split_sha256(data.split), "seed": cfg.seed, "task": data.task, "layers": chosen,
+        "split_sha256": run_art.split_sha256(data.split), "seed": cfg.seed, "task": data.task, "layers": chosen,
         "n_layers": n_layers, "world_size": dist.world, "init_adapter": str(init_adapter) if init_adapter else None,
-        "teacher": teacher, "system_prompt": D.DEFAULT_SYSTEM, "versions": _versions(),
+        "teacher": teacher, "system_prompt": tk.DEFAULT_SYSTEM, "versions": _versions(),
         "n_train": len(data.train), "n_val": int((data.split["split"] == "val").sum()),
         "n_val_scored": len(data.val), "n_test": int((data.split["split"] == "test").sum()),
         "truncated": data.truncated, "total_steps": steps,

