@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from adaptive_ft.config import SimulateConfig, config_to_dict
 from adaptive_ft.errors import ConfigError, InputError
+from adaptive_ft.text import example_id_for, normalize_prompt
 
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet", "chat")
 Responder = Callable[[list[str]], list[str]]
@@ -114,19 +115,6 @@ BANKING77_DOMAINS: dict[str, tuple[str, ...]] = {
     ),
 }
 BANKING77_INTENT_DOMAIN: dict[str, str] = {i: d for d, intents in BANKING77_DOMAINS.items() for i in intents}
-
-_WS = re.compile(r"\s+")
-
-
-def normalize_prompt(text: str) -> str:
-    """The form two prompts must share to count as the same example: trimmed, lower case, single spaces."""
-    return _WS.sub(" ", text.strip().lower())
-
-
-def example_id_for(prompt: str) -> str:
-    """A stable example id: the first 16 hex digits of the SHA-256 of the normalized prompt."""
-    return hashlib.sha256(normalize_prompt(prompt).encode()).hexdigest()[:16]
-
 
 @dataclass
 class Pool:

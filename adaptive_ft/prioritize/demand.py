@@ -441,7 +441,9 @@ def priorities(demand: np.ndarray, failure: np.ndarray, seg_w: np.ndarray) -> tu
 # ------------------------------------------------------------------------------------------ sampling weights
 
 
-def _normalize_prompt(text: str | None) -> str:
+def _cluster_key(text: str | None) -> str:
+    """Looser than the example-id rule (:func:`adaptive_ft.text.normalize_prompt`) on purpose: punctuation and
+    symbols are ignored too, so near-identical prompts with distinct ids fall in one cluster."""
     return re.sub(r"[^a-z0-9]+", " ", (text or "").lower()).strip()
 
 
@@ -454,7 +456,7 @@ def duplicate_clusters(items: pl.DataFrame, neighbours: tuple[np.ndarray, np.nda
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
     if "prompt" in items.columns:
-        keys = [_normalize_prompt(p) for p in items["prompt"].to_list()]
+        keys = [_cluster_key(p) for p in items["prompt"].to_list()]
         first: dict[str, int] = {}
         for i, key in enumerate(keys):
             if key:

@@ -18,16 +18,11 @@ then each layer's adapter is switched off in turn and the rise in loss on the he
 domain is that (domain, layer) cell -- every cell measured, none completed. This is ablation of a jointly
 trained adapter, in the spirit of LoRA-drop (Zhou et al. 2024, arXiv:2402.07721), which keeps the layers
 whose LoRA output matters most after a short all-layer fit; it uses the loss itself rather than the
-LoRA output's norm, because on SmolLM2 the output norm is dominated by one layer with outsized
-activations (layer 11) that is not one worth adapting. On Banking77 (7 sets of 10 layers, each trained
-100 steps x 16) the sum of a set's scores from this probe (``configs/banking77-smollm2.yaml``) ranks the
-sets' accuracies with Spearman +0.96, the one-step cell probe's with -0.86: one step measures which
-layer moves the loss fastest at first, not which keeps helping. Its choice matters most when few layers are
-adapted: at k = 10 it selects the last 10 (the best set measured), but at k = 6 it selects 20, 24, 26-29
-(48.3% against the last 6's 41.7%; 100 steps x 16, 300 test examples), and at k = 4 with
-``layer_cost_weight`` 0.5 layers 20, 26, 27, 29 (38.0% against 29.7%; at weight 1 it keeps the last 4),
-because it ranks layer 20 above 25 and 28. An evenly spread set does as well there (every third layer from
-14: 49.3% at k = 6): what the last k lack is reach into the layers below them.
+LoRA output's norm, because a layer with outsized activations can dominate the output norm without being
+worth adapting. It answers a different question from the one-step cell probe: one step measures which layer
+moves the loss fastest at first, the warm-up which layers keep carrying the learning; how each ranks trained
+layer sets on Banking77 is in the README's benchmark table (``benchmarks/layer_completion.py``,
+``benchmarks/probe_sets.py``).
 
 Selection weighs score against compute: the backward pass runs down to the lowest adapted layer, so the
 cost of a set of layers is its depth (L - min(layer)) / L. The plan keeps the k layers maximizing

@@ -19,6 +19,7 @@ import duckdb
 from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
 from adaptive_ft.store.db import Store
+from adaptive_ft.text import NORMALIZE_PROMPT_SQL
 from adaptive_ft.store.sources import (
     FIELDS, Reader, Source, check_source, chat_reader, csv_reader, direct_reader, file_digest, file_sha256, ident,
     jsonl_fast_reader, jsonl_reader, lines_relation, parquet_reader, q, review_reader,
@@ -344,8 +345,8 @@ def _reason_sql(cfg: IngestConfig) -> str:
     END"""
 
 
-# The same normal form and hash as adaptive_ft.simulate.example_id_for: one prompt, one id, whoever made it.
-_NORM_PROMPT = "lower(trim(regexp_replace(prompt, '\\s+', ' ', 'g')))"
+# The same normal form and hash as adaptive_ft.text.example_id_for: one prompt, one id, whoever made it.
+_NORM_PROMPT = NORMALIZE_PROMPT_SQL
 _EXAMPLE_ID = f"coalesce(example_id, left(sha256({_NORM_PROMPT}), 16))"
 _EVENT_KEY = (
     "concat_ws(chr(31), user_id, strftime(ts_p, '%Y-%m-%dT%H:%M:%S.%f'), event_n, example_id_f, "
