@@ -10,9 +10,11 @@ Each stage owns its dataclass below; fields carry a one-line ``help`` in their m
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,21 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    return [] if value in allowed else [f"{key}: {value!r} is not one of {', '.join(allowed)}"]
+
+
+def _positive(section: str, obj: Any, names: tuple[str, ...], strict: bool = True) -> list[str]:
+    """``section.name: v must be > 0`` (``>= 0`` with ``strict=False``) for each name that breaks it."""
+    return [f"{section}.{n}: {getattr(obj, n)} must be {'>' if strict else '>='} 0" for n in names
+            if (getattr(obj, n) <= 0 if strict else getattr(obj, n) < 0)]
+
+
+def _event_types(key: str, events: Any) -> list[str]:
+    return [f"{key}: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})" for ev in events
+            if ev not in EVENT_TYPES]
+
+
 @dataclass
 class IngestConfig:
     """How logs are read into the store."""
@@ -43,6 +60,12 @@ class IngestConfig:
     max_raw_chars: int = _f(4_000, "raw text kept per rejected record (longer records are cut, their length noted)")
     memory_limit: str = _f("1GB", "DuckDB memory_limit while ingesting (beyond it, staging spills to disk)")
     threads: int = _f(0, "DuckDB threads while ingesting (0 = all cores)")
+
+    def problems(self) -> list[str]:
+        p = _positive("ingest", self, ("max_field_chars", "max_raw_chars")) + _positive("ingest", self, ("threads",), False)
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|%)\s*", self.memory_limit, re.I):
+            p.append(f"ingest.memory_limit: {self.memory_limit!r} is not a size like 1GB, 512MiB or 50%")
+        return p
 
 
 @dataclass
@@ -70,6 +93,36 @@ class SimulateConfig:
                         "ones for every seed, so a responder answers a fixed set")
     users_file: bool = _f(False, "also write <stem>.users.csv (user_id, segment, region, signup_date) for ingest --users")
     segment_in_log: bool = _f(True, "write the segment on every event (false: only the users file knows it)")
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.users < 1:
+            p.append(f"simulate.users: {self.users} must be >= 1")
+        if self.events < 1:
+            p.append(f"simulate.events: {self.events} must be >= 1")
+        if not self.segments or len(set(self.segments)) != len(self.segments):
+            p.append(f"simulate.segments: {self.segments} must be a non-empty list of distinct names")
+        if self.segment_shares and (len(self.segment_shares) != len(self.segments) or min(self.segment_shares) < 0
+                                    or sum(self.segment_shares) <= 0):
+            p.append(f"simulate.segment_shares: {self.segment_shares} must be one non-negative share per segment")
+        if self.days < 1:
+            p.append(f"simulate.days: {self.days} must be >= 1")
+        for name in ("noise", "base_failure", "bad_failure", "feedback_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"simulate.{name}: {getattr(self, name)} must be in [0, 1]")
+        for name in ("popularity_skew", "activity_skew", "difficulty_spread"):
+            if getattr(self, name) < 0:
+                p.append(f"simulate.{name}: {getattr(self, name)} must be >= 0")
+        p += _positive("simulate", self, ("preference_concentration", "user_concentration"))
+        if self.bad_cells < 0:
+            p.append(f"simulate.bad_cells: {self.bad_cells} must be >= 0")
+        if self.pool_size < 0:
+            p.append(f"simulate.pool_size: {self.pool_size} must be >= 0 (0 = the whole pool)")
+        try:
+            datetime.strptime(self.start, "%Y-%m-%d")
+        except ValueError:
+            p.append(f"simulate.start: {self.start!r} is not a date like 2025-01-01")
+        return p
 
 
 @dataclass
@@ -132,6 +185,37 @@ class PrioritizeConfig:
     layer_cost_weight: float = _f(1.0, "score traded per unit of backward-pass depth when choosing layers (0 = top-k by score)")
     rank_by_score: bool = _f(False, "scale each selected layer's LoRA rank by its score (rank_pattern)")
 
+    def problems(self) -> list[str]:
+        p = _one_of("prioritize.algorithm", self.algorithm, ("als", "bpr", "lmf"))
+        p += _one_of("prioritize.segment_weighting", self.segment_weighting, ("traffic", "uniform", "underserved"))
+        p += _one_of("prioritize.layer_probe", self.layer_probe, ("cells", "warmup"))
+        p += _one_of("prioritize.failure_basis", self.failure_basis, ("feedback", "exposure"))
+        p += _one_of("prioritize.no_feedback", self.no_feedback, ("error", "demand"))
+        if not 0 < self.probe_fraction <= 1:
+            p.append(f"prioritize.probe_fraction: {self.probe_fraction} must be in (0, 1]")
+        if not 0 <= self.holdout_fraction < 1:
+            p.append(f"prioritize.holdout_fraction: {self.holdout_fraction} must be in [0, 1)")
+        if not 0 <= self.noise_floor_quantile < 1:
+            p.append(f"prioritize.noise_floor_quantile: {self.noise_floor_quantile} must be in [0, 1)")
+        if self.temperature <= 0:
+            p.append(f"prioritize.temperature: {self.temperature} must be > 0")
+        if self.example_temperature <= 0:
+            p.append(f"prioritize.example_temperature: {self.example_temperature} must be > 0")
+        for ev in self.event_weights:
+            if ev not in EVENT_TYPES:
+                p.append(f"prioritize.event_weights.{ev}: unknown event type (known: {', '.join(EVENT_TYPES)})")
+        p += _event_types("prioritize.negative_events", self.negative_events)
+        p += _event_types("prioritize.positive_events", self.positive_events)
+        p += _positive("prioritize", self, ("factors", "iterations", "k", "layers_k", "probe_examples", "probe_steps",
+                                            "probe_rank", "completion_rank", "eval_users"))
+        if not 0 <= self.replay <= 1:
+            p.append(f"prioritize.replay must be in [0, 1] (a share of the training sample), got {self.replay}")
+        if not 0 <= self.domain_floor < 1 or not 0 < self.example_cap <= 1:
+            p.append("prioritize.domain_floor must be in [0, 1) and prioritize.example_cap in (0, 1]")
+        if any(v < 0 for v in self.segment_weights.values()):
+            p.append("prioritize.segment_weights: weights must be >= 0")
+        return p
+
 
 @dataclass
 class LoraConfig:
@@ -144,6 +228,9 @@ class LoraConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module names that get adapters",
     )
+
+    def problems(self) -> list[str]:
+        return [f"train.lora.r: {self.r} must be > 0"] if self.r <= 0 else []
 
 
 @dataclass
@@ -178,6 +265,15 @@ class TrainConfig:
     max_minutes: float = _f(0.0, "stop after this many minutes of training and validation (0 = no limit); "
                                  "the learning-rate decay then follows the elapsed share of the budget")
 
+    def problems(self) -> list[str]:
+        p = _one_of("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        p += _one_of("train.quantize_base", self.quantize_base, ("none", "nf4"))
+        p += _positive("train", self, ("lr", "batch_size", "grad_accum", "max_seq_len"))
+        p += self.lora.problems()
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            p.append("train.val_fraction + train.test_fraction must be < 1, each in [0, 1)")
+        return p
+
 
 @dataclass
 class ExportConfig:
@@ -189,6 +285,16 @@ class ExportConfig:
     latency_prompts: int = _f(4, "probe prompts timed for CPU ms per generated token")
     latency_tokens: int = _f(16, "greedy tokens generated per timed prompt")
     int8_threshold: float = _f(6.0, "LLM.int8 outlier threshold: activation columns above it stay fp16 (lower = more accurate, slower)")
+
+    def problems(self) -> list[str]:
+        p = []
+        bad = set(self.variants) - {"merged", "int8", "nf4", "gguf"}
+        if bad:
+            p.append(f"export.variants: unknown variants {sorted(bad)} (known: merged, int8, nf4, gguf)")
+        bad_types = set(self.gguf_types) - {"q8_0", "f16"}
+        if bad_types:
+            p.append(f"export.gguf_types: unknown GGUF types {sorted(bad_types)} (known: q8_0, f16)")
+        return p + _positive("export", self, ("probe_prompts", "latency_prompts", "latency_tokens"))
 
 
 @dataclass
@@ -215,6 +321,12 @@ class EvaluateConfig:
                         "the domain's test examples: a far larger effective sample on popularity-skewed logs)")
     baseline: str = _f("base", "the model every other is compared against (deltas, flags); the loop sets v1's RUN")
 
+    def problems(self) -> list[str]:
+        p = _one_of("evaluate.weighting", self.weighting, ("queries", "cells"))
+        p += _positive("evaluate", self, ("bootstrap", "max_new_tokens", "batch_size", "underserved_ratio"))
+        p += _positive("evaluate", self, ("min_count", "min_examples", "max_examples"), strict=False)
+        return p + _event_types("evaluate.query_events", self.query_events)
+
 
 @dataclass
 class Config:
@@ -228,6 +340,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "export"})
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": "evaluate"})
+
+    def problems(self) -> list[str]:
+        """Every value problem of every section, each naming its key (what :class:`ConfigError` lists)."""
+        return [p for section in (self.ingest, self.simulate, self.prioritize, self.train, self.export, self.evaluate)
+                for p in section.problems()]
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -309,65 +426,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 
 def _validate(cfg: Config) -> list[str]:
-    """Value checks that types alone do not catch."""
-    p: list[str] = []
-    pr, tr = cfg.prioritize, cfg.train
-    if cfg.evaluate.weighting not in ("queries", "cells"):
-        p.append(f"evaluate.weighting: {cfg.evaluate.weighting!r} is not one of queries, cells")
-    if pr.algorithm not in ("als", "bpr", "lmf"):
-        p.append(f"prioritize.algorithm: {pr.algorithm!r} is not one of als, bpr, lmf")
-    if pr.segment_weighting not in ("traffic", "uniform", "underserved"):
-        p.append(f"prioritize.segment_weighting: {pr.segment_weighting!r} is not one of traffic, uniform, underserved")
-    if not 0 < pr.probe_fraction <= 1:
-        p.append(f"prioritize.probe_fraction: {pr.probe_fraction} must be in (0, 1]")
-    if pr.layer_probe not in ("cells", "warmup"):
-        p.append(f"prioritize.layer_probe: {pr.layer_probe!r} is not one of cells, warmup")
-    if not 0 <= pr.holdout_fraction < 1:
-        p.append(f"prioritize.holdout_fraction: {pr.holdout_fraction} must be in [0, 1)")
-    if not 0 <= pr.noise_floor_quantile < 1:
-        p.append(f"prioritize.noise_floor_quantile: {pr.noise_floor_quantile} must be in [0, 1)")
-    if pr.temperature <= 0:
-        p.append(f"prioritize.temperature: {pr.temperature} must be > 0")
-    if pr.example_temperature <= 0:
-        p.append(f"prioritize.example_temperature: {pr.example_temperature} must be > 0")
-    for ev in pr.event_weights:
-        if ev not in EVENT_TYPES:
-            p.append(f"prioritize.event_weights.{ev}: unknown event type (known: {', '.join(EVENT_TYPES)})")
-    for ev in pr.negative_events:
-        if ev not in EVENT_TYPES:
-            p.append(f"prioritize.negative_events: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})")
-    for ev in pr.positive_events:
-        if ev not in EVENT_TYPES:
-            p.append(f"prioritize.positive_events: {ev!r} is not an event type (known: {', '.join(EVENT_TYPES)})")
-    if pr.failure_basis not in ("feedback", "exposure"):
-        p.append(f"prioritize.failure_basis: {pr.failure_basis!r} is not one of feedback, exposure")
-    if pr.no_feedback not in ("error", "demand"):
-        p.append(f"prioritize.no_feedback: {pr.no_feedback!r} is not one of error, demand")
-    for name in ("factors", "iterations", "k", "layers_k", "probe_examples", "probe_steps", "probe_rank",
-                 "completion_rank", "eval_users"):
-        if getattr(pr, name) <= 0:
-            p.append(f"prioritize.{name}: {getattr(pr, name)} must be > 0")
-    if not 0 <= pr.replay <= 1:
-        p.append(f"prioritize.replay must be in [0, 1] (a share of the training sample), got {pr.replay}")
-    if not 0 <= pr.domain_floor < 1 or not 0 < pr.example_cap <= 1:
-        p.append("prioritize.domain_floor must be in [0, 1) and prioritize.example_cap in (0, 1]")
-    if any(v < 0 for v in pr.segment_weights.values()):
-        p.append("prioritize.segment_weights: weights must be >= 0")
-    if tr.scheduler not in ("cosine", "linear", "constant"):
-        p.append(f"train.scheduler: {tr.scheduler!r} is not one of cosine, linear, constant")
-    if tr.quantize_base not in ("none", "nf4"):
-        p.append(f"train.quantize_base: {tr.quantize_base!r} is not one of none, nf4")
-    for name in ("lr", "batch_size", "grad_accum", "max_seq_len"):
-        if getattr(tr, name) <= 0:
-            p.append(f"train.{name}: {getattr(tr, name)} must be > 0")
-    if tr.lora.r <= 0:
-        p.append(f"train.lora.r: {tr.lora.r} must be > 0")
-    if not 0 <= tr.val_fraction < 1 or not 0 <= tr.test_fraction < 1 or tr.val_fraction + tr.test_fraction >= 1:
-        p.append("train.val_fraction + train.test_fraction must be < 1, each in [0, 1)")
-    bad = set(cfg.export.variants) - {"merged", "int8", "nf4", "gguf"}
-    if bad:
-        p.append(f"export.variants: unknown {sorted(bad)} (known: merged, int8, nf4, gguf)")
-    return p
+    """Value checks that types alone do not catch: each section's own :meth:`problems`."""
+    return cfg.problems()
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

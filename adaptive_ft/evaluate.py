@@ -84,6 +84,9 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
              run: str | Path | None = None) -> EvalResult:
     """Score ``models`` on the test split of ``run`` (default: the first RUN among ``models``) and write ``out``."""
     cfg = cfg or EvaluateConfig()
+    problems = cfg.problems()  # the config's own checks, for callers that built an EvaluateConfig in code
+    if problems:
+        raise InputError("evaluate: " + "; ".join(problems))
     if not models:
         raise InputError("evaluate: no models given; e.g. --models base,runs/r1,export/r1/int8")
     models = expand_models(models)

@@ -71,7 +71,9 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
     cfg = cfg or ExportConfig()
     run, out = Path(run), Path(out)
     manifest = read_run(run)
-    _check_variants(cfg)
+    problems = cfg.problems()  # the config's own checks, for callers that built an ExportConfig in code
+    if problems:
+        raise InputError("export: " + "; ".join(problems))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -102,14 +104,6 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
                                 "probe_prompts": len(probes), "new_tokens": cfg.latency_tokens,
                                 "variants": [asdict(v) for v in infos]}, indent=2))
     return ExportResult(out=out, manifest_path=path, variants=infos)
-
-
-def _check_variants(cfg: ExportConfig) -> None:
-    bad = set(cfg.variants) - {"merged", "int8", "nf4", "gguf"}
-    bad_types = set(cfg.gguf_types) - {"q8_0", "f16"}
-    if bad or bad_types:
-        raise InputError(f"export: unknown variants {sorted(bad)} / GGUF types {sorted(bad_types)}; "
-                         "use --variants merged,int8,nf4,gguf and gguf_types q8_0,f16")
 
 
 def merge_adapter(run: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module, Any]:

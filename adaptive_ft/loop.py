@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from adaptive_ft.artifacts.eval import EvalView
 from adaptive_ft.artifacts.plan import DomainScore, Plan
 from adaptive_ft.artifacts.run import is_run
 from adaptive_ft.config import Config
@@ -139,14 +140,6 @@ def run_loop(store: str | Path, v1: str | Path, out: str | Path, cfg: Config, ex
                       eval_data=ev.data)
 
 
-def _cell(data: dict[str, Any], model: str, scope: str, key: str | None = None, name: str | None = None
-          ) -> float | None:
-    metric = data.get("primary_metric", "accuracy")
-    for m in data.get("metrics", []):
-        if m["model"] == model and m["scope"] == scope and m["metric"] == metric and (key is None or m.get(key) == name):
-            return m.get("value")
-    return None
-
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0%}"
@@ -159,14 +152,13 @@ def loop_summary(plan: Any, data: dict[str, Any], v1: str, v2: str) -> list[str]
     lines = ["Where v1 failed (from its logs): " + "; ".join(f"{d.domain} {d.failure:.0%} expected failure"
                                                              for d in weak)]
     lines.append("Targeted: " + "; ".join(f"{d.domain} {d.share:.0%} of the draws" for d in plan.domains[:3]))
-    doms = [d.domain for d in weak]
+    ev = EvalView(data)
     lines.append("v1 -> v2 where v1 failed: " + "; ".join(
-        f"{d}: {_pct(_cell(data, v1, 'domain', 'domain', d))} -> {_pct(_cell(data, v2, 'domain', 'domain', d))}"
-        for d in doms))
-    segs = sorted({m["segment"] for m in data.get("metrics", []) if m["scope"] == "segment"})
+        f"{d.domain}: {_pct(ev.value(v1, 'domain', domain=d.domain))} -> {_pct(ev.value(v2, 'domain', domain=d.domain))}"
+        for d in weak))
     lines.append("v1 -> v2 per segment: " + "; ".join(
-        f"{s}: {_pct(_cell(data, v1, 'segment', 'segment', s))} -> {_pct(_cell(data, v2, 'segment', 'segment', s))}"
-        for s in segs) + f" (overall {_pct(_cell(data, v1, 'overall'))} -> {_pct(_cell(data, v2, 'overall'))})")
+        f"{s}: {_pct(ev.value(v1, 'segment', s))} -> {_pct(ev.value(v2, 'segment', s))}"
+        for s in sorted(ev.names("segment"))) + f" (overall {_pct(ev.value(v1, 'overall'))} -> {_pct(ev.value(v2, 'overall'))})")
     worse = [f"segment {f['segment']} ({f['delta']:+.1%})" for f in data.get("flags", []) if f["model"] == v2]
     worse += [f"domain {f['domain']} ({f['delta']:+.1%})" for f in data.get("domain_flags", []) if f["model"] == v2]
     lines.append("Significantly worse than v1 (95% paired interval below 0): " + (", ".join(worse) if worse else "none"))

@@ -273,38 +273,10 @@ class World:
 
 
 def validate(cfg: SimulateConfig) -> None:
-    """Raise :class:`ConfigError` listing every value problem of ``cfg`` at once."""
-    p: list[str] = []
-    if cfg.users < 1:
-        p.append(f"simulate.users: {cfg.users} must be >= 1")
-    if cfg.events < 1:
-        p.append(f"simulate.events: {cfg.events} must be >= 1")
-    if not cfg.segments or len(set(cfg.segments)) != len(cfg.segments):
-        p.append(f"simulate.segments: {cfg.segments} must be a non-empty list of distinct names")
-    if cfg.segment_shares and (len(cfg.segment_shares) != len(cfg.segments) or min(cfg.segment_shares) < 0
-                               or sum(cfg.segment_shares) <= 0):
-        p.append(f"simulate.segment_shares: {cfg.segment_shares} must be one non-negative share per segment")
-    if cfg.days < 1:
-        p.append(f"simulate.days: {cfg.days} must be >= 1")
-    for name in ("noise", "base_failure", "bad_failure", "feedback_rate"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            p.append(f"simulate.{name}: {getattr(cfg, name)} must be in [0, 1]")
-    for name in ("popularity_skew", "activity_skew", "difficulty_spread"):
-        if getattr(cfg, name) < 0:
-            p.append(f"simulate.{name}: {getattr(cfg, name)} must be >= 0")
-    for name in ("preference_concentration", "user_concentration"):
-        if getattr(cfg, name) <= 0:
-            p.append(f"simulate.{name}: {getattr(cfg, name)} must be > 0")
-    if cfg.bad_cells < 0:
-        p.append(f"simulate.bad_cells: {cfg.bad_cells} must be >= 0")
-    if cfg.pool_size < 0:
-        p.append(f"simulate.pool_size: {cfg.pool_size} must be >= 0 (0 = the whole pool)")
-    try:
-        _start_epoch(cfg.start)
-    except ValueError:
-        p.append(f"simulate.start: {cfg.start!r} is not a date like 2025-01-01")
-    if p:
-        raise ConfigError(p, "simulate config")
+    """Raise :class:`ConfigError` listing every value problem of ``cfg`` at once (``SimulateConfig.problems``)."""
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(problems, "simulate config")
 
 
 def _start_epoch(start: str) -> int:

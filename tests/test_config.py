@@ -85,3 +85,36 @@ def test_docs_config_reference_is_up_to_date():
 
     doc = Path(__file__).resolve().parents[1] / "docs/config.md"
     assert doc.read_text() == config_reference_markdown(), "regenerate: python -m adaptive_ft.config > docs/config.md"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("evaluate.bootstrap=0", "evaluate.bootstrap"), ("evaluate.weighting=people", "evaluate.weighting"),
+    ("evaluate.query_events=[clicks]", "evaluate.query_events"), ("evaluate.max_examples=-1", "evaluate.max_examples"),
+    ("ingest.max_field_chars=0", "ingest.max_field_chars"), ("ingest.memory_limit=lots", "ingest.memory_limit"),
+    ("ingest.threads=-2", "ingest.threads"), ("simulate.users=0", "simulate.users"),
+    ("export.gguf_types=[q4_k]", "export.gguf_types"), ("train.lora.r=0", "train.lora.r"),
+])
+def test_every_section_checks_its_own_values(override: str, key: str) -> None:
+    """Each section's problems() is part of loading: no stage gets a config that was never checked."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_a_section_built_in_code_checks_itself() -> None:
+    from adaptive_ft.config import EvaluateConfig, IngestConfig
+
+    assert EvaluateConfig().problems() == [] and IngestConfig().problems() == []
+    assert [p.split(":")[0] for p in EvaluateConfig(batch_size=0, min_count=-1).problems()] == \
+        ["evaluate.batch_size", "evaluate.min_count"]
+
+
+def test_flags_and_positional_overrides_are_one_idiom() -> None:
+    """A command's flags become overrides ahead of the positional ones, and the result is validated once."""
+    from adaptive_ft.cli.common import flag_overrides
+
+    assert flag_overrides({"seed": 3, "train.lr": None, "export.variants": ["merged", "gguf"]}, ("seed=5",)) == \
+        ["seed=3", 'export.variants=["merged", "gguf"]', "seed=5"]
+    cfg = load_config(overrides=flag_overrides({"seed": 3, "export.variants": ["merged", "gguf"]}))
+    assert (cfg.seed, cfg.export.variants) == (3, ["merged", "gguf"])
+    with pytest.raises(ConfigError, match="simulate.users"):
+        load_config(overrides=flag_overrides({"simulate.users": 0}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_ft import models
+from adaptive_ft.lm import models
 from adaptive_ft.errors import ModelError
 from adaptive_ft.lm.models import build_tiny_model, load_model, resolve_model
 

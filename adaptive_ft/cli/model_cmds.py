@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from adaptive_ft.cli.common import config_option, overrides_argument, store_option
+from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument, store_option
 from adaptive_ft.config import load_config
 
 
@@ -53,9 +53,8 @@ def train_cmd(store: str, plan_path: Path, model: str | None, out: Path, max_ste
     """
     from adaptive_ft.finetune import train  # deferred: the stage imports torch; --help stays fast
 
-    flags = {"max_steps": max_steps, "epochs": epochs, "lr": lr, "batch_size": batch_size}
-    extra = [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(config_path, [*extra, *overrides])
+    flags = {"train.max_steps": max_steps, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size}
+    cfg = load_config(config_path, flag_overrides(flags, overrides))
     r = train(cfg, store, plan_path, model, out, resume=resume, init_adapter=init_adapter, teacher=teacher,
               layers=layers)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from adaptive_ft.cli.common import config_option, overrides_argument, store_option
+from adaptive_ft.artifacts.eval import EvalView
+from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument, store_option
 from adaptive_ft.config import load_config
 
 
@@ -38,9 +39,7 @@ def export_cmd(run: Path, out: Path, variants: str | None, config_path: str | No
     """
     from adaptive_ft.export import export  # deferred: the stage imports torch; --help stays fast
 
-    cfg = load_config(config_path, overrides).export
-    if variants:
-        cfg.variants = _split(variants) or cfg.variants
+    cfg = load_config(config_path, flag_overrides({"export.variants": _split(variants) or None}, overrides)).export
     result = export(run, out, cfg)
     click.echo(f"{'variant':<11} {'size':>10} {'load s':>7} {'ms/token':>9} {'agreement':>9}")
     for v in result.variants:
@@ -78,9 +77,11 @@ def evaluate_cmd(store: str, models: str, out: Path, run: Path | None, config_pa
     data = result.data
     primary = data["primary_metric"]
     click.echo(f"{data['n_test_examples']} test examples, {data['n_test_queries']} queries; {primary}:")
-    for row in data["metrics"]:
-        if row["scope"] == "overall" and row["metric"] == primary and row["value"] is not None:
-            click.echo(f"  {row['model']:<40} {row['value']:.4f}  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]")
+    view = EvalView(data)
+    for model in view.models:
+        row = view.cell(model, "overall")
+        if row and row.get("value") is not None:
+            click.echo(f"  {model:<40} {row['value']:.4f}  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]")
     if data.get("worst_segment"):
         w = data["worst_segment"]
         click.echo(f"worst segment ({w['model']}): {w['segment']} {w['value']:.4f}")

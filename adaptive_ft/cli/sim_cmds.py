@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from adaptive_ft.cli.common import config_option, overrides_argument
+from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument
 from adaptive_ft.config import load_config
 from adaptive_ft.simulate import FORMATS, simulate
 
@@ -63,21 +63,17 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
       adaptive-ft simulate --out chat.jsonl --format chat simulate.bad_cells=5 simulate.noise=0.1
       adaptive-ft simulate --out v1-logs.jsonl --pool banking77 --responder runs/v1
     """
-    cfg = load_config(config_path, overrides)
-    sim = cfg.simulate
-    if users is not None:
-        sim.users = users
-    if events is not None:
-        sim.events = events
+    cfg = load_config(config_path, flag_overrides({"simulate.users": users, "simulate.events": events, "seed": seed},
+                                                  overrides))
     model = None
     if responder is not None:
         from adaptive_ft.lm.responder import ModelResponder  # deferred: the stage imports torch; --help stays fast
 
         model = ModelResponder(str(responder), batch_size=responder_batch,
                                max_new_tokens=cfg.evaluate.max_new_tokens)
-    result = simulate(sim, out, fmt=_guess_format(out) if fmt == "auto" else fmt,
+    result = simulate(cfg.simulate, out, fmt=_guess_format(out) if fmt == "auto" else fmt,
                       pool=examples if examples is not None else pool,
-                      seed=cfg.seed if seed is None else seed, responder=model)
+                      seed=cfg.seed, responder=model)
     click.echo(f"wrote {result.n_events:,} events ({result.n_queries:,} queries, {result.n_users:,} users, "
                f"{result.n_examples:,} examples) to {result.log_path} [{result.format}] in {result.seconds:.1f}s; "
                f"truth: {result.truth_path}" + (f"; users: {result.users_path}" if result.users_path else ""))
