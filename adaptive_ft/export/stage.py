@@ -1,21 +1,6 @@
-"""Export: merge the LoRA adapter into its base and write deployable variants, each measured.
+"""The export stage: merge the run's adapter, write each variant, reload each from disk and measure it.
 
-::
-
-    from adaptive_ft.export import export
-    result = export("runs/r1", "export/r1", ExportConfig(variants=["merged", "int8", "nf4", "gguf"]))
-
-Variants (docs/contracts.md, "Export"):
-
-- ``merged``: the base with ``W + (alpha/r) B A`` folded in, fp32 safetensors HF folder + tokenizer;
-- ``int8`` / ``nf4``: the merged model quantized by bitsandbytes (LLM.int8() and 4-bit NormalFloat), saved as
-  HF folders whose ``config.json`` carries the ``quantization_config``, so plain ``from_pretrained`` reloads them
-  quantized (bitsandbytes 0.50 quantizes, saves and runs both on CPU: checked, and tested here);
-- ``gguf-q8_0`` / ``gguf-f16``: GGUF files for llama.cpp-style runtimes (:mod:`adaptive_ft.gguf_export`).
-
-Each variant is reloaded from disk and measured the same way: size on disk, load time, CPU milliseconds per
-generated token (greedy), and top-1 next-token agreement with the merged model at every position of a fixed
-probe set (the first ``probe_prompts`` test prompts of the run's split, formatted as training formatted them).
+What each variant is and how it is measured: the package docstring (:mod:`adaptive_ft.export`).
 """
 
 from __future__ import annotations
@@ -24,7 +9,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +18,7 @@ from tqdm import tqdm
 
 from adaptive_ft.config import ExportConfig
 from adaptive_ft.errors import InputError, ModelError
+from adaptive_ft.export import llamacpp
 from adaptive_ft.lm.models import load_any, read_run
 from adaptive_ft.lm.tokens import format_for_model
 
@@ -55,6 +41,13 @@ class VariantInfo:
     probe_positions: int = 0
     tokenizer_match: bool = True
     runtime: str = ""
+    # The runtimes that loaded this file and checked it against the merged model: transformers for every
+    # variant (``agreement``), and llama.cpp for a GGUF file where llama-cpp-python is installed
+    # (``answer_agreement``: share of probe prompts whose greedy answer equals the merged model's).
+    verified_by: list[str] = field(default_factory=list)
+    answer_agreement: float | None = None
+    answer_prompts: int = 0
+    verify_error: str = ""
 
 
 @dataclass
@@ -74,6 +67,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
     problems = cfg.problems()  # the config's own checks, for callers that built an ExportConfig in code
     if problems:
         raise InputError("export: " + "; ".join(problems))
+    check_out(run, out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
@@ -86,7 +80,7 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
             quantize_bnb(merged_dir, out / name, name, cfg.int8_threshold)
             written.append((name, name, "hf"))
     if "gguf" in cfg.variants:
-        from adaptive_ft.gguf_export import write_gguf  # deferred: the gguf writer loads only for GGUF variants
+        from adaptive_ft.export.gguf import write_gguf  # deferred: the gguf writer loads only for GGUF variants
 
         for qtype in cfg.gguf_types:
             write_gguf(merged, tokenizer, out / f"model-{qtype}.gguf", qtype, name=str(manifest.get("base_model")))
@@ -106,15 +100,57 @@ def export(run: str | Path, out: str | Path, cfg: ExportConfig | None = None) ->
     return ExportResult(out=out, manifest_path=path, variants=infos)
 
 
+# What export writes under EXPORT/ (docs/contracts.md, "Export"); an earlier export's copies may be replaced.
+EXPORT_ENTRIES = ("manifest.json", "merged", "int8", "nf4", "model-q8_0.gguf", "model-f16.gguf")
+
+
+def check_out(run: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an ``out`` where export would write over files it did not write: the train run itself or a folder
+    inside it (``export RUN --out RUN`` would replace the run's manifest.json), a folder whose entries of the
+    export's names were not written by an earlier export, or the folder holding the run's own base model."""
+    r, o = run.resolve(), out.resolve()
+    if o == r or r in o.parents:
+        raise InputError(f"export --out {out}: that is the train run {run} or a folder inside it; export writes "
+                         f"manifest.json and model folders there and would replace the run's own. Choose a folder "
+                         f"outside the run, e.g. --out {run.parent / (run.name + '-export')}")
+    if o.exists() and not o.is_dir():
+        raise InputError(f"export --out {out}: is a file; give a folder (new, or an earlier export's)")
+    base = Path(str(manifest.get("base_model_path") or "")).resolve()
+    for name in EXPORT_ENTRIES:
+        if base == o / name or (o / name) in base.parents:
+            raise InputError(f"export --out {out}: the run's base model {base} lies in {o / name}, which export "
+                             "would replace while merging into it; choose another --out folder")
+    taken = [name for name in EXPORT_ENTRIES if (o / name).exists()]
+    if taken and not _is_export_manifest(o / "manifest.json"):
+        raise InputError(f"export --out {out}: already holds {', '.join(taken)}, which no earlier export wrote "
+                         "(there is no export manifest.json there) and which export would replace; choose a "
+                         "new or empty folder")
+
+
+def _is_export_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("variants"), list) and "run" in data
+
+
 def merge_adapter(run: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """The run's base (fp32) with the adapter folded into its weights: ``peft``'s ``merge_and_unload``."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     base, tokenizer = load_any(manifest["base_model_path"])
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"{adapter}: no adapter_config.json; is {run} a finished train run (adaptive-ft train)?")
-    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # a truncated or foreign adapter file
+        raise ModelError(f"{adapter}: the adapter cannot be read ({type(e).__name__}: {e}); a truncated or "
+                         f"partly copied adapter_model.safetensors reads like this. Copy the run again, or "
+                         f"re-train it") from None
+    model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
@@ -178,9 +214,12 @@ RUNTIMES = {"merged": "transformers fp32", "int8": "transformers + bitsandbytes 
 
 def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: list[str],
                      cfg: ExportConfig) -> list[VariantInfo]:
-    """Reload each variant from disk and measure it against the merged model's top-1 predictions."""
+    """Reload each variant from disk and measure it against the merged model's top-1 predictions; run each GGUF
+    file in llama.cpp too where llama-cpp-python is installed (greedy answers against the merged model's)."""
     reference: list[torch.Tensor] | None = None
     ref_tok = None
+    ref_answers: list[str] | None = None
+    llama_cpp = llamacpp.runtime_name()
     infos = []
     for name, rel, fmt in tqdm(written, desc="measuring variants", unit="variant", disable=None):
         start = time.perf_counter()
@@ -195,12 +234,22 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
         total = sum(len(a) for a in reference)
         same_ids = all(tokenizer(p, add_special_tokens=False).input_ids == ref_tok(p, add_special_tokens=False).input_ids
                        for p in probes)
+        if ref_answers is None and llama_cpp and any(f == "gguf" for _, _, f in written):
+            ref_answers = llamacpp.reference_answers(model, tokenizer, probes)  # the merged model's
         ms = ms_per_token(model, tokenizer, probes[: cfg.latency_prompts], cfg.latency_tokens)
-        infos.append(VariantInfo(name=name, path=rel, format=fmt, size_bytes=dir_size(out / rel),
-                                 load_seconds=round(load_s, 4), ms_per_token=round(ms, 3),
-                                 agreement=round(agree / max(total, 1), 6), probe_positions=total,
-                                 tokenizer_match=same_ids, runtime=RUNTIMES[_runtime_key(name)]))
+        info = VariantInfo(name=name, path=rel, format=fmt, size_bytes=dir_size(out / rel),
+                           load_seconds=round(load_s, 4), ms_per_token=round(ms, 3),
+                           agreement=round(agree / max(total, 1), 6), probe_positions=total,
+                           tokenizer_match=same_ids, runtime=RUNTIMES[_runtime_key(name)],
+                           verified_by=["transformers"])
         del model
+        if fmt == "gguf" and llama_cpp and ref_answers is not None:
+            checked = llamacpp.check(out / rel, probes, ref_answers)
+            info.verified_by.append(llama_cpp)
+            info.answer_agreement = round(checked.agreement, 6)
+            info.answer_prompts = len(probes)
+            info.verify_error = checked.error
+        infos.append(info)
     return infos
 
 
