@@ -15,10 +15,7 @@ from click.testing import CliRunner
 
 from adaptive_ft.cli import cli
 
-try:  # the model layer's home after the redesign (issue 15); before it, adaptive_ft.models
-    from adaptive_ft.lm.models import build_tiny_model
-except ImportError:  # pragma: no cover
-    from adaptive_ft.models import build_tiny_model
+from adaptive_ft.lm.models import build_tiny_model
 
 TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3",
          "train.threads=1", "train.batch_size=8", "train.lora.r=4", "train.lora.alpha=8", "train.max_seq_len=64",

@@ -223,7 +223,7 @@ def test_a_domain_without_reference_answers_gets_no_share_and_train_accepts_the_
     assert by[orphan]["share"] == 0 and by[orphan]["trainable"] is False
     assert sum(d["share"] for d in doc["domains"]) == pytest.approx(1.0)
     assert all(d["trainable"] for d in doc["domains"] if d["domain"] != orphan)
-    assert not any(e["domain"] == orphan for e in doc["examples"])
+    assert not any(e["domain"] == orphan and e["weight"] > 0 for e in doc["examples"])
     assert any(orphan in n and "reference" in n for n in doc["notes"]), doc["notes"]
     ok(aft("train", "--store", store, "--plan", out, "--model", world["base"], "--out", tmp_path / "r", *TRAIN))
     split = __import__("polars").read_parquet(tmp_path / "r/split.parquet")

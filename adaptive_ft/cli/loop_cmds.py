@@ -8,6 +8,7 @@ import click
 
 from adaptive_ft.cli.common import config_option, overrides_argument, store_option
 from adaptive_ft.config import load_config
+from adaptive_ft.files import refuse_overwrite
 
 
 @click.command("loop")
@@ -37,6 +38,9 @@ def loop_cmd(store: str, v1: Path, out: Path, models: str, no_report: bool, conf
     """
     from adaptive_ft.loop import run_loop  # deferred: the stage imports torch; --help stays fast
 
+    written = [out / name for name in ("plan.json", "eval.json", "eval.outputs.parquet", "report.html", "report.md",
+                                       "report.json", "v2", "export")]
+    refuse_overwrite(written, {"--store": store, "--v1": v1, "--config": config_path})
     cfg = load_config(config_path, overrides)
     extra = [m.strip() for m in models.split(",") if m.strip()]
     result = run_loop(store, v1, out, cfg, extra_models=extra, report=not no_report, echo=click.echo,

@@ -9,6 +9,7 @@ import click
 
 from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument, store_option
 from adaptive_ft.config import load_config
+from adaptive_ft.files import refuse_overwrite
 
 
 @click.command("train")
@@ -53,6 +54,8 @@ def train_cmd(store: str, plan_path: Path, model: str | None, out: Path, max_ste
     """
     from adaptive_ft.finetune import train  # deferred: the stage imports torch; --help stays fast
 
+    refuse_overwrite([out / name for name in ("manifest.json", "split.parquet", "metrics.jsonl", "adapter")],
+                     {"--plan": plan_path, "--store": store, "--config": config_path, "--init-adapter": init_adapter})
     flags = {"train.max_steps": max_steps, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size}
     cfg = load_config(config_path, flag_overrides(flags, overrides))
     r = train(cfg, store, plan_path, model, out, resume=resume, init_adapter=init_adapter, teacher=teacher,

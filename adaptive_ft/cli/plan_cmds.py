@@ -9,6 +9,7 @@ import click
 from adaptive_ft.artifacts.plan import Plan, render_plan
 from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument, store_option
 from adaptive_ft.config import load_config
+from adaptive_ft.files import refuse_overwrite
 
 
 @click.command("prioritize")
@@ -37,6 +38,8 @@ def prioritize_cmd(store: str, out: Path, model: str | None, seed: int | None, q
     """
     from adaptive_ft.prioritize import prioritize  # deferred: the stage imports torch; --help stays fast
 
+    refuse_overwrite([out, out.with_suffix(".examples.parquet")],
+                     {"--store": store, "--config": config_path, "--model": model})
     cfg = load_config(config_path, flag_overrides({"seed": seed}, overrides))
     result = prioritize(store, cfg, out, model=model, progress=not quiet)
     if quiet:

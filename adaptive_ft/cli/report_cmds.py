@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from adaptive_ft.files import refuse_overwrite
+
 
 @click.command("report")
 @click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="ADAPTIVE_FT_STORE",
@@ -37,7 +39,10 @@ def report_cmd(store: Path | None, plan: Path | None, run: Path | None, eval_pat
       adaptive-ft report --eval eval.json --export export/ --out report.html --title "v2 vs base"
     """
     from adaptive_ft.report import ReportInputs, build_report  # deferred: the stage imports torch; --help stays fast
+    from adaptive_ft.report.build import report_paths
 
+    refuse_overwrite(report_paths(out), {"--store": store, "--plan": plan, "--run": run, "--eval": eval_path,
+                                         "--export": export})
     inputs = ReportInputs(store=store, plan=plan, run=run, eval=eval_path, export=export, title=title)
     result = build_report(inputs, out, draw=not no_plots)
     for line in result.bullets:

@@ -9,6 +9,7 @@ import click
 from adaptive_ft.artifacts.eval import EvalView
 from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument, store_option
 from adaptive_ft.config import load_config
+from adaptive_ft.files import refuse_overwrite
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -72,8 +73,12 @@ def evaluate_cmd(store: str, models: str, out: Path, run: Path | None, config_pa
     """
     from adaptive_ft.evaluate import evaluate  # deferred: the stage imports torch; --help stays fast
 
+    given = _split(models) or []
+    refuse_overwrite([out, out.with_name(out.stem + ".outputs.parquet")],
+                     {"--store": store, "--run": run, "--config": config_path,
+                      **{f"--models {m}": m for m in given if m != "base"}})
     cfg = load_config(config_path, overrides).evaluate
-    result = evaluate(store, _split(models) or [], out, cfg, run=run)
+    result = evaluate(store, given, out, cfg, run=run)
     data = result.data
     primary = data["primary_metric"]
     click.echo(f"{data['n_test_examples']} test examples, {data['n_test_queries']} queries; {primary}:")
@@ -123,6 +128,9 @@ def review_export_cmd(store: str, eval_path: Path, out: Path, models: str | None
     """
     from adaptive_ft.review import review_export  # deferred: the stage imports torch; --help stays fast
 
+    refuse_overwrite([out, out.with_suffix(".html")],
+                     {"--eval": eval_path, "--store": store,
+                      "the eval outputs": eval_path.with_name(eval_path.stem + ".outputs.parquet")})
     result = review_export(eval_path, out, store=store, models=_split(models), per_cell=per_cell, seed=seed)
     click.echo(f"wrote {result.csv} ({result.rows} rows over {result.cells} segment x domain cells) and {result.html}")
 

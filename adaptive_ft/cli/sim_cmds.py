@@ -8,7 +8,9 @@ import click
 
 from adaptive_ft.cli.common import config_option, flag_overrides, overrides_argument
 from adaptive_ft.config import load_config
-from adaptive_ft.simulate import FORMATS, simulate
+from adaptive_ft.errors import InputError
+from adaptive_ft.files import refuse_overwrite
+from adaptive_ft.simulate import FORMATS, simulate, truth_path_for
 
 
 def _guess_format(out: Path) -> str:
@@ -39,11 +41,12 @@ def _guess_format(out: Path) -> str:
               help="A deployed model answers the users: a RUN folder, an EXPORT variant, an HF folder or a .gguf. "
                    "Its own right and wrong answers decide the feedback (instead of planted failure rates).")
 @click.option("--responder-batch", type=int, default=32, show_default=True, help="Prompts per batch for --responder.")
+@click.option("--force", is_flag=True, help="Write over an existing log and truth file at --out.")
 @config_option
 @overrides_argument
 def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: int | None, events: int | None,
-                 seed: int | None, responder: Path | None, responder_batch: int, config_path: str | None,
-                 overrides: tuple[str, ...]) -> None:
+                 seed: int | None, responder: Path | None, responder_batch: int, force: bool,
+                 config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Write a realistic interaction log and the need planted in it.
 
     Users in segments with different domain preferences ask questions from an example pool; a simulated
@@ -65,6 +68,12 @@ def simulate_cmd(out: Path, fmt: str, examples: Path | None, pool: str, users: i
     """
     cfg = load_config(config_path, flag_overrides({"simulate.users": users, "simulate.events": events, "seed": seed},
                                                   overrides))
+    written = [out, truth_path_for(out), out.with_name(out.stem + ".users.csv") if cfg.simulate.users_file else None]
+    refuse_overwrite(written, {"--examples": examples, "--config": config_path, "--responder": responder})
+    existing = [str(p) for p in written if p is not None and p.exists()]
+    if existing and not force:
+        raise InputError(f"simulate: {', '.join(existing)} already exist(s); pass --force to write over, or "
+                         f"choose another --out")
     model = None
     if responder is not None:
         from adaptive_ft.lm.responder import ModelResponder  # deferred: the stage imports torch; --help stays fast

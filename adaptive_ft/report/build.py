@@ -38,11 +38,10 @@ def build_report(inputs: ReportInputs, out: str | Path, draw: bool = True) -> Re
     if not inputs.given():
         raise InputError("report: nothing to report on. Give at least one of --store, --plan, --run, --eval, "
                          "--export.")
-    html_path = _html_path(Path(out))
+    html_path, md_path, json_path = report_paths(out)
     with contextlib.nullcontext() if draw else plots.disabled():
         report = assemble(load_artifacts(inputs), inputs)
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = html_path.with_suffix(".md"), html_path.with_suffix(".json")
     html_path.write_text(render.to_html(report), encoding="utf-8")
     md_path.write_text(render.to_markdown(report), encoding="utf-8")
     json_path.write_text(json.dumps(render.to_json(report), indent=2, allow_nan=False, default=str) + "\n")
@@ -52,13 +51,17 @@ def build_report(inputs: ReportInputs, out: str | Path, draw: bool = True) -> Re
                         bullets=[str(b).replace("**", "") for b in report.summary.bullets])
 
 
-def _html_path(out: Path) -> Path:
+def report_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """The three files a report to ``out`` writes: the HTML page and the ``.md`` and ``.json`` beside it."""
+    out = Path(out)
     if out.suffix == "" or out.is_dir():
-        return out / "report.html"
-    if out.suffix.lower() not in (".html", ".htm"):
+        html = out / "report.html"
+    elif out.suffix.lower() not in (".html", ".htm"):
         raise InputError(f"report: --out {out} should end in .html (report.md and report.json are written "
                          "beside it) or be a folder.")
-    return out
+    else:
+        html = out
+    return html, html.with_suffix(".md"), html.with_suffix(".json")
 
 
 def assemble(arts: Artifacts, inputs: ReportInputs) -> Report:
