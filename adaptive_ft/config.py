@@ -478,10 +478,15 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None, base_name: str = "") -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``base`` (a config as :func:`config_to_dict` wrote it, e.g. a run's own, named ``base_name``) stands in for
+    the defaults: the file and the overrides apply on top of it (``train --resume``).
+    """
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = base_name or "defaults"
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -494,6 +499,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"top level must be a mapping, got {type(loaded).__name__}"], source)
         data = loaded or {}
+    if base:
+        data = _merge(base, data)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"

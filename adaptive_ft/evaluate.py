@@ -89,6 +89,10 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
         raise InputError("evaluate: " + "; ".join(problems))
     if not models:
         raise InputError("evaluate: no models given; e.g. --models base,runs/r1,export/r1/int8")
+    missing = [m for m in models if m != "base" and not Path(m).exists()]
+    if missing:
+        raise InputError(f"evaluate: model(s) not found: {', '.join(missing)} (no such folder or file). --models "
+                         f"takes base, RUN folders, EXPORT folders, EXPORT/<variant> and .gguf files")
     models = expand_models(models)
     run_dir = find_run(models, run)
     manifest = read_run(run_dir)
@@ -108,6 +112,7 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
         scored[spec] = score_model(spec, run_dir, manifest, test, task, labels, cfg)
     data = summarize(test, split, traffic, scored, task, labels, cfg)
     data["run"] = str(run_dir)
+    data["split_sha256"] = manifest.get("split_sha256")  # which split was scored: report matches eval to run by it
     data["variants"] = variant_figures(models)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +121,15 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
     outputs_frame(test, scored, task).write_parquet(outputs_path)
     out.write_text(json.dumps(data, indent=2))
     return EvalResult(path=out, outputs_path=outputs_path, data=data)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    """A manifest as a dict ({} when it is not a JSON object), for telling runs and exports apart."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def expand_models(models: list[str]) -> list[str]:
@@ -140,10 +154,15 @@ def find_run(models: list[str], run: str | Path | None) -> Path:
         path = Path(spec)
         if is_run(path):
             return path
+        if spec != "base" and (path / "manifest.json").is_file() and "base_model" in _json(path / "manifest.json") \
+                and not isinstance(_json(path / "manifest.json").get("variants"), list):
+            raise InputError(f"{path}: a train run without its adapter/ (was training interrupted? continue it with "
+                             f"`adaptive-ft train --resume --out {path} ...`)")
         # An EXPORT folder, or a variant inside one (EXPORT/int8, EXPORT/model-q8_0.gguf): its manifest names the run.
         for candidate in (path / "manifest.json", path.parent / "manifest.json"):
-            if candidate.is_file() and "variants" in (text := candidate.read_text()):
-                return Path(json.loads(text)["run"])
+            doc = _json(candidate) if candidate.is_file() else {}
+            if isinstance(doc.get("variants"), list) and doc.get("run"):
+                return Path(doc["run"])
     raise InputError("evaluate: none of the models is a train run or an export of one; pass --run RUN "
                      "(the folder with split.parquet)")
 

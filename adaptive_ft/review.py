@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from adaptive_ft.errors import InputError
+from adaptive_ft.artifacts.eval import check_eval
+from adaptive_ft.errors import InputError, read_json
 from adaptive_ft.store.traffic import load_traffic
 
 COLUMNS = ["review_id", "example_id", "segment", "domain", "model", "prompt", "reference", "response", "rating",
@@ -55,7 +56,7 @@ def review_export(eval_path: str | Path, out: str | Path, store: str | Path | No
     traffic = load_traffic(store, list(query_events)).select("example_id", "segment").unique()
     sample = stratified_sample(outputs.filter(pl.col("model").is_in(models)), traffic, per_cell, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sample.write_csv(out)
+    defuse_formulas(sample).write_csv(out)
     page = out.with_suffix(".html")
     page.write_text(render_html(sample, eval_path))
     return ReviewResult(csv=out, html=page, rows=sample.height,
@@ -63,13 +64,26 @@ def review_export(eval_path: str | Path, out: str | Path, store: str | Path | No
 
 
 def _read_outputs(eval_path: Path) -> pl.DataFrame:
-    if not eval_path.is_file():
-        raise InputError(f"{eval_path}: no such eval.json; run `adaptive-ft evaluate ... --out {eval_path}` first")
-    data = json.loads(eval_path.read_text())
+    data = read_json(eval_path, f"{eval_path}: no such eval.json; run `adaptive-ft evaluate ... --out {eval_path}` first")
+    check_eval(data, eval_path, need=("models",))
     path = eval_path.parent / data.get("outputs", eval_path.stem + ".outputs.parquet")
     if not path.is_file():
         raise InputError(f"{path}: the per-example outputs evaluate writes beside eval.json are missing; re-run evaluate")
     return pl.read_parquet(path)
+
+
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FREE_TEXT = ("model", "prompt", "reference", "response")  # not the ids, segment, domain ingest reads back as keys
+
+
+def defuse_formulas(frame: pl.DataFrame, columns: tuple[str, ...] = FREE_TEXT) -> pl.DataFrame:
+    """Prefix ``'`` to every cell of ``columns`` that starts like a formula, as OWASP's CSV-injection guidance says:
+    a prompt such as ``=HYPERLINK(...)`` from the logs then shows as text in Excel or LibreOffice instead of running."""
+    pattern = "^[" + "".join("\\" + c if c in "-^]\\" else c for c in FORMULA_STARTS) + "]"
+    return frame.with_columns(
+        pl.when(pl.col(c).str.contains(pattern)).then(pl.lit("'") + pl.col(c)).otherwise(pl.col(c)).alias(c)
+        for c in columns if c in frame.columns and frame.schema[c] == pl.String)
 
 
 def review_id(model: str, example_id: str, segment: str) -> str:

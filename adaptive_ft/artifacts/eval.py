@@ -33,13 +33,18 @@ def short_labels(models: list[str]) -> dict[str, str]:
     return short if len(set(short.values())) == len(models) else {m: m for m in models}
 
 
+def check_eval(doc: Any, source: str | Path, need: tuple[str, ...] = ("models", "metrics")) -> None:
+    """Raise InputError naming ``source`` unless ``doc`` has eval.json's lists ``need`` ('models', 'metrics')."""
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in need):
+        raise InputError(f"{source}: needs {' and '.join(repr(k) for k in need)} list(s) (see docs/contracts.md); "
+                         "write it with `adaptive-ft evaluate`.")
+
+
 class EvalView:
     """Lookups over eval.json: which model is the base and which the fine-tune, and each metric cell."""
 
-    def __init__(self, doc: dict[str, Any], run_hint: Path | None = None):
-        if not isinstance(doc.get("metrics"), list) or not isinstance(doc.get("models"), list):
-            raise InputError("eval.json: needs 'models' and 'metrics' lists (see docs/contracts.md); "
-                             "write it with `adaptive-ft evaluate`.")
+    def __init__(self, doc: dict[str, Any], run_hint: Path | None = None, source: str | Path = "eval.json"):
+        check_eval(doc, source)
         self.doc = doc
         self.models: list[str] = [str(m) for m in doc["models"]]
         self.metric: str = doc.get("primary_metric") or (doc["metrics"][0]["metric"] if doc["metrics"] else "")

@@ -31,6 +31,7 @@ null means "all layers".
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class DomainScore:
     share: float = 0.0
     segments: list[dict[str, Any]] = field(default_factory=list)
     why: str = ""
+    trainable: bool = True  # False: no example of the domain has a reference answer, so it gets no share
 
 
 @dataclass
@@ -119,51 +121,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], base_dir: Path = Path("."), source: str = "plan") -> "Plan":
-        problems = []
+        problems: list[str] = []
         if not isinstance(doc, dict):
             raise PlanError(f"{source}: top level must be an object")
-        raw_domains = doc.get("domains")
-        if not isinstance(raw_domains, list) or not raw_domains:
-            problems.append("'domains' must be a non-empty list")
-            raw_domains = []
-        domains = []
-        for i, d in enumerate(raw_domains):
-            if isinstance(d, str):
-                d = {"domain": d, "priority": 1.0}
-            if not isinstance(d, dict) or "domain" not in d:
-                problems.append(f"domains[{i}]: needs at least a 'domain' name")
-                continue
-            known = {k: d[k] for k in DomainScore.__dataclass_fields__ if k in d}
-            known.setdefault("priority", 1.0)
-            domains.append(DomainScore(**known))
-        examples = None
-        if doc.get("examples_file"):
-            side = base_dir / doc["examples_file"]
-            if not side.is_file():
-                problems.append(f"examples_file {side} not found")
-            else:
-                examples = pl.read_parquet(side)
-        elif doc.get("examples"):
-            examples = pl.DataFrame(doc["examples"])
-        if examples is not None:
-            missing = {"example_id", "weight"} - set(examples.columns)
-            if missing:
-                problems.append(f"examples: missing columns {sorted(missing)}")
-            elif (examples["weight"] < 0).any() or examples["weight"].is_nan().any():
-                problems.append("examples: weights must be finite and >= 0")
-        layers = None
-        if doc.get("layers"):
-            lay = doc["layers"]
-            sel = lay.get("selected")
-            if not isinstance(sel, list) or not all(isinstance(x, int) and x >= 0 for x in sel):
-                problems.append("layers.selected must be a list of layer indices (integers >= 0)")
-            else:
-                layers = LayerPlan(
-                    selected=sorted(set(sel)),
-                    rank_pattern={str(k): int(v) for k, v in (lay.get("rank_pattern") or {}).items()},
-                    scores=lay.get("scores") or [],
-                    spearman_vs_full=lay.get("spearman_vs_full"),
-                )
+        domains = _domains(doc.get("domains"), problems)
+        examples = _examples(doc, base_dir, problems)
+        layers = _layers(doc.get("layers"), problems)
         if problems:
             raise PlanError(f"{source}: " + "; ".join(problems))
         known_keys = {"version", "created", "domains", "examples", "examples_file", "layers",
@@ -231,3 +194,101 @@ def _render_recommender(rec: dict) -> list[str]:
         out.append(f"  {name:<10} precision@{k} {o.get('precision', 0):.3f}  recall@{k} {o.get('recall', 0):.3f}  "
                    f"NDCG@{k} {o.get('ndcg', 0):.3f}  MAP@{k} {o.get('map', 0):.3f}  coverage {o.get('coverage', 0):.3f}")
     return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _domains(raw: Any, problems: list[str]) -> list[DomainScore]:
+    """``domains``: names, or records whose numbers are numbers (a priority "high" would crash the readers)."""
+    if not isinstance(raw, list) or not raw:
+        problems.append("'domains' must be a non-empty list")
+        return []
+    out = []
+    for i, d in enumerate(raw):
+        if isinstance(d, str):
+            d = {"domain": d, "priority": 1.0}
+        if not isinstance(d, dict) or "domain" not in d:
+            problems.append(f"domains[{i}]: needs at least a 'domain' name")
+            continue
+        known = {k: d[k] for k in DomainScore.__dataclass_fields__ if k in d}
+        known.setdefault("priority", 1.0)
+        bad = [k for k in ("priority", "demand", "failure", "share") if k in known and not _number(known[k])]
+        if bad:
+            problems.append(f"domains[{i}] ({d['domain']!r}): " + ", ".join(f"{k} must be a number, got {known[k]!r}"
+                                                                           for k in bad))
+            continue
+        if not isinstance(known.get("trainable", True), bool):
+            problems.append(f"domains[{i}] ({d['domain']!r}): trainable must be true or false")
+            continue
+        out.append(DomainScore(**known))
+    return out
+
+
+def _examples(doc: dict[str, Any], base_dir: Path, problems: list[str]) -> pl.DataFrame | None:
+    """``examples`` (inline) or ``examples_file`` (Parquet beside the plan): example_id and a numeric weight >= 0."""
+    examples = None
+    if doc.get("examples_file"):
+        side = base_dir / str(doc["examples_file"])
+        if not side.is_file():
+            problems.append(f"examples_file {side} not found")
+            return None
+        try:
+            examples = pl.read_parquet(side)
+        except Exception as e:  # noqa: BLE001 - polars raises several kinds for a file that is not Parquet
+            problems.append(f"examples_file {side} cannot be read as Parquet ({type(e).__name__}); write it with "
+                            f"Plan.save or give the examples inline")
+            return None
+    elif doc.get("examples"):
+        rows = doc["examples"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            problems.append("examples must be a list of {example_id, domain, weight} objects")
+            return None
+        try:
+            examples = pl.DataFrame(rows, infer_schema_length=None)
+        except Exception as e:  # noqa: BLE001 - mixed types in a column
+            problems.append(f"examples: the rows do not form a table ({type(e).__name__}: {str(e)[:120]})")
+            return None
+    if examples is None:
+        return None
+    missing = {"example_id", "weight"} - set(examples.columns)
+    if missing:
+        problems.append(f"examples: missing columns {sorted(missing)}")
+    elif not examples["weight"].dtype.is_numeric():
+        problems.append(f"examples: weight must be a number, got {examples['weight'].dtype} values like "
+                        f"{examples['weight'][0]!r}")
+    elif (examples["weight"] < 0).any() or examples["weight"].is_nan().any() or examples["weight"].is_null().any():
+        problems.append("examples: weights must be finite and >= 0")
+    else:
+        return examples
+    return None
+
+
+def _layers(lay: Any, problems: list[str]) -> LayerPlan | None:
+    """``layers``: null (all layers) or {"selected": [non-empty list of ints >= 0], "rank_pattern": {layer: int}}."""
+    if lay is None:
+        return None
+    if not isinstance(lay, dict):
+        problems.append(f"layers must be an object like {{\"selected\": [12, 13]}} (or null for all layers), got "
+                        f"{type(lay).__name__}")
+        return None
+    sel = lay.get("selected")
+    if not isinstance(sel, list) or not sel or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                       for x in sel):
+        problems.append(f"layers.selected must be a non-empty list of layer indices (integers >= 0), got {sel!r}; "
+                        f"use \"layers\": null to adapt every layer")
+        return None
+    raw_ranks = lay.get("rank_pattern") or {}
+    ranks: dict[str, int] = {}
+    if not isinstance(raw_ranks, dict):
+        problems.append("layers.rank_pattern must be an object {layer: rank}")
+        return None
+    for k, v in raw_ranks.items():
+        if not str(k).isdigit() or not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"layers.rank_pattern[{k!r}] = {v!r}: needs a layer index and an integer rank >= 1")
+            return None
+        ranks[str(k)] = v
+    return LayerPlan(selected=sorted(set(sel)), rank_pattern=ranks, scores=lay.get("scores") or [],
+                     spearman_vs_full=lay.get("spearman_vs_full"))
+

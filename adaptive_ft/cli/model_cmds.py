@@ -53,18 +53,25 @@ def train_cmd(store: str, plan_path: Path, model: str | None, out: Path, max_ste
       adaptive-ft train --plan plan2.json --out runs/r2 --init-adapter runs/r1/adapter
     """
     from adaptive_ft.finetune import train  # deferred: the stage imports torch; --help stays fast
+    from adaptive_ft.finetune.trainer import run_settings  # deferred with it
 
     refuse_overwrite([out / name for name in ("manifest.json", "split.parquet", "metrics.jsonl", "adapter")],
                      {"--plan": plan_path, "--store": store, "--config": config_path, "--init-adapter": init_adapter})
     flags = {"train.max_steps": max_steps, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size}
-    cfg = load_config(config_path, flag_overrides(flags, overrides))
+    # a resumed run starts from its own settings; anything given here must agree with them (train checks)
+    prior = run_settings(out) if resume and out.is_dir() else None
+    cfg = load_config(config_path, flag_overrides(flags, overrides), base=(prior or {}).get("config"),
+                      base_name=f"{out}'s own settings" if prior else "")
     r = train(cfg, store, plan_path, model, out, resume=resume, init_adapter=init_adapter, teacher=teacher,
               layers=layers)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     best = f"; best validation loss {r.best_val_loss:.4f} at step {r.best_step}" if r.best_val_loss is not None else ""
-    click.echo(f"trained {r.steps} steps on layers {_short(r.layers)} in {r.train_seconds:.0f}s "
-               f"({r.examples_per_s:.1f} examples/s, {r.tokens_per_s:.0f} tokens/s){best}; {r.stop_reason}")
+    steps = f"{r.steps} steps" if r.resumed_from is None else \
+        f"{r.session_steps} steps (resumed at step {r.resumed_from}, now {r.steps})"
+    whole = "" if r.resumed_from is None else f"; {r.train_seconds:.0f}s over the whole run"
+    click.echo(f"trained {steps} on layers {_short(r.layers)} in {r.session_seconds:.0f}s "
+               f"({r.examples_per_s:.1f} examples/s, {r.tokens_per_s:.0f} tokens/s{whole}){best}; {r.stop_reason}")
     click.echo(f"adapter: {r.adapter_dir}  (train/val/test: {r.n_train}/{r.n_val}/{r.n_test} examples)")
 
 

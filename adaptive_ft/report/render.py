@@ -170,14 +170,22 @@ def _table_html(t: Table) -> str:
 # ----------------------------------------------------------------------------------------------- Markdown
 
 
+def _md(text: Any) -> str:
+    """Text from the artifacts made inert for Markdown renderers, which pass raw HTML through: ``&``, ``<`` and
+    ``>`` become entities outside `code spans` (so a prompt or domain carrying ``<script>`` shows as text)."""
+    parts = re.split(r"(`[^`]*`)", str(text))
+    return "".join(p if p.startswith("`") and p.endswith("`") and len(p) > 1 else
+                   p.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") for p in parts)
+
+
 def _md_cell(cell: Cell | str) -> str:
-    text = cell.plain() if isinstance(cell, Cell) else str(cell)
+    text = _md(cell.plain() if isinstance(cell, Cell) else str(cell))
     return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(t: Table) -> list[str]:
-    cols = [c or " " for c in t.columns]
-    lines = [f"*{t.caption}*", ""] if t.caption else []
+    cols = [_md_cell(c) if c else " " for c in t.columns]
+    lines = [f"*{_md(t.caption)}*", ""] if t.caption else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
     return lines + [""]
@@ -185,25 +193,25 @@ def _md_table(t: Table) -> list[str]:
 
 def to_markdown(report: Report) -> str:
     """Summary, callouts and every table; the plots are in report.html."""
-    lines = [f"# {report.title}", "", f"Generated {report.generated}. Inputs: "
+    lines = [f"# {_md(report.title)}", "", f"Generated {report.generated}. Inputs: "
              + ", ".join(f"{k} `{v}`" for k, v in report.inputs.items()) + ".", ""]
     if report.summary.tiles or report.summary.bullets:
         lines += ["## Summary", ""]
-        lines += [f"- **{t.label}: {t.value}** {('— ' + t.detail) if t.detail else ''}".rstrip()
+        lines += [_md(f"- **{t.label}: {t.value}** {('— ' + t.detail) if t.detail else ''}".rstrip())
                   for t in report.summary.tiles]
         for b in report.summary.bullets:
-            lines.append(f"- {b.text if isinstance(b, Bullet) else b}")
-            lines += [f"  - {c}" for c in (b.children if isinstance(b, Bullet) else [])]
+            lines.append(f"- {_md(b.text if isinstance(b, Bullet) else b)}")
+            lines += [f"  - {_md(c)}" for c in (b.children if isinstance(b, Bullet) else [])]
         lines.append("")
     for i, sec in enumerate(report.sections, 1):
-        lines += [f"## {i}. {sec.title}", ""]
+        lines += [f"## {i}. {_md(sec.title)}", ""]
         if sec.intro:
-            lines += [sec.intro, ""]
-        lines += [f"> **{tone}:** {text}" for tone, text in sec.callouts]
+            lines += [_md(sec.intro), ""]
+        lines += [f"> **{tone}:** {_md(text)}" for tone, text in sec.callouts]
         if sec.callouts:
             lines.append("")
         if sec.figures:
-            lines += [f"*Plot in report.html: {', '.join(f.alt for f in sec.figures)}.*", ""]
+            lines += [f"*Plot in report.html: {_md(', '.join(f.alt for f in sec.figures))}.*", ""]
         for t in sec.tables:
             lines += _md_table(t)
     return "\n".join(lines).rstrip() + "\n"
