@@ -29,9 +29,13 @@ def load_examples(store_path: str | Path) -> pl.DataFrame:
 
 
 def select_examples(examples: pl.DataFrame, plan: Plan) -> pl.DataFrame:
-    """The examples of the plan's domains that have a reference; a clear error for domains with none."""
+    """The examples of the plan's trainable domains that have a reference; a clear error for domains with none.
+
+    A domain the plan marks ``trainable: false`` (prioritize found no reference answer for it and gave it no
+    share) is left out, as the plan says.
+    """
     labelled = examples.filter(pl.col("reference").is_not_null() & (pl.col("reference") != ""))
-    domains = plan.domain_names
+    domains = [d.domain for d in plan.domains if d.trainable]
     counts = dict(labelled.group_by("domain").len().iter_rows())
     empty = [d for d in domains if not counts.get(d)]
     if empty and len(empty) == len(domains):

@@ -88,8 +88,14 @@ def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndar
 
 
 def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = False,
-                       timings: dict[str, float] | None = None) -> InteractionScores:
-    """Demand, failure, priorities and sampling weights of every example in ``inter``."""
+                       timings: dict[str, float] | None = None, labelled: set[str] | None = None
+                       ) -> InteractionScores:
+    """Demand, failure, priorities and sampling weights of every example in ``inter``.
+
+    ``labelled`` (the example ids with a reference answer; None: all) limits the sampling weights to what
+    training can use: an example without a reference keeps its priority but gets no weight, and a domain
+    with none at all gets no share (noted), its share going to the other domains.
+    """
     pc = cfg.prioritize
     timings = {} if timings is None else timings
     inter = dm.check_interactions(inter)
@@ -135,7 +141,7 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
         failure=pl.Series(fail.rate), failure_prior=pl.Series(fail.prior),
         exposures=pl.Series(np.round(exposures).astype(np.int64)),
         negatives=pl.Series(np.round(negatives).astype(np.int64)))
-    examples, contrib, sample_notes = _sample(examples, contrib, inter, neighbours, exposures, pc)
+    examples, contrib, sample_notes = _sample(examples, contrib, inter, neighbours, exposures, pc, labelled)
     notes += sample_notes
     seg_users = np.bincount(user_segment, minlength=len(segments))
     seg_frame = pl.DataFrame({"segment": segments, "users": seg_users.astype(np.int64),
@@ -182,8 +188,9 @@ def _outcomes(pairs: pl.DataFrame, neg: np.ndarray, hits: np.ndarray, pc
 
 
 def _sample(examples: pl.DataFrame, contrib: np.ndarray, inter: dm.Interactions, neighbours, exposures: np.ndarray,
-            pc) -> tuple[pl.DataFrame, np.ndarray, list[str]]:
-    """Keep the top domains (when asked) and attach near-duplicate clusters and sampling weights."""
+            pc, labelled: set[str] | None = None) -> tuple[pl.DataFrame, np.ndarray, list[str]]:
+    """Keep the top domains (when asked) and attach near-duplicate clusters and sampling weights (only examples
+    in ``labelled`` get weight; see :func:`score_interactions`)."""
     clusters = dm.duplicate_clusters(inter.items, neighbours, exposures, pc.duplicate_threshold,
                                      pc.duplicate_min_exposures)
     examples = examples.with_columns(cluster=pl.Series(clusters.astype(np.int64)))
@@ -192,13 +199,33 @@ def _sample(examples: pl.DataFrame, contrib: np.ndarray, inter: dm.Interactions,
                 .sort(["priority", "domain"], descending=[True, False]).head(pc.top_domains)["domain"])
         mask = examples["domain"].is_in(keep.implode()).to_numpy()
         examples, contrib = examples.filter(pl.Series(mask)), contrib[:, mask]
-    domain_names = sorted(examples["domain"].unique().to_list())
-    lookup = {d: i for i, d in enumerate(domain_names)}
-    domain_ix = np.array([lookup[d] for d in examples["domain"].to_list()])
-    _, cluster_ix = np.unique(examples["cluster"].to_numpy(), return_inverse=True)
-    weights, notes = dm.sampling_weights(examples["priority"].to_numpy(), domain_ix, cluster_ix, pc,
-                                         demand=examples["demand"].to_numpy())
+    ok = np.ones(examples.height, dtype=bool) if labelled is None else \
+        examples["example_id"].is_in(pl.Series(sorted(labelled), dtype=pl.String).implode()).to_numpy()
+    notes = _untrainable_notes(examples, ok)
+    weights = np.zeros(examples.height)
+    if ok.any():
+        sub = examples.filter(pl.Series(ok))
+        _, domain_ix = np.unique(sub["domain"].to_numpy(), return_inverse=True)
+        _, cluster_ix = np.unique(sub["cluster"].to_numpy(), return_inverse=True)
+        weights[ok], more = dm.sampling_weights(sub["priority"].to_numpy(), domain_ix, cluster_ix, pc,
+                                                demand=sub["demand"].to_numpy())
+        notes += more
     return examples.with_columns(weight=pl.Series(weights)), contrib, notes
+
+
+def _untrainable_notes(examples: pl.DataFrame, ok: np.ndarray) -> list[str]:
+    """A note per domain with no example training can use (no reference answer), and a count for the rest."""
+    frame = examples.select("domain", "priority").with_columns(ok=pl.Series(ok))
+    by = frame.group_by("domain").agg(n=pl.len(), usable=pl.col("ok").sum(), priority=pl.col("priority").sum())
+    total = max(float(frame["priority"].sum()), 1e-300)
+    notes = [f"domain {d!r} has no example with a reference answer ({n} examples, {p / total:.1%} of the "
+             f"priority): nothing to train on, so it gets no share and its share goes to the other domains; "
+             f"ingest its reference answers to train it"
+             for d, n, _, p in by.filter(pl.col("usable") == 0).sort("domain").iter_rows()]
+    partial = int((~ok).sum()) - int(by.filter(pl.col("usable") == 0)["n"].sum())
+    if partial:
+        notes.append(f"{partial} examples in trainable domains have no reference answer: they get no weight")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -226,9 +253,12 @@ def domain_scores(scored: InteractionScores) -> list[DomainScore]:
         rows = [{"segment": s, "contribution": float(c / max(prio, 1e-300))} for s, c in zip(segs, by_seg)]
         rows.sort(key=lambda r: (-r["contribution"], r["segment"]))
         fail = prio / dem if dem > 0 else 0.0
+        share = float(ex["weight"].filter(mask).sum())
+        why = _why(rows, fail, scored.failure_prior["global_rate"], dem / max(total_demand, 1e-300))
+        trainable = share > 0
         out.append(DomainScore(
-            domain=dom, priority=prio, demand=dem, failure=fail, share=float(ex["weight"].filter(mask).sum()),
-            segments=rows, why=_why(rows, fail, scored.failure_prior["global_rate"], dem / max(total_demand, 1e-300))))
+            domain=dom, priority=prio, demand=dem, failure=fail, share=share, segments=rows, trainable=trainable,
+            why=why if trainable else why + "; cannot be trained: no example has a reference answer"))
     out.sort(key=lambda d: (-d.priority, d.domain))
     return out
 
@@ -287,9 +317,10 @@ def prioritize(store_path: str | Path, cfg: Config, out: str | Path, model: str 
         active = set(inter.users["segment"].to_list())
         silent = [x for x in s.sql(dm.USER_SEGMENTS_SQL)["segment"].to_list() if x not in active]
         fingerprint = s.fingerprint()
-        refs = s.examples() if model else None
+        refs = s.examples()
+    labelled = set(refs.filter(pl.col("reference").is_not_null() & (pl.col("reference") != ""))["example_id"])
     timings["read"] = time.perf_counter() - t
-    scored = score_interactions(inter, cfg, progress=progress, timings=timings)
+    scored = score_interactions(inter, cfg, progress=progress, timings=timings, labelled=labelled)
     notes = [f"segment {name!r} has users but no events: it gets no weight" for name in silent]
     scored.segments = _add_silent(scored.segments, silent)
     layers = None
@@ -297,6 +328,10 @@ def prioritize(store_path: str | Path, cfg: Config, out: str | Path, model: str 
         t = time.perf_counter()
         layers = _plan_layers(scored, refs, cfg, model, progress)
         timings["layers"] = time.perf_counter() - t
+        n_model = int(np.asarray(layers.values).shape[1])
+        if cfg.prioritize.layers_k > n_model:
+            notes.append(f"prioritize.layers_k={cfg.prioritize.layers_k} is more than the model's {n_model} layers: "
+                         f"at most {n_model} could be selected ({len(layers.selected)} were)")
     t = time.perf_counter()
     plan = build_plan(scored, cfg, {"store": fingerprint, "store_path": str(store_path), "model": model},
                       layers, notes)
