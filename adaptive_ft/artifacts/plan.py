@@ -7,7 +7,8 @@ The plan is the contract between the stages; a hand-written one is valid too. It
       "created": "2026-11-26T14:00:00Z",
       "domains": [                       # sorted by priority, highest first
         {"domain": "cards", "priority": 0.31, "demand": 0.42, "failure": 0.27, "share": 0.25,
-         "segments": [{"segment": "free", "contribution": 0.2}], "why": "free users ask it most and 27% fail"}
+         "segments": [{"segment": "free", "contribution": 0.2}], "why": "free users ask it most and 27% fail",
+         "trainable": true}               # false: no example has a reference answer; share 0, train skips it
       ],
       "examples": [{"example_id": "e1", "domain": "cards", "weight": 0.004}],   # sampling weights, sum 1
       "examples_file": null,             # or "plan.examples.parquet" beside plan.json when large
@@ -25,7 +26,8 @@ which cells were measured, and ``method``: the ``prioritize.layer_probe`` that m
 row also carries priority, demand, failure, exposures, negatives and its near-duplicate cluster.
 
 Only ``domains`` is required; ``examples`` empty means "uniform over the plan's domains" and ``layers``
-null means "all layers".
+null means "all layers". Every number is checked on load (a priority "high", a string weight, layers as a list,
+``selected: []`` or ``[true]``, a non-integer rank are a PlanError naming the plan), so each reader can trust it.
 """
 
 from __future__ import annotations
