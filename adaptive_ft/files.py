@@ -43,8 +43,8 @@ def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: dict[str, str
     Every writing command calls this before it reads or writes anything, with all the files it will write
     (``report.html`` and its ``.md`` / ``.json``, ``eval.json`` and its outputs Parquet...) and each input by
     its option name. A file input is protected itself (symlinks and hard links resolved); a folder input (a
-    RUN, an EXPORT) protects the files it is made of: :data:`FOLDER_FILES` at its top and everything in its
-    subfolders (``adapter/``, ``checkpoints/``, the variants).
+    RUN, an EXPORT) protects the files it is made of: :data:`FOLDER_FILES` at its top and whatever exists in its
+    subfolders (``adapter/``, ``checkpoints/``, the variants); a new file inside it overwrites nothing.
     """
     given = [(opt, Path(p)) for opt, p in inputs.items() if p is not None and str(p) != ""]
     for out in outputs:
@@ -55,8 +55,8 @@ def refuse_overwrite(outputs: Iterable[str | Path | None], inputs: dict[str, str
         for option, path in given:
             if path.is_dir():
                 folder = _real(path)
-                inside = folder in real.parents
-                if real == folder or inside and (real.parent != folder or real.name in FOLDER_FILES):
+                inside = folder in real.parents  # and only what is there: a new file overwrites nothing
+                if real.exists() and (real == folder or inside and (real.parent != folder or real.name in FOLDER_FILES)):
                     what = "" if real == folder else f"{real.relative_to(folder)} of "
                     raise InputError(f"{out} would overwrite {what}{option} {path}, an input of this command; "
                                      f"write the output somewhere else")
