@@ -33,7 +33,7 @@ from adaptive_ft.artifacts.run import is_run
 from adaptive_ft.config import EvaluateConfig
 from adaptive_ft.errors import InputError
 from adaptive_ft.lm.answers import forced_answers, generate, parse_label, reference_nll
-from adaptive_ft.lm.models import load_any, read_run
+from adaptive_ft.lm.models import load_any, read_run, resolve_variant
 from adaptive_ft.lm.tokens import format_for_model
 from adaptive_ft.metrics import (
     bootstrap_weights,
@@ -89,7 +89,7 @@ def evaluate(store: str | Path | None, models: list[str], out: str | Path, cfg: 
         raise InputError("evaluate: " + "; ".join(problems))
     if not models:
         raise InputError("evaluate: no models given; e.g. --models base,runs/r1,export/r1/int8")
-    missing = [m for m in models if m != "base" and not Path(m).exists()]
+    missing = [m for m in models if m != "base" and not resolve_variant(Path(m)).exists()]
     if missing:
         raise InputError(f"evaluate: model(s) not found: {', '.join(missing)} (no such folder or file). --models "
                          f"takes base, RUN folders, EXPORT folders, EXPORT/<variant> and .gguf files")

@@ -146,8 +146,8 @@ def check_weights(folder: Path) -> None:
             with safe_open(str(f), framework="pt"):
                 pass
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error class and OSError
-            raise ModelError(f"{f}: cannot be read as safetensors ({e}); the file is truncated or corrupt. "
-                             f"Copy or download the model again") from None
+            raise ModelError(f"{f}: cannot be read as safetensors ({type(e).__name__}: {e}); the file is truncated "
+                             f"or corrupt. Copy or download the model again") from None
 
 
 def model_fingerprint(folder: str | Path) -> str:
