@@ -333,8 +333,10 @@ def test_gzipped_jsonl_and_tsv_are_read(tmp_path: Path):
 @pytest.mark.parametrize("variant", ["clean", "blank line", "bracket text"])
 def test_well_formed_json_with_bad_values_keeps_exact_lines_and_raw_text(tmp_path: Path, variant: str,
                                                                          monkeypatch: pytest.MonkeyPatch):
-    """Clean JSON goes through DuckDB's JSON reader; a blank line, or a text value starting with '[' (which
-    that reader cannot tell from an array), sends it line by line. Same results either way."""
+    """JSON goes through DuckDB's JSON reader, and only the lines it rejected or may have misread (a text value
+    starting with '[', which it cannot tell from an array) are read again line by line from their raw text; a
+    blank line (which that reader skips, so its numbering is off) sends the whole file line by line. Same
+    results either way."""
     import adaptive_ft.store.load as load_mod
 
     lines = [json.dumps(rec(1)), json.dumps(rec(2, user_id=None)), json.dumps(rec(3, event="buy")),
@@ -343,19 +345,41 @@ def test_well_formed_json_with_bad_values_keeps_exact_lines_and_raw_text(tmp_pat
         lines.insert(1, "")
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(lines))  # no newline at the end of the last line
-    slow_reads = []
+    reads: list[list[int] | str] = []
     real_reader = load_mod.jsonl_reader
-    monkeypatch.setattr(load_mod, "jsonl_reader", lambda src: slow_reads.append(src) or real_reader(src))
+
+    def reader(src, lines=None):
+        reads.append("whole file" if lines is None else "lines")
+        return real_reader(src, lines)
+
+    monkeypatch.setattr(load_mod, "jsonl_reader", reader)
+    staged = _watch_stage(monkeypatch)
     db = tmp_path / "s.duckdb"
     f = ingest([log], db).files[0]
     assert (f.rows_ok, f.rows_rejected) == (2, 2)
-    assert len(slow_reads) == (0 if variant == "clean" else 1)
+    assert reads == {"clean": ["lines"], "blank line": ["whole file"], "bracket text": ["lines"]}[variant]
+    assert staged == {"clean": [[2, 3]], "blank line": [[1, 3, 4, 5]], "bracket text": [[2, 3, 4]]}[variant]
     off = int(variant == "blank line")
     with Store.open(db, read_only=True) as s:
         assert s.sql("SELECT line, raw, reason FROM rejected ORDER BY line").rows() == [
             (2 + off, lines[1 + off], "missing required field: user_id"),
             (3 + off, lines[2 + off], "unknown event type: buy")]
         assert s.sql("SELECT prompt FROM examples WHERE example_id = 'x4'").item() == json.loads(lines[-1])["prompt"]
+
+
+def _watch_stage(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The lines staged (settled the careful way) by each batch, as ingest settles them."""
+    import adaptive_ft.store.load as load_mod
+
+    seen: list[list[int]] = []
+    settle = load_mod._settle
+
+    def watch(con, *a, **k):
+        seen.append([n for (n,) in con.execute("SELECT line FROM _stage ORDER BY line").fetchall()])
+        return settle(con, *a, **k)
+
+    monkeypatch.setattr(load_mod, "_settle", watch)
+    return seen
 
 
 def test_missing_example_id_is_the_same_stable_id_simulate_gives(tmp_path):
@@ -388,12 +412,7 @@ def _contents(db: Path) -> tuple[list, list, list]:
 
 def test_a_clean_file_takes_the_fast_path_and_stores_what_the_careful_path_stores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import adaptive_ft.store.load as load
-
-    careful: list[str] = []
-    stage_file = load._stage_file
-    monkeypatch.setattr(load, "_stage_file", lambda con, src, *a, **k: careful.append(src.path.name)
-                        or stage_file(con, src, *a, **k))
+    staged = _watch_stage(monkeypatch)
     good = [
         rec(0), rec(1, event_id=None), rec(2, ts=1709287211), rec(3, ts="2024-03-01T12:00:00+02:00"),
         rec(4, event=" Thumbs_Up ", reference="ref 4"), rec(5, event="rating", value=4),
@@ -402,15 +421,20 @@ def test_a_clean_file_takes_the_fast_path_and_stores_what_the_careful_path_store
     ]
     fast = write_jsonl(tmp_path / "fast.jsonl", good)
     slow = write_jsonl(tmp_path / "slow.jsonl", good + ["{broken"])
+    blank = write_jsonl(tmp_path / "blank.jsonl", good[:5] + [""] + good[5:] + ["{broken"])  # staged whole
     pq = tmp_path / "fast.parquet"  # the same records, every field as text (the JSON reader reads them so)
     pl.DataFrame([{k: str(v) for k, v in r.items()} for r in good]).write_parquet(pq)
     stores = {}
-    for log in (fast, slow, pq):
+    for log in (fast, slow, blank, pq):
         f = ingest([log], tmp_path / f"{log.name}.duckdb").files[0]
-        assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (len(good), 0, log is slow)
+        assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (len(good), 0, log in (slow, blank))
         stores[log.name] = _contents(tmp_path / f"{log.name}.duckdb")
-    assert careful == ["slow.jsonl"]  # the two clean files never staged
-    assert stores["fast.jsonl"] == stores["slow.jsonl"] == stores["fast.parquet"]
+    # the clean files are never staged; one bad line stages that line only; a blank line stages every line
+    assert staged == [[len(good) + 1], [i for i in range(1, len(good) + 3) if i != 6]]
+    lines = [e[-1] for e in stores["slow.jsonl"][0]]
+    assert sorted(lines) == list(range(1, len(good) + 1))  # every event knows its line
+    blank_events = [e[:-1] + (e[-1] - (e[-1] > 6),) for e in stores["blank.jsonl"][0]]  # lines after the blank one
+    assert stores["fast.jsonl"] == stores["slow.jsonl"] == stores["fast.parquet"] == (blank_events, *stores["blank.jsonl"][1:])
     assert len(stores["fast.jsonl"][0]) == len(good)
 
 

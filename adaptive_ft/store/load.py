@@ -1,9 +1,11 @@
 """Bulk, idempotent, transactional ingest of interaction logs into the store.
 
-One file is one batch and one transaction: a DuckDB reader streams the file into a staging table where
-SQL validates every record (a CASE expression yields the reason a record is bad), bad records go to
-``rejected`` with their line and raw text, and good ones are appended to ``events`` unless their
-``event_id`` is already stored. There is no Python loop over records anywhere on this path.
+One file is one batch and one transaction. SQL validates every record (a CASE expression yields the
+reason a record is bad); bad records go to ``rejected`` with their line and raw text, good ones to
+``events`` unless their ``event_id`` is already stored (the same record again is a duplicate, a different
+one under that id is rejected). Parquet and JSONL records go straight from DuckDB's reader into ``events``
+and only the records that pass cannot take are staged; other formats are staged whole. There is no Python
+loop over records anywhere on this path (only over the few lines re-read by offset).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
@@ -22,7 +25,7 @@ from adaptive_ft.store.db import Store
 from adaptive_ft.text import NORMALIZE_PROMPT_SQL
 from adaptive_ft.store.sources import (
     FIELDS, Reader, Source, check_source, chat_reader, csv_reader, direct_reader, file_digest, file_sha256, ident,
-    jsonl_fast_reader, jsonl_reader, lines_relation, parquet_reader, q, review_reader,
+    jsonl_reader, line_index, lines_relation, parquet_reader, q, read_lines, review_reader,
 )
 
 # Called as on_stage(source, stage_name) when a file enters a stage; the CLI drives its progress with it.
@@ -115,7 +118,9 @@ def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool
     same_size = st.con.execute("SELECT batch_id, sha256, rows_ok + rows_duplicate FROM batches WHERE bytes = ? "
                                "ORDER BY batch_id", [src.bytes]).fetchall()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest: Future[tuple[str, int]] = pool.submit(file_digest, src.path)
+        # plain JSONL: the newline offsets too, so the lines the direct path must re-read cost no pass
+        indexed = src.format == "jsonl" and src.path.suffix.lower() != ".gz"
+        digest: Future[tuple] = pool.submit(line_index if indexed else file_digest, src.path)
         if same_size:
             prev = next((b for b in same_size if b[1] == digest.result()[0]), None)
             if prev and not force:
@@ -151,14 +156,15 @@ def _reader(src: Source, rejects: str) -> Reader:
 
 
 def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: StageHook | None,
-          digest: Future[tuple[str, int]]) -> None:
+          digest: Future[tuple]) -> None:
     """Read, validate and write one file as one transaction (a kill at any point leaves no trace).
 
-    A Parquet or JSONL file is first tried on the clean-file fast path (:func:`_load_clean`): one pass
-    that validates and writes the events straight from DuckDB's reader. Any file it cannot take whole
-    (a rejected, duplicate or incomplete record, a read error) is rolled back and read the careful way:
-    a staging table (connection-local, filled before the transaction, so a fast read that fails can
-    simply be redone), then everything that touches the store's tables inside one transaction.
+    A Parquet or plain JSONL file goes the direct way (:func:`_load_direct`): its valid, complete, new
+    records go straight from DuckDB's reader into ``events``, and only the rest (rejected, incomplete,
+    duplicate or repeated records) is staged and settled the careful way. Any other file, or one the
+    direct way cannot number exactly (a blank line), or a read error, is staged whole: a staging table
+    (connection-local, filled before the transaction) holds every record with its line, reason and raw
+    text, then everything that touches the store's tables happens inside one transaction.
     """
     con, t0 = st.con, time.perf_counter()
     if src.format == "parquet":
@@ -168,28 +174,36 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
     rep.batch_id = int(batch)
     stage = _Stages(hook, src)
     direct = direct_reader(src)
-    read_error = False
     if direct is not None:
         try:
-            if _load_clean(con, src, direct, cfg, rep, batch, stage, digest):
+            if _load_direct(con, src, direct, cfg, rep, batch, stage, digest):
                 _finish(con, rep, batch, t0, stage, digest)
+                _drop_temps(con)
                 return
         except duckdb.Error:
-            read_error = True  # e.g. a malformed line: DuckDB's JSON reader stops there
+            pass  # e.g. a file DuckDB's reader gives up on: read it line by line below
         _rollback(st)
+        _drop_temps(con)
+        rep.rows_ok = rep.rows_duplicate = rep.rows_rejected = rep.rows_skipped = 0
     stage(0)
-    reader = _stage_file(con, src, cfg, f"_rejects_{batch}", digest, try_fast=not read_error)
+    reader = _reader(src, f"_rejects_{batch}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
     _begin_batch(con, batch, src)
     if reader.csv_rejects:
         _csv_rejects(con, reader.csv_rejects, batch)
     stage(1)
-    _resolve_examples(con)
-    if reader.suspect != "false":
-        _fill_raw(con, src)
+    _resolve_examples(con, batch)
     stage(2)
-    _write(con, batch, cfg, rep)
+    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_from_lines(con, src))
+    _upsert_examples(con, f"SELECT example_id, domain, prompt, reference FROM _stage WHERE {_KEPT}", batch)
+    _upsert_users(con, batch)
     _finish(con, rep, batch, t0, stage, digest)
-    con.execute("DROP TABLE IF EXISTS _stage")
+    _drop_temps(con)
+
+
+def _drop_temps(con: duckdb.DuckDBPyConnection) -> None:
+    for t in ("_stage", "_todo", "_pull", "_rawlines"):
+        con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
 class _Stages:
@@ -214,7 +228,7 @@ def _begin_batch(con: duckdb.DuckDBPyConnection, batch: int, src: Source) -> Non
 
 
 def _finish(con: duckdb.DuckDBPyConnection, rep: FileReport, batch: int, t0: float, stage: _Stages,
-            digest: Future[tuple[str, int]]) -> None:
+            digest: Future[tuple]) -> None:
     """Record the batch's counts and hash, and commit."""
     rep.seconds = time.perf_counter() - t0  # the commit is outside the batch's own time
     con.execute(
@@ -226,82 +240,153 @@ def _finish(con: duckdb.DuckDBPyConnection, rep: FileReport, batch: int, t0: flo
     con.execute("COMMIT")
 
 
-def _load_clean(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: IngestConfig, rep: FileReport,
-                batch: int, stage: _Stages, digest: Future[tuple[str, int]]) -> bool:
-    """The fast path for a file with nothing to reject or de-duplicate: no staging table, no line numbers.
+_EVENT_COLUMNS = "event_id, ts, user_id, segment, example_id, domain, event, value, model_version, response"
 
-    In one transaction: examples upserted from a pass that reads only their columns; then every record
-    that is valid, complete (prompt and domain present) and not yet stored goes straight from the reader
-    into ``events``; users are upserted from the batch's events. Returns True when that took every record
-    of the file, each once (the caller records the batch and commits); False, with the transaction still
-    open for the caller to roll back, when anything needs the careful path: a rejected or incomplete record,
-    an event already stored or repeated in the file, a blank line.
+
+def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: IngestConfig, rep: FileReport,
+                 batch: int, stage: _Stages, digest: Future[tuple]) -> bool:
+    """The direct way: one pass writes every valid, complete, new record; the careful pass sees only the rest.
+
+    In one transaction:
+
+    1. the records that are valid, complete (prompt and domain present), not suspect and not yet stored go
+       straight from the reader into ``events``, each with its line;
+    2. the lines that pass did not take are staged (read again by line number: a Parquet row group or JSONL
+       line the filter does not need costs a parse, never a write), and JSONL lines DuckDB's JSON reader
+       rejected or may have misread are re-read from their raw text (fetched by byte offset) line by line;
+    3. events of this batch whose id the stage also holds, or that the file repeats, are moved back into the
+       stage, so :func:`_settle` decides every repeated id by its first line, as the staged path does;
+    4. examples are upserted from a narrow pass over the records kept, users from the batch's events.
+
+    A clean file stops after step 1 and 4. Returns False (the transaction open, for the caller to roll
+    back) when JSONL line numbers cannot be trusted: DuckDB's reader skips blank lines.
     """
-    rows = _rows_sql(r, cfg)
     _begin_batch(con, batch, src)
     stage(0)
-    con.execute(
-        f"""INSERT INTO examples SELECT example_id, max(domain), max(prompt), max(reference), ?
-            FROM ({rows}) GROUP BY example_id
-            ON CONFLICT (example_id) DO UPDATE SET domain = coalesce(examples.domain, excluded.domain),
-                prompt = coalesce(examples.prompt, excluded.prompt),
-                reference = coalesce(examples.reference, excluded.reference)""",
-        [batch],
-    )
-    stage(2)
     (empty,) = con.execute("SELECT NOT EXISTS (SELECT 1 FROM events)").fetchall()[0]
     new = "" if empty else " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)"
     (inserted,) = con.execute(
-        f"""INSERT INTO events SELECT event_id, ts, user_id, segment, example_id, domain, event, value,
-               model_version, response, ? FROM ({rows}) s
-            WHERE clean{new}""",
-        [batch],
+        f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM ({_rows_sql(r, cfg)}) s WHERE clean{new}", [batch]
     ).fetchall()[0]
     if src.format == "parquet":
         (total,) = con.execute(f"SELECT count(*) FROM read_parquet({q(str(src.path))})").fetchall()[0]
     else:
-        total = digest.result()[1]  # lines; a blank one (no record) sends the file the careful way
-    if inserted != total:
-        return False
-    # Distinct hashes prove distinct ids; a repeated hash (a repeated event, or rarely a collision) goes careful.
+        total = digest.result()[1]
+    # Distinct hashes prove distinct ids; a repeated hash (a repeated event, or rarely a collision) is looked at.
     (distinct,) = con.execute(
         "SELECT count(DISTINCT hash(event_id)) FROM events WHERE batch_id = ?", [batch]
     ).fetchall()[0]
-    if distinct != inserted:
-        return False
+    stage(1)
+    rest, repeats = inserted < total, distinct < inserted
+    if rest:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _todo AS SELECT line FROM range(1, {int(total)} + 1) t(line)
+                WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.batch_id = {int(batch)} AND e.line = t.line)"""
+        )
+        beyond = int(total) if src.format == "jsonl" else None  # JSONL: also what lies past the last line
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(r, cfg, only='_todo', total=beyond)}")
+        if src.format == "jsonl":
+            (beyond, last, last_new) = con.execute(
+                f"""SELECT count(*) FILTER (line > {int(total)}), count(*) FILTER (line = {int(total)}),
+                       EXISTS (SELECT 1 FROM _todo WHERE line = {int(total)}) FROM _stage"""
+            ).fetchall()[0]
+            if beyond or (last_new and not last):
+                return False  # DuckDB's reader numbered fewer (or more) records than the file has lines
+            con.execute("DELETE FROM _stage WHERE line NOT IN (SELECT line FROM _todo)")
+            _reread_jsonl(con, src, cfg, digest)
+    elif repeats:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(r, cfg)} LIMIT 0")
+    else:
+        stage(2)
+        _upsert_examples(con, _examples_sql(r), batch)
+        _upsert_users(con, batch)
+        rep.rows_ok = int(inserted)
+        return True
+    _resolve_examples(con, batch)
+    stage(2)
+    ids = []
+    if repeats:
+        ids.append("SELECT event_id FROM events WHERE batch_id = $1 GROUP BY event_id HAVING count(*) > 1")
+    if rest:
+        ids.append("SELECT event_id FROM _stage WHERE reason IS NULL AND NOT skipped")
     con.execute(
-        """INSERT INTO users SELECT user_id, max(segment), NULL FROM events WHERE batch_id = ? GROUP BY user_id
-           ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(users.segment, excluded.segment)""",
+        f"""CREATE OR REPLACE TEMP TABLE _pull AS SELECT DISTINCT event_id FROM events
+            WHERE batch_id = $1 AND event_id IN ({' UNION '.join(ids)})""",
         [batch],
     )
-    rep.rows_ok = int(inserted)
+    con.execute(
+        f"""INSERT INTO _stage BY NAME SELECT line, NULL AS reason, false AS skipped, false AS suspect, NULL AS raw,
+               {_EVENT_COLUMNS}, false AS dup
+            FROM events WHERE batch_id = ? AND event_id IN (SELECT event_id FROM _pull)""",
+        [batch],
+    )
+    (pulled,) = con.execute(
+        "DELETE FROM events WHERE batch_id = ? AND event_id IN (SELECT event_id FROM _pull)", [batch]
+    ).fetchall()[0]
+    rep.rows_ok = int(inserted) - int(pulled)
+    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest))
+    _upsert_examples(
+        con,
+        f"SELECT * FROM ({_examples_sql(r, with_line=True)}) x "
+        f"WHERE NOT EXISTS (SELECT 1 FROM _stage s WHERE s.line = x.line AND NOT ({_KEPT}))",
+        batch,
+    )
+    _upsert_users(con, batch)
     return True
 
 
-def _stage_file(con: duckdb.DuckDBPyConnection, src: Source, cfg: IngestConfig, rejects: str,
-                digest: Future[tuple[str, int]], try_fast: bool = True) -> Reader:
-    """Fill the staging table; JSONL first through DuckDB's JSON reader, and line by line only if needed."""
-    if try_fast and src.format == "jsonl" and src.path.suffix != ".gz":
-        fast = jsonl_fast_reader(src)
+def _reread_jsonl(con: duckdb.DuckDBPyConnection, src: Source, cfg: IngestConfig, digest: Future[tuple]) -> None:
+    """Stage again, from their raw text, the JSONL lines DuckDB's JSON reader rejected or may have misread.
+
+    The lines are fetched by byte offset (no pass over the file) and checked for UTF-8 here: DuckDB would
+    give up on the whole file at one bad byte, which is one bad record.
+    """
+    lines = [n for (n,) in con.execute(
+        "SELECT line FROM _stage WHERE reason IS NOT NULL OR suspect ORDER BY line").fetchall()]
+    if not lines:
+        return
+    raws, encs = [], []
+    for b in read_lines(src.path, digest.result()[2], lines):
         try:
-            con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(fast, cfg)}")
-            (rows, suspect) = con.execute("SELECT count(*), bool_or(suspect) FROM _stage").fetchall()[0]
-            if rows == digest.result()[1] and not suspect:
-                return fast
-        except duckdb.Error:
-            pass  # a malformed line, a non-object line, an oversized line: read it line by line
-    reader = _reader(src, rejects)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
-    return reader
+            raws.append(b.decode("utf-8"))
+            encs.append(None)
+        except UnicodeDecodeError as e:
+            raws.append(b.decode("utf-8", "backslashreplace"))
+            encs.append(f"invalid UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1})")
+    table = pa.table({"_line": pa.array(lines, pa.int64()), "_raw": pa.array(raws, pa.string()),
+                      "_enc": pa.array(encs, pa.string())})
+    con.register("_rawlines_arrow", table)
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _rawlines AS SELECT * FROM _rawlines_arrow")
+    finally:
+        con.unregister("_rawlines_arrow")
+    con.execute("DELETE FROM _stage WHERE line IN (SELECT _line FROM _rawlines)")
+    con.execute(f"INSERT INTO _stage {_stage_sql(jsonl_reader(src, lines='SELECT * FROM _rawlines'), cfg)}")
 
 
-def _fill_raw(con: duckdb.DuckDBPyConnection, src: Source) -> None:
-    """The fast JSON path keeps no line text: fetch it for the rejected lines (one more scan, only then)."""
-    (n,) = con.execute("SELECT count(*) FROM _stage WHERE reason IS NOT NULL").fetchall()[0]
+def _fill_raw_direct(con: duckdb.DuckDBPyConnection, src: Source, digest: Future[tuple]) -> None:
+    """Raw text for rejected rows the direct path staged without it (conflicting duplicates)."""
+    need = [n for (n,) in con.execute(
+        "SELECT line FROM _stage WHERE reason IS NOT NULL AND raw IS NULL ORDER BY line").fetchall()]
+    if not need:
+        return
+    if src.format == "parquet":
+        where = "WHERE _r.file_row_number IN (SELECT line - 1 FROM _stage WHERE reason IS NOT NULL AND raw IS NULL)"
+        con.execute(f"UPDATE _stage SET raw = x.raw FROM ({_raw_sql(parquet_reader(src), where)}) x "
+                    "WHERE _stage.line = x.line")
+        return
+    raws = [b.decode("utf-8", "backslashreplace") for b in read_lines(src.path, digest.result()[2], need)]
+    for n, raw in zip(need, raws):
+        con.execute("UPDATE _stage SET raw = ? WHERE line = ?", [raw, n])
+
+
+def _fill_raw_from_lines(con: duckdb.DuckDBPyConnection, src: Source) -> None:
+    """Raw text for rejected rows staged without it (conflicting duplicates): their lines of the file."""
+    (n,) = con.execute("SELECT count(*) FROM _stage WHERE reason IS NOT NULL AND raw IS NULL").fetchall()[0]
     if n:
         con.execute(
             f"""UPDATE _stage SET raw = l._raw FROM ({lines_relation(src)}) l
-            WHERE l._line = _stage.line AND _stage.reason IS NOT NULL"""
+            WHERE l._line = _stage.line AND _stage.reason IS NOT NULL AND _stage.raw IS NULL"""
         )
 
 
@@ -342,6 +427,7 @@ def _reason_sql(cfg: IngestConfig) -> str:
         WHEN ts_p IS NULL THEN 'unparseable timestamp: ' || left(ts, 100) || ' (expected ISO-8601 or epoch seconds)'
         WHEN event_n NOT IN ({events}) THEN 'unknown event type: ' || left(event, 100)
         WHEN value IS NOT NULL AND value_p IS NULL THEN 'wrong type: value is not a number: ' || left(value, 100)
+        WHEN NOT isfinite(value_p) THEN 'wrong type: value is not a finite number: ' || left(value, 100)
     END"""
 
 
@@ -354,49 +440,75 @@ _EVENT_KEY = (
 )
 
 
-def _stage_sql(r: Reader, cfg: IngestConfig) -> str:
+def _f_sql(r: Reader, carry: bool = True) -> str:
+    """The reader's text fields (and typed ts/value, the line, format-level reasons) from its FROM item."""
+    fields = ", ".join(f"{expr} AS {ident(name)}" for name, expr in r.fields.items())
+    typed = "".join(f", {expr} AS {name}" for name, expr in (("_ts_t", r.ts_parsed), ("_value_t", r.value_parsed))
+                    if expr)
+    kept = "".join(f", {e} AS {n}" for n, e in r.carry.items()) if carry else ""
+    return (f"SELECT {r.line} AS line, {r.pre_reason} AS pre_reason, {r.skip} AS skipped, {r.suspect} AS suspect, "
+            f"{fields}{typed}{kept} FROM {r.base}")
+
+
+def _p_sql(r: Reader) -> str:
+    """Parsed ts and value, normal event name and the example id, over ``f``."""
+    ts_p = "_ts_t" if r.ts_parsed else _TS_TEXT.format(ts="ts")
+    value_p = "_value_t" if r.value_parsed else "try_cast(value AS DOUBLE)"
+    return (f"SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(trim(event)) AS event_n, "
+            f"{_EXAMPLE_ID} AS example_id_f FROM f")
+
+
+def _stage_sql(r: Reader, cfg: IngestConfig, only: str | None = None, total: int | None = None) -> str:
     """One pass over the file: text fields, parsed ts/value, the reason, stable ids.
 
-    The raw record is kept only for rows rejected here or that :func:`_resolve_examples` may reject.
+    ``only``: a table of the lines to stage (with ``total``, lines past it are staged too, so the caller
+    can see whether the reader numbered more records than the file has lines). The raw record is kept
+    only for rows rejected here or that :func:`_resolve_examples` may reject.
     """
-    fields = ", ".join(f"{expr} AS {ident(name)}" for name, expr in r.fields.items())
-    ts_p = r.ts_parsed or _TS_TEXT.format(ts="ts")
-    value_p = r.value_parsed or "try_cast(value AS DOUBLE)"
+    where = ""
+    if only:
+        where = f" WHERE line IN (SELECT line FROM {only})" + (f" OR line >= {total}" if total else "")
     return f"""
-    WITH f AS (SELECT *, {r.line} AS line, {r.pre_reason} AS pre_reason, {r.skip} AS skipped, {fields}
-               FROM ({r.base})),
-    p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(trim(event)) AS event_n,
-                 {_EXAMPLE_ID} AS example_id_f FROM f),
+    WITH f AS ({_f_sql(r)}),
+    p AS ({_p_sql(r)}{where}),
     v AS (SELECT *, CASE WHEN skipped THEN NULL ELSE {_reason_sql(cfg)} END AS reason FROM p)
-    SELECT line, reason, skipped, {r.suspect} AS suspect,
+    SELECT line, reason, skipped, suspect,
            CASE WHEN reason IS NOT NULL OR prompt IS NULL OR domain IS NULL THEN {r.raw} END AS raw,
            CASE WHEN reason IS NULL THEN coalesce(event_id, md5({_EVENT_KEY})) END AS event_id,
            ts_p AS ts, user_id, segment, example_id_f AS example_id, domain, prompt, response, reference,
-           event_n AS event, value_p AS value, model_version
+           event_n AS event, value_p AS value, model_version, false AS dup
     FROM v"""
 
 
 def _rows_sql(r: Reader, cfg: IngestConfig) -> str:
-    """The fast path's records straight from a :func:`direct_reader`, as stored, with ``clean``: valid by
-    the same rules as :func:`_stage_sql`, complete (prompt and domain present), nothing suspect.
+    """The direct path's records, as stored, with their line and ``clean``: valid by the same rules as
+    :func:`_stage_sql`, complete (prompt and domain present), nothing suspect.
 
-    No line numbers and no raw text: a file with any record that is not clean goes the careful way.
-    Columns a query does not use are pruned down to the reader (the examples pass parses four fields).
+    No raw text: a record that is not clean is staged afterwards by its line. Columns a query does not use
+    are pruned down to the reader.
     """
-    fields = ", ".join(f"{expr} AS {ident(name)}" for name, expr in r.fields.items())
-    typed = "".join(f", {expr} AS {name}" for name, expr in (("_ts_t", r.ts_parsed), ("_value_t", r.value_parsed))
-                    if expr)
-    ts_p = "_ts_t" if r.ts_parsed else _TS_TEXT.format(ts="ts")
-    value_p = "_value_t" if r.value_parsed else "try_cast(value AS DOUBLE)"
     return f"""
-    WITH f AS (SELECT {r.pre_reason} AS pre_reason, {r.suspect} AS suspect, {fields}{typed} FROM {r.base}),
-    p AS (SELECT *, {ts_p} AS ts_p, {value_p} AS value_p, lower(trim(event)) AS event_n,
-                 {_EXAMPLE_ID} AS example_id_f FROM f)
+    WITH f AS ({_f_sql(r, carry=False)}),
+    p AS ({_p_sql(r)})
     SELECT ({_reason_sql(cfg)}) IS NULL AND NOT suspect AND prompt IS NOT NULL AND domain IS NOT NULL AS clean,
-           coalesce(event_id, md5({_EVENT_KEY})) AS event_id, ts_p AS ts, user_id, segment,
+           line, coalesce(event_id, md5({_EVENT_KEY})) AS event_id, ts_p AS ts, user_id, segment,
            example_id_f AS example_id, domain, prompt, reference, response, event_n AS event, value_p AS value,
            model_version
     FROM p"""
+
+
+def _examples_sql(r: Reader, with_line: bool = False) -> str:
+    """example_id, domain, prompt, reference of every record (and its line): a narrow pass for the upsert."""
+    cols = ", ".join(f"{r.fields[c]} AS {c}" for c in ("example_id", "domain", "prompt", "reference"))
+    line = f"{r.line} AS line, " if with_line else ""
+    return (f"SELECT {'line, ' if with_line else ''}{_EXAMPLE_ID} AS example_id, domain, prompt, reference "
+            f"FROM (SELECT {line}{cols} FROM {r.base})")
+
+
+def _raw_sql(r: Reader, where: str) -> str:
+    """(line, raw) of the reader's records that ``where`` (over its FROM item) keeps."""
+    kept = "".join(f", {e} AS {n}" for n, e in r.carry.items())
+    return f"SELECT line, {r.raw} AS raw FROM (SELECT {r.line} AS line{kept} FROM {r.base} {where})"
 
 
 def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None:
@@ -422,8 +534,11 @@ def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None
     con.execute(f"DROP TABLE IF EXISTS {ident(table + '_scan')}")
 
 
-def _resolve_examples(con: duckdb.DuckDBPyConnection) -> None:
-    """Reject records whose example has no prompt or no domain in this file nor in the store."""
+def _resolve_examples(con: duckdb.DuckDBPyConnection, batch: int) -> None:
+    """Reject records whose example has no prompt or no domain in this file nor in the store.
+
+    The direct path has already written this batch's complete records: an example among its events has both.
+    """
     (n,) = con.execute(
         "SELECT count(*) FROM _stage WHERE reason IS NULL AND NOT skipped AND (prompt IS NULL OR domain IS NULL)"
     ).fetchall()[0]
@@ -442,16 +557,69 @@ def _resolve_examples(con: duckdb.DuckDBPyConnection) -> None:
                     AND example_id IN (SELECT example_id FROM needy)
                 UNION ALL
                 SELECT example_id, prompt, domain FROM examples WHERE example_id IN (SELECT example_id FROM needy)
+                UNION ALL
+                SELECT DISTINCT example_id, '', '' FROM events WHERE batch_id = ? AND example_id IN (SELECT example_id FROM needy)
             ) GROUP BY example_id
         ) k
         WHERE _stage.example_id = k.example_id AND _stage.reason IS NULL AND NOT _stage.skipped
           AND (k.prompt IS NULL OR k.domain IS NULL)
-        """
+        """,
+        [batch],
     )
 
 
-def _write(con: duckdb.DuckDBPyConnection, batch: int, cfg: IngestConfig, rep: FileReport) -> None:
-    """Rejected rows, then examples and users (upserts), then events not already stored."""
+# What a record is, for telling an identical duplicate from a conflicting one (prompt and reference belong
+# to the example, not the event).
+_CONTENT = ("ts", "user_id", "segment", "example_id", "domain", "event", "value", "model_version", "response")
+# A staged row that becomes an event: valid, not skipped, not a duplicate.
+_KEPT = "reason IS NULL AND NOT skipped AND NOT dup"
+
+
+def _content(src: Source) -> tuple[str, ...]:
+    """The fields compared; a review CSV without reviewed_at dates its rows by the file's mtime, which is not content."""
+    if src.format == "review" and "reviewed_at" not in src.columns:
+        return tuple(c for c in _CONTENT if c != "ts")
+    return _CONTENT
+
+
+def _settle(con: duckdb.DuckDBPyConnection, src: Source, batch: int, cfg: IngestConfig, rep: FileReport,
+            fill_raw: Callable[[], None]) -> None:
+    """Decide the staged rows: duplicates, conflicts, rejected rows and the events to write; then write them.
+
+    An event id seen again (later in the file, or already in the store) is a duplicate when the record is
+    the same, and rejected (``conflicting duplicate``) when it differs: the store keeps the first, and the
+    rejected row names the line or batch it conflicts with and the first field that differs.
+    """
+    differs = "CASE " + " ".join(f"WHEN a.{c} IS DISTINCT FROM b.{c} THEN '{c}'" for c in _content(src)) + " END"
+    (n_valid, n_ids) = con.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM _stage WHERE reason IS NULL AND NOT skipped"
+    ).fetchall()[0]
+    (stored,) = con.execute("SELECT EXISTS (SELECT 1 FROM events)").fetchall()[0]
+    parts = []
+    if n_ids < n_valid:  # the same id twice in the file: the first line is kept
+        parts.append(
+            f"""SELECT a.line, {differs} AS d, ' appears on line ' || b.line || ' of this file' AS other
+            FROM r a JOIN r b ON a.event_id = b.event_id AND b.k = 1 WHERE a.k > 1"""
+        )
+    if stored and n_valid:
+        parts.append(
+            f"""SELECT a.line, {differs} AS d, ' is already stored (batch ' || b.batch_id || ')' AS other
+            FROM r a JOIN events b ON a.event_id = b.event_id WHERE a.k = 1"""
+        )
+    if parts:
+        con.execute(
+            f"""UPDATE _stage SET dup = true,
+                   reason = CASE WHEN x.d IS NOT NULL THEN 'conflicting duplicate: event_id ' || _stage.event_id
+                            || x.other || ' with a different ' || x.d END
+            FROM (WITH r AS (SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY line) AS k FROM _stage
+                             WHERE reason IS NULL AND NOT skipped)
+                  {' UNION ALL '.join(parts)}) x
+            WHERE _stage.line = x.line"""
+        )
+    (inserted,) = con.execute(
+        f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM _stage WHERE {_KEPT} ORDER BY line", [batch]
+    ).fetchall()[0]
+    fill_raw()
     n_raw = cfg.max_raw_chars
     con.execute(
         f"""INSERT INTO rejected SELECT ?, line,
@@ -459,37 +627,34 @@ def _write(con: duckdb.DuckDBPyConnection, batch: int, cfg: IngestConfig, rep: F
             reason FROM _stage WHERE reason IS NOT NULL ORDER BY line""",
         [batch],
     )
-    rep.rows_rejected, rep.rows_skipped, n_valid = con.execute(
+    rejected, skipped, dups = con.execute(
         "SELECT count(*) FILTER (reason IS NOT NULL), count(*) FILTER (skipped), "
-        "count(*) FILTER (reason IS NULL AND NOT skipped) FROM _stage"
+        "count(*) FILTER (dup AND reason IS NULL) FROM _stage"
     ).fetchall()[0]
-    # (a DISTINCT aggregate with FILTER takes a slower path than a WHERE: measured 0.85 s vs 0.7 s per 1M)
-    (n_distinct,) = con.execute(
-        "SELECT count(DISTINCT event_id) FROM _stage WHERE reason IS NULL AND NOT skipped"
-    ).fetchall()[0]
+    rep.rows_ok += int(inserted)
+    rep.rows_rejected, rep.rows_skipped, rep.rows_duplicate = int(rejected), int(skipped), int(dups)
+
+
+def _upsert_examples(con: duckdb.DuckDBPyConnection, rows: str, batch: int) -> None:
+    """Examples from ``rows`` (example_id, domain, prompt, reference): new ones inserted, and a stored one's
+    missing domain, prompt or reference filled in (what is stored is never overwritten)."""
     con.execute(
-        """INSERT INTO examples SELECT example_id, max(domain), max(prompt), max(reference), ?
-           FROM _stage WHERE reason IS NULL AND NOT skipped GROUP BY example_id
-           ON CONFLICT (example_id) DO UPDATE SET domain = coalesce(examples.domain, excluded.domain),
-               prompt = coalesce(examples.prompt, excluded.prompt),
-               reference = coalesce(examples.reference, excluded.reference)""",
+        f"""INSERT INTO examples SELECT example_id, max(domain), max(prompt), max(reference), ?
+            FROM ({rows}) GROUP BY example_id
+            ON CONFLICT (example_id) DO UPDATE SET domain = coalesce(examples.domain, excluded.domain),
+                prompt = coalesce(examples.prompt, excluded.prompt),
+                reference = coalesce(examples.reference, excluded.reference)""",
         [batch],
     )
+
+
+def _upsert_users(con: duckdb.DuckDBPyConnection, batch: int) -> None:
+    """Users of the batch's events (a user's stored segment wins over the log's)."""
     con.execute(
-        """INSERT INTO users SELECT user_id, max(segment), NULL
-           FROM _stage WHERE reason IS NULL AND NOT skipped GROUP BY user_id
-           ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(users.segment, excluded.segment)"""
-    )
-    good = "(SELECT * FROM _stage WHERE reason IS NULL AND NOT skipped)"
-    if n_distinct < n_valid:  # the same event twice in one file: keep its first line
-        good = f"(SELECT * FROM {good} QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY line) = 1)"
-    (inserted,) = con.execute(
-        f"""INSERT INTO events SELECT event_id, ts, user_id, segment, example_id, domain, event, value,
-               model_version, response, ? FROM {good} s
-           WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)""",
+        """INSERT INTO users SELECT user_id, max(segment), NULL FROM events WHERE batch_id = ? GROUP BY user_id
+           ON CONFLICT (user_id) DO UPDATE SET segment = coalesce(users.segment, excluded.segment)""",
         [batch],
-    ).fetchall()[0]
-    rep.rows_ok, rep.rows_duplicate = int(inserted), int(n_valid) - int(inserted)
+    )
 
 
 # ------------------------------------------------------------------------------------- users file

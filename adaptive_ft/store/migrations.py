@@ -48,8 +48,13 @@ ALTER TABLE batches ADD COLUMN rows_skipped BIGINT DEFAULT 0;
 ALTER TABLE batches ADD COLUMN bytes BIGINT;
 """
 
+# line: the record's line (row, for Parquet) in its batch's file, so an event can be traced to its source and
+# ingest can find the lines its direct pass did not take. NULL for events stored before this migration.
+_EVENT_LINE = "ALTER TABLE events ADD COLUMN line BIGINT;"
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial", _INITIAL),
     # rows_skipped: review rows without a rating; bytes: input size, for events/s and MB/s in stats.
     Migration(2, "batch_skipped_rows_and_bytes", _BATCH_DETAILS),
+    Migration(3, "event_line", _EVENT_LINE),
 ]

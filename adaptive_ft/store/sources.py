@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from adaptive_ft.errors import InputError
 
 FORMATS = ("auto", "jsonl", "csv", "parquet", "chat", "review")
@@ -83,6 +85,37 @@ def file_digest(path: Path) -> tuple[str, int]:
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes."""
     return file_digest(path)[0]
+
+
+def line_index(path: Path) -> tuple[str, int, np.ndarray]:
+    """sha256, number of lines, and the byte offset of every newline, in one read.
+
+    The offsets let ingest fetch the few lines it must read again (rejected or conflicting records)
+    without another pass over the file. numpy and hashlib release the GIL, so this runs in a thread
+    beside a DuckDB query.
+    """
+    h, parts, pos, last = hashlib.sha256(), [], 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            parts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + pos)
+            pos += len(chunk)
+            last = chunk[-1:]
+    newlines = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return h.hexdigest(), len(newlines) + (last != b"\n"), newlines
+
+
+def read_lines(path: Path, newlines: np.ndarray, numbers: list[int]) -> list[bytes]:
+    """The bytes of the given 1-based lines (without the line break), using :func:`line_index`'s offsets."""
+    out = []
+    with open(path, "rb") as f:
+        for n in numbers:
+            start = 0 if n == 1 else int(newlines[n - 2]) + 1
+            end = int(newlines[n - 1]) if n - 1 < len(newlines) else None
+            f.seek(start)
+            b = f.read() if end is None else f.read(end - start)
+            out.append(b[:-1] if b.endswith(b"\r") else b)
+    return out
 
 
 def _check_text(path: Path, head: bytes) -> str:
@@ -162,10 +195,11 @@ def check_source(path: str | Path, fmt: str = "auto") -> Source:
 class Reader:
     """SQL pieces that read one source into the flat log's text fields."""
 
-    base: str  # FROM-able relation with _line, _raw, _r (and helper columns)
+    base: str  # FROM item giving _r (the record: a struct, or the reader's own table) and helper columns
     fields: dict[str, str]  # field name -> text expression over the base relation
     pre_reason: str = "NULL"  # format-level reason for rejection
-    raw: str = "_raw"  # expression giving the raw record text (evaluated for rejected rows only)
+    raw: str = "_raw"  # expression over ``carry`` giving the raw record text (evaluated for rejected rows only)
+    carry: dict[str, str] = field(default_factory=lambda: {"_raw": "_raw"})  # name -> base expression raw needs
     ts_parsed: str | None = None  # TIMESTAMP expression when the source is typed (parquet)
     value_parsed: str | None = None  # DOUBLE expression when the source is typed
     skip: str = "false"  # rows dropped and counted as skipped (review rows without a rating)
@@ -183,7 +217,7 @@ def _lines_relation(src: Source) -> str:
         f"read_csv({q(str(src.path))}, columns={{'_raw': 'VARCHAR'}}, delim='\x01\x02\x03\x04', quote='', "
         f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_line_max(src)})"
     )
-    return f"SELECT row_number() OVER () AS _line, _raw FROM {rc}"
+    return f"SELECT row_number() OVER () AS _line, _raw, NULL::VARCHAR AS _enc FROM {rc}"
 
 
 def _line_max(src: Source) -> int:
@@ -217,14 +251,18 @@ def _json_type_reason(name: str) -> str:
     )
 
 
-def _json_base(src: Source, keys: dict[str, str]) -> str:
-    """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later."""
+def _json_base(src: Source, keys: dict[str, str], lines: str | None = None) -> str:
+    """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later.
+
+    ``lines`` is a relation of (_line, _raw, _enc) to read instead of the whole file (``_enc``: a reason
+    found before DuckDB saw the text, such as invalid UTF-8).
+    """
     # One JSON parse to validate; a valid text starting with '{' is an object (no second parse for json_type).
     # Blank lines are not records; only invalid lines are trimmed to find them (trim copies the string).
     kinds = (
-        "SELECT _line, _raw, CASE WHEN json_valid(_raw) THEN CASE WHEN starts_with(_raw, '{') THEN 'OBJECT' "
+        "SELECT _line, _raw, _enc, CASE WHEN json_valid(_raw) THEN CASE WHEN starts_with(_raw, '{') THEN 'OBJECT' "
         "ELSE json_type(_raw) END WHEN trim(_raw) = '' THEN 'BLANK' ELSE 'INVALID' END AS _kind "
-        f"FROM ({_lines_relation(src)}) WHERE _raw IS NOT NULL"
+        f"FROM ({lines or _lines_relation(src)}) WHERE _raw IS NOT NULL"
     )
     return (f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r "
             f"FROM ({kinds}) WHERE _kind <> 'BLANK'")
@@ -232,57 +270,50 @@ def _json_base(src: Source, keys: dict[str, str]) -> str:
 
 def _json_record_reason() -> str:
     return (
-        "WHEN _kind = 'INVALID' THEN 'malformed JSON' "
+        "WHEN _enc IS NOT NULL THEN _enc WHEN _kind = 'INVALID' THEN 'malformed JSON' "
         f"WHEN _kind <> 'OBJECT' THEN 'wrong type: record is a JSON ' || {json_kind('_kind')} || ', expected an object'"
     )
 
 
-def jsonl_reader(src: Source) -> Reader:
-    """The flat format as JSON lines; blank lines are not records and are passed over."""
+def jsonl_reader(src: Source, lines: str | None = None) -> Reader:
+    """The flat format as JSON lines; blank lines are not records and are passed over.
+
+    ``lines``: read only these (_line, _raw, _enc) rows instead of the whole file (see :func:`_json_base`).
+    """
     keys = {f: "VARCHAR" for f in FIELDS}
     wrong = " ".join(_json_type_reason(f) for f in FIELDS if f != "value")
     return Reader(
-        base=_json_base(src, keys),
+        base=f"({_json_base(src, keys, lines)})",
         fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
         pre_reason=f"CASE {_json_record_reason()} {wrong} END",
     )
 
 
-def jsonl_fast_reader(src: Source) -> Reader:
-    """The flat format through DuckDB's own JSON reader: one parse per line, no line splitting.
-
-    It cannot report a bad line (it stops at the first) nor number lines around blank ones, and turns
-    an object given for a text field into its JSON text; so ingest uses it only when it reads the file
-    without error, yields one record per line, and sees no value starting with '{' or '['. Anything
-    else is read again by :func:`jsonl_reader`.
-    """
-    base = f"SELECT row_number() OVER () AS _line, NULL::VARCHAR AS _raw, _r FROM {_read_json(src)} AS _r"
-    suspect = " OR ".join(f"starts_with(_r.{ident(f)}, '{{') OR starts_with(_r.{ident(f)}, '[')"
-                          for f in FIELDS if f != "value")
-    return Reader(base=base, fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
-                  suspect=f"coalesce({suspect}, false)")
-
-
 def _read_json(src: Source) -> str:
+    """DuckDB's JSON reader over the flat fields: one row per non-blank line, in file order; a line it
+    cannot read as an object (malformed, not an object, invalid UTF-8) is a row of NULLs, not an error."""
     cols = "{" + ", ".join(f"{q(f)}: 'VARCHAR'" for f in FIELDS) + "}"
-    return f"read_json({q(str(src.path))}, format='newline_delimited', columns={cols})"
+    return (f"read_json({q(str(src.path))}, format='newline_delimited', records=true, columns={cols}, "
+            "ignore_errors=true)")
 
 
 def direct_reader(src: Source) -> Reader | None:
-    """The clean-file fast path's reader: DuckDB's own reader as a plain table ``_r`` (``base`` is a FROM
-    item, each field a column of it), so the reader only parses the columns a query uses and no line
-    numbers are made (a clean file needs none). Parquet and plain JSONL only; None for other formats.
+    """The fast path's reader: DuckDB's own reader as a plain table ``_r``, one parse per record, no line
+    splitting, and only the columns a query uses (Parquet and plain JSONL; None for other formats).
+
+    JSONL lines are numbered in read order, which is the file's line number when the file has no blank
+    line (ingest checks that). The JSON reader turns a line it cannot read into NULLs and an object given
+    for a text field into its JSON text, so the rows it rejects and its ``suspect`` rows are read again
+    from their raw text by :func:`jsonl_reader`; it keeps no raw text (``raw`` is NULL).
     """
     if src.format == "parquet":
-        r = parquet_reader(src)
-        r.base = f"read_parquet({q(str(src.path))}) AS _r"
-    elif src.format == "jsonl" and src.path.suffix.lower() != ".gz":
-        r = jsonl_fast_reader(src)
-        r.base = f"{_read_json(src)} AS _r"
-    else:
+        return parquet_reader(src)
+    if src.format != "jsonl" or src.path.suffix.lower() == ".gz":
         return None
-    r.line, r.raw = "NULL", "NULL"
-    return r
+    suspect = " OR ".join(f"starts_with(_r.{ident(f)}, '{{') OR starts_with(_r.{ident(f)}, '[')"
+                          for f in FIELDS if f != "value")
+    return Reader(base=f"{_read_json(src)} AS _r", fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
+                  suspect=f"coalesce({suspect}, false)", raw="NULL::VARCHAR", carry={}, line="row_number() OVER ()")
 
 
 def lines_relation(src: Source) -> str:
@@ -314,10 +345,10 @@ def chat_reader(src: Source) -> Reader:
     keys |= {"messages": "JSON", "feedback": "JSON"}
     turn = "list_filter(json_extract(_r.messages, '$[*]'), lambda m: json_extract_string(m, '$.role') = {role})[-1]"
     base = (
-        f"SELECT *, CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('user'))} END AS _u, "
+        f"(SELECT *, CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('user'))} END AS _u, "
         f"CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('assistant'))} END AS _a, "
         f"json_type(_r.feedback) AS _ft, lower(trim(json_extract_string(_r.feedback, '$'))) AS _fv "
-        f"FROM ({_json_base(src, keys)})"
+        f"FROM ({_json_base(src, keys)}))"
     )
     up, down = ", ".join(map(q, _UP)), ", ".join(map(q, _DOWN))
     feedback_event = (
@@ -366,15 +397,16 @@ def _csv_columns(src: Source) -> list[str]:
 def csv_reader(src: Source, rejects: str) -> Reader:
     """The flat format as CSV with a header; rows that break CSV rules are collected from DuckDB's rejects."""
     cols = _csv_columns(src)
-    base = f"SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r"
+    base = f"(SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r)"
     fields = {f: (_text(f"_r.{ident(f)}", f in _SHORT) if f in cols else "NULL::VARCHAR") for f in FIELDS}
-    return Reader(base=base, fields=fields, raw="to_json(_r)::VARCHAR", line="_n + 1", csv_rejects=rejects)
+    return Reader(base=base, fields=fields, raw="to_json(_r)::VARCHAR", carry={"_r": "_r"}, line="_n + 1",
+                  csv_rejects=rejects)
 
 
 def review_reader(src: Source, rejects: str) -> Reader:
     """The expert-review CSV (docs/contracts.md): each rated row becomes a ``review`` event."""
     cols = _csv_columns(src)
-    base = f"SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r"
+    base = f"(SELECT row_number() OVER () AS _n, _r FROM {_csv_relation(src, cols, rejects)} AS _r)"
 
     def col(name: str, short: bool = True) -> str:
         return _text(f"_r.{ident(name)}", short) if name in cols else "NULL::VARCHAR"
@@ -392,31 +424,53 @@ def review_reader(src: Source, rejects: str) -> Reader:
         f"CASE WHEN try_cast({rating} AS DOUBLE) IS NOT NULL AND NOT (try_cast({rating} AS DOUBLE) BETWEEN 1 AND 5) "
         f"THEN 'rating out of range: ' || {rating} || ' (expected 1-5)' END"
     )
-    return Reader(base=base, fields=fields, pre_reason=pre, raw="to_json(_r)::VARCHAR", skip=f"{rating} IS NULL",
-                  line="_n + 1", csv_rejects=rejects)
+    return Reader(base=base, fields=fields, pre_reason=pre, raw="to_json(_r)::VARCHAR", carry={"_r": "_r"},
+                  skip=f"{rating} IS NULL", line="_n + 1", csv_rejects=rejects)
 
 
 _PARQUET_TEXT = ("VARCHAR",)
 
 
+def _nested_kind(t: str) -> str | None:
+    """'struct', 'map' or 'list' for a nested Parquet/DuckDB type, None for a scalar one."""
+    if t.startswith("STRUCT") or t.startswith("UNION"):
+        return "struct"
+    if t.startswith("MAP"):
+        return "map"
+    if t.endswith("]"):
+        return "list"
+    return None
+
+
 def parquet_reader(src: Source) -> Reader:
-    """Parquet with the flat columns; typed ts (TIMESTAMP[_TZ], DATE, epoch number) and value are used as is."""
-    base = f"SELECT row_number() OVER () AS _n, _r FROM read_parquet({q(str(src.path))}) AS _r"
-    fields, ts_parsed, value_parsed = {}, None, None
+    """Parquet with the flat columns; typed ts (TIMESTAMP[_TZ], DATE, epoch number) and value are used as is.
+
+    Lines are row numbers in the file (1-based). A nested column (struct, map, list) given for a field is
+    the wrong type, as a JSON object or array is in JSONL.
+    """
+    cols = ", ".join(f"{ident(c)} := _r.{ident(c)}" for c in src.types) or "_empty := NULL"
+    base = f"read_parquet({q(str(src.path))}, file_row_number=true) AS _r"
+    fields, ts_parsed, value_parsed, wrong = {}, None, None, []
     for f in FIELDS:
         t = src.types.get(f)
-        if t is None:
+        kind = _nested_kind(t) if t else None
+        if t is None or kind:
             fields[f] = "NULL::VARCHAR"
         elif t in _PARQUET_TEXT:
             fields[f] = _text(f"_r.{ident(f)}", f in _SHORT)
         else:
             fields[f] = f"CAST(_r.{ident(f)} AS VARCHAR)"
+        if kind:
+            expected = "a number" if f == "value" else "a timestamp" if f == "ts" else "a string"
+            wrong.append(f"WHEN _r.{ident(f)} IS NOT NULL THEN {q(f'wrong type: {f} is a Parquet {kind} ({t}), expected {expected}')}")
     ts_t, v_t = src.types.get("ts", ""), src.types.get("value", "")
     if ts_t.startswith("TIMESTAMP WITH TIME ZONE"):
         ts_parsed = "(_r.ts AT TIME ZONE 'UTC')"
-    elif ts_t.startswith("TIMESTAMP") or ts_t == "DATE":
+    elif (ts_t.startswith("TIMESTAMP") or ts_t == "DATE") and not _nested_kind(ts_t):
         ts_parsed = "CAST(_r.ts AS TIMESTAMP)"
-    if v_t and v_t not in _PARQUET_TEXT and v_t != "BOOLEAN":
+    if v_t and v_t not in _PARQUET_TEXT and v_t != "BOOLEAN" and not _nested_kind(v_t):
         value_parsed = "CAST(_r.value AS DOUBLE)"
-    return Reader(base=base, fields=fields, raw="to_json(_r)::VARCHAR", ts_parsed=ts_parsed, value_parsed=value_parsed,
-                  line="_n")
+    return Reader(base=base, fields=fields, raw="to_json(_rec)::VARCHAR", carry={"_rec": f"struct_pack({cols})"},
+                  ts_parsed=ts_parsed,
+                  value_parsed=value_parsed, line="_r.file_row_number + 1",
+                  pre_reason=f"CASE {' '.join(wrong)} END" if wrong else "NULL")
