@@ -449,3 +449,162 @@ def test_what_the_fast_path_cannot_take_goes_the_careful_way(tmp_path: Path, ext
     f = ingest([log], db).files[0]
     assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (10, len(records) - 10, 0)
     assert _stored_ids(db) == sorted([f"e{i}" for i in range(10)] + ["e100"])
+
+
+# ------------------------------------------------------------------------------------------- what the careful pass sees
+
+
+def _mixed_records(n: int = 200) -> tuple[list, set[int]]:
+    """n lines: two bad records, an identical and a conflicting repeat, and the lines the careful pass must see
+    (the bad ones, both copies of each repeated id), given a store that holds e150..e154 (e152 different)."""
+    lines: list = [rec(i) for i in range(n)]
+    lines[16] = rec(16, event="purchase")        # line 17: rejected
+    lines[89] = rec(89, user_id=None)             # line 90: rejected
+    lines[49] = rec(10)                           # line 50: e10 again, identical: a duplicate
+    lines[119] = rec(30, value=3, event="rating")  # line 120: e30 again, different: rejected
+    return lines, {17, 90, 11, 50, 31, 120, 151, 152, 153, 154, 155}
+
+
+def _store_with_overlap(db: Path, tmp_path: Path) -> None:
+    old = [rec(i) for i in range(150, 155)]
+    old[2] = rec(152, segment="enterprise")  # the file's e152 differs from the stored one
+    ingest([write_jsonl(tmp_path / "old.jsonl", old)], db)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_careful_pass_stages_only_the_lines_the_direct_pass_could_not_take(
+        tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch):
+    """Bad records, repeated ids and ids already stored are staged; nothing else is, and the result is exactly
+    what staging the whole file gives (the same file with a blank line, which the direct path cannot number)."""
+    lines, expected_staged = _mixed_records()
+    log = write_jsonl(tmp_path / "log.jsonl", lines)
+    if fmt == "parquet":
+        pl.DataFrame([{k: (str(v) if v is not None else None) for k, v in r.items()} for r in lines],
+                     schema={f: pl.Utf8 for f in ("event_id", "ts", "user_id", "segment", "example_id", "domain",
+                                                   "prompt", "event", "value")}).write_parquet(tmp_path / "log.parquet")
+        log = tmp_path / "log.parquet"
+    whole = write_jsonl(tmp_path / "whole.jsonl", [*lines, ""])  # trailing blank line: staged whole
+    staged = _watch_stage(monkeypatch)
+    results = {}
+    for name, path in (("direct", log), ("whole", whole)):
+        db = tmp_path / f"{name}.duckdb"
+        _store_with_overlap(db, tmp_path)
+        f = ingest([path], db).files[0]
+        assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (200 - 5 - 2 - 4 + 4 - 2, 5 - 1 + 1, 2 + 1 + 1)
+        with Store.open(db, read_only=True) as s:
+            results[name] = (
+                s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY event_id").rows(),
+                s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
+                s.sql("SELECT * FROM users ORDER BY user_id").rows(),
+                s.sql("SELECT line, reason FROM rejected WHERE batch_id = 2 ORDER BY line").rows(),
+            )
+    assert set(staged[0]) == expected_staged and len(staged[0]) == len(expected_staged)  # (old.jsonl: clean)
+    assert len(staged[1]) == 201 - 1  # the whole file (less the blank line)
+    assert results["direct"] == results["whole"]
+    assert results["direct"][3] == [
+        (17, "unknown event type: purchase"), (90, "missing required field: user_id"),
+        (120, "conflicting duplicate: event_id e30 appears on line 31 of this file with a different event"),
+        (153, "conflicting duplicate: event_id e152 is already stored (batch 1) with a different segment"),
+    ]
+    # --force: every record is already stored, each settled once (a duplicate), none rolled back and read again
+    again = ingest([log], tmp_path / "direct.duckdb", force=True).files[0]
+    assert (again.rows_ok, again.rows_duplicate, again.rows_rejected, again.rejected_known) == (0, 196, 4, 4)
+    assert len(staged) == 3 and len(staged[2]) == 200
+
+
+def test_conflicting_duplicate_is_rejected_and_leaves_no_user_or_example(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    ingest([write_jsonl(tmp_path / "a.jsonl", [rec(1), rec(2)])], db)
+    again = [rec(1), rec(2, user_id="u_new", example_id="x_new", prompt="new question"), rec(3),
+             rec(3, user_id="u_other", example_id="x_other", prompt="other question")]
+    f = ingest([write_jsonl(tmp_path / "b.jsonl", again)], db).files[0]
+    assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (1, 1, 2)
+    assert _rejected(db)[-2:] == [
+        (2, "conflicting duplicate: event_id e2 is already stored (batch 1) with a different user_id"),
+        (4, "conflicting duplicate: event_id e3 appears on line 3 of this file with a different user_id"),
+    ]
+    with Store.open(db, read_only=True) as s:
+        users = set(s.sql("SELECT user_id FROM users")["user_id"])
+        examples = set(s.sql("SELECT example_id FROM examples")["example_id"])
+        stored = s.sql("SELECT user_id, example_id FROM events WHERE event_id = 'e2'").rows()
+    assert "u_new" not in users and "u_other" not in users and not {"x_new", "x_other"} & examples
+    assert stored == [("u2", "x2")]  # the first one stays
+
+
+def test_one_bad_utf8_byte_deep_in_a_file_rejects_that_line_only(tmp_path: Path):
+    n = 3000  # the bad byte lies past the 64 KiB the format check looks at
+    body = [json.dumps(rec(i)).encode() for i in range(n)]
+    body[2500] = json.dumps(rec(2500, prompt="caf_")).encode().replace(b"caf_", b"caf\xff")
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"\n".join(body) + b"\n")
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    assert (f.error, f.rows_ok, f.rows_rejected) == (None, n - 1, 1)
+    with Store.open(db, read_only=True) as s:
+        line, raw, reason = s.sql("SELECT line, raw, reason FROM rejected").row(0)
+    column = body[2500].index(bytes([0xFF])) + 1
+    assert (line, reason) == (2501, f"invalid UTF-8 (byte 0xff at column {column})")
+    assert "caf\\xff" in raw
+
+
+def test_nan_and_infinite_values_are_rejected(tmp_path: Path):
+    lines = [json.dumps(rec(0, event="rating", value=4)),
+             json.dumps(rec(1, event="rating")).replace('"rating"}', '"rating", "value": NaN}'),
+             json.dumps(rec(2, event="rating")).replace('"rating"}', '"rating", "value": 1e400}'),
+             json.dumps(rec(3, event="rating")).replace('"rating"}', '"rating", "value": -Infinity}'),
+             json.dumps(rec(4, event="rating", value="inf"))]
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    pq = tmp_path / "log.parquet"
+    pl.DataFrame([rec(i, event="rating") for i in range(5, 8)]).with_columns(
+        value=pl.Series([2.0, float("nan"), float("inf")])).write_parquet(pq)
+    db = tmp_path / "s.duckdb"
+    a, b = ingest([log, pq], db).files
+    assert (a.rows_ok, a.rows_rejected, b.rows_ok, b.rows_rejected) == (1, 4, 1, 2)
+    reasons = _rejected(db)
+    assert [line for line, _ in reasons] == [2, 3, 4, 5, 2, 3]
+    assert all(r.startswith("wrong type: value is not a finite number: ") for _, r in reasons), reasons
+    with Store.open(db, read_only=True) as s:
+        assert sorted(s.sql("SELECT value FROM events")["value"]) == [2.0, 4.0]
+
+
+def test_parquet_nested_columns_are_the_wrong_type_as_in_jsonl(tmp_path: Path):
+    rows = [rec(i) for i in range(3)]
+    pq = tmp_path / "nested.parquet"
+    pl.DataFrame(rows).with_columns(user_id=pl.Series([{"id": 0}, {"id": 1}, None]),
+                                    domain=pl.Series([["a"], ["b"], ["c"]])).write_parquet(pq)
+    js = write_jsonl(tmp_path / "nested.jsonl", [rec(0, user_id={"id": 0}), rec(1, domain=["b"])])
+    db = tmp_path / "s.duckdb"
+    p, j = ingest([pq, js], db).files
+    assert (p.rows_ok, p.rows_rejected, j.rows_ok, j.rows_rejected) == (0, 3, 0, 2)
+    assert _rejected(db) == [
+        (1, "wrong type: user_id is a Parquet struct (STRUCT(id BIGINT)), expected a string"),
+        (2, "wrong type: user_id is a Parquet struct (STRUCT(id BIGINT)), expected a string"),
+        (3, "wrong type: domain is a Parquet list (VARCHAR[]), expected a string"),
+        (1, "wrong type: user_id is a JSON object, expected a string"),
+        (2, "wrong type: domain is a JSON array, expected a string"),
+    ]
+    with Store.open(db, read_only=True) as s:
+        assert s.sql("SELECT count(*) FROM events").item() == 0
+
+
+def test_reingesting_a_fixed_file_adds_only_new_rejections(tmp_path: Path):
+    db = tmp_path / "s.duckdb"
+    log = tmp_path / "log.jsonl"
+    bad = [rec(i, event="purchase") for i in range(5)]
+    write_jsonl(log, bad)
+    first = ingest([log], db).files[0]
+    assert (first.rows_ok, first.rows_rejected) == (0, 5)
+    write_jsonl(log, [rec(0)] + bad[1:] + [rec(9, user_id=None)])  # one fixed, one new bad record
+    second = ingest([log], db).files[0]
+    assert (second.rows_ok, second.rows_rejected, second.rejected_known) == (1, 5, 4)
+    assert len(_rejected(db)) == 6
+
+
+def test_a_failed_ingest_leaves_no_store_behind(tmp_path: Path):
+    db = tmp_path / "new.duckdb"
+    report = ingest([tmp_path / "nope.jsonl"], db)
+    assert report.files[0].error and not db.exists() and not Path(f"{db}.wal").exists()
+    ingest([write_jsonl(tmp_path / "a.jsonl", [rec(1)])], db)
+    ingest([tmp_path / "nope.jsonl"], db)  # a store that was there stays
+    assert db.exists()

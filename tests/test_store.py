@@ -134,5 +134,5 @@ def test_opening_writable_and_read_only_in_one_process_is_explained(tmp_path: Pa
         with pytest.raises(StoreError, match="already open in this process for writing; close that Store"):
             Store.open(db, read_only=True)
     (tmp_path / "notes.duckdb").write_text("not a database")
-    with pytest.raises(StoreError, match="not a valid DuckDB database file"):
+    with pytest.raises(StoreError, match="exists and is not a DuckDB database"):
         Store.open(tmp_path / "notes.duckdb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -76,9 +77,11 @@ def _print_report(report: IngestReport, quiet: bool) -> None:
         elif f.note:
             click.echo(f"  {f.path}: {f.note}", err=True)
         else:
+            known = f" ({f.rejected_known:,} already recorded from this file)" if f.rejected_known else ""
             click.echo(
                 f"  {f.path}: batch {f.batch_id} ({f.format}): {f.rows_ok:,} ok, {f.rows_duplicate:,} duplicate, "
-                f"{f.rows_rejected:,} rejected" + (f", {f.rows_skipped:,} skipped (no rating)" if f.rows_skipped else ""),
+                f"{f.rows_rejected:,} rejected{known}"
+                + (f", {f.rows_skipped:,} skipped (no rating)" if f.rows_skipped else ""),
                 err=True,
             )
     if report.users_upserted and not quiet:
@@ -87,7 +90,7 @@ def _print_report(report: IngestReport, quiet: bool) -> None:
 
 
 @click.command("ingest")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="PATHS... [KEY=VALUE]...")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
               help="Input format; auto picks by extension, then by content.")
 @click.option("--users", "users", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -99,13 +102,15 @@ def _print_report(report: IngestReport, quiet: bool) -> None:
 @config_option
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an ingest setting, e.g. --set max_field_chars=50000 (repeatable).")
-def ingest_cmd(paths: tuple[Path, ...], fmt: str, users: Path | None, strict: bool, force: bool, quiet: bool,
+def ingest_cmd(paths: tuple[str, ...], fmt: str, users: Path | None, strict: bool, force: bool, quiet: bool,
                store: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Ingest interaction logs into the store (one transaction per file, idempotent).
 
     Bad records go to the store's `rejected` table with their line and reason; valid records in the
-    same file are kept. Exits non-zero only when nothing could be read, or with --strict when
-    anything was rejected. --set overrides the config's `ingest` section.
+    same file are kept. A file that cannot be read (missing, empty, binary...) is reported and the
+    others still go in, but the command then exits non-zero; it also does when nothing could be
+    ingested, and with --strict when anything was rejected. Settings: `ingest.KEY=VALUE` after the
+    paths, as in every command (or --set KEY=VALUE).
 
     \b
     Examples:
@@ -113,11 +118,16 @@ def ingest_cmd(paths: tuple[Path, ...], fmt: str, users: Path | None, strict: bo
       adaptive-ft ingest logs/*.parquet --users users.csv --store runs/store.duckdb
       adaptive-ft ingest chats.jsonl --format chat --strict
       adaptive-ft ingest review.csv --format review
+      adaptive-ft ingest logs.jsonl ingest.max_field_chars=50000
     """
-    cfg = load_config(config_path, [o if o.startswith("ingest.") else f"ingest.{o}" for o in overrides])
+    files, positional = _split_overrides(paths)
+    if not files:
+        raise click.UsageError("no log file given (only settings: " + " ".join(positional) + ")")
+    sets = [o if o.startswith("ingest.") else f"ingest.{o}" for o in overrides]
+    cfg = load_config(config_path, [*positional, *sets])
     progress = _Progress(quiet)
     try:
-        report = ingest(list(paths), store=store, config=cfg.ingest, fmt=fmt, users=users, force=force,
+        report = ingest(files, store=store, config=cfg.ingest, fmt=fmt, users=users, force=force,
                         on_stage=progress)
     finally:
         progress.close()
@@ -125,11 +135,29 @@ def ingest_cmd(paths: tuple[Path, ...], fmt: str, users: Path | None, strict: bo
     if not report.anything_read:
         errors = "; ".join(f.error for f in report.files if f.error) or "every record was rejected"
         raise InputError(f"nothing could be ingested: {errors}")
+    if report.unreadable:
+        n = len(report.unreadable)
+        raise InputError(
+            f"{n} of {len(report.files)} file(s) could not be read (the others were ingested): "
+            + "; ".join(f.error for f in report.unreadable if f.error)
+        )
     if strict and report.total("rows_rejected"):
         raise click.ClickException(
             f"--strict: {report.total('rows_rejected'):,} record(s) rejected; see `adaptive-ft stats` "
             f"or SELECT * FROM rejected in {report.store}"
         )
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
+
+
+def _split_overrides(args: tuple[str, ...]) -> tuple[list[Path], list[str]]:
+    """Log paths and ``section.key=value`` settings from the positional arguments (a file that exists is a path,
+    whatever its name)."""
+    files, settings = [], []
+    for a in args:
+        (settings if _OVERRIDE.match(a) and not Path(a).exists() else files).append(a)
+    return [Path(f) for f in files], settings
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:

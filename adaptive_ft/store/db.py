@@ -40,7 +40,25 @@ def _lock_message(path: Path, err: Exception) -> str:
     )
 
 
+def _check_is_duckdb(path: Path) -> None:
+    """A store path must be a DuckDB file or not exist: DuckDB would open, say, a .jsonl given as the store
+    as an in-memory database, so an ingest would store nothing and report success."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise StoreError(f"store {path} is a directory; pass a file path, e.g. --store {path / DEFAULT_STORE}")
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head[8:12] != b"DUCK":
+        what = "an empty file" if not head else "not a DuckDB database"
+        raise StoreError(
+            f"store {path} exists and is {what}; --store takes a DuckDB file written by adaptive-ft "
+            "or a path that does not exist yet (a log to ingest goes before the options, without --store)"
+        )
+
+
 def _connect(path: Path, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
+    _check_is_duckdb(path)
     try:
         con = duckdb.connect(str(path), read_only=read_only, config=config)
         # Naive ISO timestamps in logs mean UTC, whatever the machine's zone (set after connecting:

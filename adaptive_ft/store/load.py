@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
-from adaptive_ft.store.db import Store
+from adaptive_ft.store.db import Store, resolve_store_path
 from adaptive_ft.text import NORMALIZE_PROMPT_SQL
 from adaptive_ft.store.sources import (
     FIELDS, Reader, Source, check_source, chat_reader, csv_reader, direct_reader, file_digest, file_sha256, ident,
@@ -44,6 +44,7 @@ class FileReport:
     rows_duplicate: int = 0
     rows_rejected: int = 0
     rows_skipped: int = 0
+    rejected_known: int = 0  # rejected records already recorded from an earlier batch of this source (not added again)
     seconds: float = 0.0
     error: str | None = None  # the file could not be read at all
     note: str | None = None  # e.g. already ingested
@@ -66,8 +67,16 @@ class IngestReport:
 
     @property
     def anything_read(self) -> bool:
-        """Whether any file yielded valid records (new or already stored) or a users file was loaded."""
-        return self.users_upserted > 0 or any(f.rows_ok + f.rows_duplicate > 0 or f.note for f in self.files)
+        """Whether any file yielded valid records (new or already stored) or a users file was loaded.
+
+        A file already ingested counts what its batch gave then, so the same command answers the same way.
+        """
+        return self.users_upserted > 0 or any(f.rows_ok + f.rows_duplicate > 0 for f in self.files)
+
+    @property
+    def unreadable(self) -> list[FileReport]:
+        """The files that could not be read at all."""
+        return [f for f in self.files if f.error]
 
     def summary(self) -> str:
         ok, dup, rej = self.total("rows_ok"), self.total("rows_duplicate"), self.total("rows_rejected")
@@ -93,15 +102,24 @@ def ingest(
 
     A file that cannot be read at all (missing, empty, binary) is reported in its :class:`FileReport`
     and the others still go in. A file whose sha256 matches an earlier batch is passed over unless
-    ``force``; re-reading it adds nothing anyway, since event ids are stable.
+    ``force`` (its report repeats that batch's counts); re-reading it adds nothing anyway, since event ids
+    are stable. A store this call created is removed again when nothing was written to it.
     """
     cfg = config or IngestConfig()
-    with Store.open(store, memory_limit=cfg.memory_limit, threads=cfg.threads) as st:
-        report = IngestReport(str(st.path))
-        for path in paths:
-            report.files.append(_ingest_file(st, Path(path), fmt, cfg, force, on_stage))
-        if users is not None:
-            report.users_upserted = ingest_users(st, Path(users))
+    path = resolve_store_path(store)
+    existed = path.exists()
+    report = IngestReport(str(path))
+    try:
+        with Store.open(path, memory_limit=cfg.memory_limit, threads=cfg.threads) as st:
+            for p in paths:
+                report.files.append(_ingest_file(st, Path(p), fmt, cfg, force, on_stage))
+            if users is not None:
+                report.users_upserted = ingest_users(st, Path(users))
+    finally:
+        written = report.users_upserted or any(f.batch_id is not None and not f.error for f in report.files)
+        if not existed and not written:
+            for leftover in (path, Path(f"{path}.wal")):
+                leftover.unlink(missing_ok=True)
     return report
 
 
@@ -115,8 +133,8 @@ def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool
     rep.format = src.format
     # Only a file of the same size as an earlier batch can be that batch again: hash it now to check.
     # Any other file is hashed in a thread while DuckDB reads it (the batch records the hash at the end).
-    same_size = st.con.execute("SELECT batch_id, sha256, rows_ok + rows_duplicate FROM batches WHERE bytes = ? "
-                               "ORDER BY batch_id", [src.bytes]).fetchall()
+    same_size = st.con.execute("SELECT batch_id, sha256, rows_ok + rows_duplicate, rows_rejected FROM batches "
+                               "WHERE bytes = ? ORDER BY batch_id", [src.bytes]).fetchall()
     with ThreadPoolExecutor(max_workers=1) as pool:
         # plain JSONL: the newline offsets too, so the lines the direct path must re-read cost no pass
         indexed = src.format == "jsonl" and src.path.suffix.lower() != ".gz"
@@ -124,8 +142,11 @@ def _ingest_file(st: Store, path: Path, fmt: str, cfg: IngestConfig, force: bool
         if same_size:
             prev = next((b for b in same_size if b[1] == digest.result()[0]), None)
             if prev and not force:
-                rep.rows_duplicate = int(prev[2])
+                rep.rows_duplicate, rep.rows_rejected = int(prev[2]), int(prev[3] or 0)
+                rep.rejected_known = rep.rows_rejected
                 rep.note = f"already ingested as batch {prev[0]} (same sha256); --force re-reads it"
+                if not prev[2] and prev[3]:
+                    rep.note += "; every record was rejected then: fix the file, then ingest it again"
                 return rep
         try:
             _load(st, src, cfg, rep, hook, digest)
@@ -273,8 +294,8 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     else:
         total = digest.result()[1]
     # Distinct hashes prove distinct ids; a repeated hash (a repeated event, or rarely a collision) is looked at.
-    (distinct,) = con.execute(
-        "SELECT count(DISTINCT hash(event_id)) FROM events WHERE batch_id = ?", [batch]
+    (distinct, last_line) = con.execute(
+        "SELECT count(DISTINCT hash(event_id)), max(line) FROM events WHERE batch_id = ?", [batch]
     ).fetchall()[0]
     stage(1)
     rest, repeats = inserted < total, distinct < inserted
@@ -283,6 +304,14 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
             f"""CREATE OR REPLACE TEMP TABLE _todo AS SELECT line FROM range(1, {int(total)} + 1) t(line)
                 WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.batch_id = {int(batch)} AND e.line = t.line)"""
         )
+        (n_todo,) = con.execute("SELECT count(*) FROM _todo").fetchall()[0]
+    if rest and src.format == "jsonl" and last_line == total and n_todo * _REREAD_SHARE <= total:
+        # The reader numbered the last line as the file's last line: no line was skipped, so the lines
+        # the pass did not take are exactly _todo. Few of them: fetch them by offset and read them line by line.
+        con.execute("CREATE OR REPLACE TEMP TABLE _rawlines AS SELECT line AS _line FROM _todo")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(r, cfg)} LIMIT 0")
+        _reread_jsonl(con, src, cfg, digest, "SELECT _line AS line FROM _rawlines")
+    elif rest:
         beyond = int(total) if src.format == "jsonl" else None  # JSONL: also what lies past the last line
         con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(r, cfg, only='_todo', total=beyond)}")
         if src.format == "jsonl":
@@ -335,14 +364,20 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     return True
 
 
-def _reread_jsonl(con: duckdb.DuckDBPyConnection, src: Source, cfg: IngestConfig, digest: Future[tuple]) -> None:
-    """Stage again, from their raw text, the JSONL lines DuckDB's JSON reader rejected or may have misread.
+# The direct path reads the lines its pass did not take by offset when they are at most 1/20 of the file,
+# else lets DuckDB read the file again, keeping only those lines (Python's per-line cost would dominate).
+_REREAD_SHARE = 20
+
+
+def _reread_jsonl(con: duckdb.DuckDBPyConnection, src: Source, cfg: IngestConfig, digest: Future[tuple],
+                  which: str = "SELECT line FROM _stage WHERE reason IS NOT NULL OR suspect") -> None:
+    """Stage, from their raw text, JSONL lines (``which``: by default those DuckDB's JSON reader rejected or
+    may have misread), replacing what the stage holds for them.
 
     The lines are fetched by byte offset (no pass over the file) and checked for UTF-8 here: DuckDB would
     give up on the whole file at one bad byte, which is one bad record.
     """
-    lines = [n for (n,) in con.execute(
-        "SELECT line FROM _stage WHERE reason IS NOT NULL OR suspect ORDER BY line").fetchall()]
+    lines = [n for (n,) in con.execute(f"SELECT line FROM ({which}) ORDER BY line").fetchall()]
     if not lines:
         return
     raws, encs = [], []
@@ -620,19 +655,27 @@ def _settle(con: duckdb.DuckDBPyConnection, src: Source, batch: int, cfg: Ingest
         f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM _stage WHERE {_KEPT} ORDER BY line", [batch]
     ).fetchall()[0]
     fill_raw()
+    # A bad record this source already had rejected (the same text, the same reason) is not added again:
+    # re-reading a file after fixing some of its lines adds only what is new.
     n_raw = cfg.max_raw_chars
-    con.execute(
-        f"""INSERT INTO rejected SELECT ?, line,
-            CASE WHEN length(raw) > {n_raw} THEN left(raw, {n_raw}) || '... (' || length(raw) || ' chars)' ELSE raw END,
-            reason FROM _stage WHERE reason IS NOT NULL ORDER BY line""",
-        [batch],
-    )
+    (added,) = con.execute(
+        f"""INSERT INTO rejected SELECT ?, line, raw_kept, reason FROM (
+                SELECT line, reason, CASE WHEN length(raw) > {n_raw}
+                    THEN left(raw, {n_raw}) || '... (' || length(raw) || ' chars)' ELSE raw END AS raw_kept
+                FROM _stage WHERE reason IS NOT NULL) s
+            WHERE NOT EXISTS (SELECT 1 FROM rejected r JOIN batches b USING (batch_id)
+                              WHERE b.source = ? AND r.batch_id <> ? AND r.reason = s.reason
+                                AND r.raw IS NOT DISTINCT FROM s.raw_kept)
+            ORDER BY line""",
+        [batch, str(src.path.resolve()), batch],
+    ).fetchall()[0]
     rejected, skipped, dups = con.execute(
         "SELECT count(*) FILTER (reason IS NOT NULL), count(*) FILTER (skipped), "
         "count(*) FILTER (dup AND reason IS NULL) FROM _stage"
     ).fetchall()[0]
     rep.rows_ok += int(inserted)
     rep.rows_rejected, rep.rows_skipped, rep.rows_duplicate = int(rejected), int(skipped), int(dups)
+    rep.rejected_known = int(rejected) - int(added)
 
 
 def _upsert_examples(con: duckdb.DuckDBPyConnection, rows: str, batch: int) -> None:

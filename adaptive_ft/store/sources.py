@@ -118,8 +118,28 @@ def read_lines(path: Path, newlines: np.ndarray, numbers: list[int]) -> list[byt
     return out
 
 
+def _utf16(head: bytes) -> str | None:
+    """'UTF-16LE'/'UTF-16BE' when the head is UTF-16 text (a byte-order mark, or every other byte NUL)."""
+    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return "UTF-16LE" if head[:2] == codecs.BOM_UTF16_LE else "UTF-16BE"
+    sample = head[:512]
+    if len(sample) >= 8:
+        even, odd = sample[0::2], sample[1::2]
+        if odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+            return "UTF-16LE"
+        if even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+            return "UTF-16BE"
+    return None
+
+
 def _check_text(path: Path, head: bytes) -> str:
     """Decode the head of a text file, or explain why it is not one."""
+    enc = _utf16(head)
+    if enc:
+        raise InputError(
+            f"{path}: {enc} text, not UTF-8; convert it to UTF-8 first "
+            f"(e.g. iconv -f {enc} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix})"
+        )
     nul = head.find(b"\x00")
     if nul >= 0:
         raise InputError(
@@ -181,6 +201,15 @@ def check_source(path: str | Path, fmt: str = "auto") -> Source:
         src.columns = _header(text)
         if not any(src.columns):
             raise InputError(f"{path}: the first line should be a CSV header (e.g. ts,user_id,event,...)")
+        first = text.splitlines()[0]
+        delim = next((d for d in (";", "|") if d in first and "," not in first and "\t" not in first), None)
+        if delim:
+            raise InputError(
+                f"{path}: the header is separated by {delim!r} ({first[:60]}); adaptive-ft reads comma-separated "
+                "CSV (tab-separated as .tsv): write it with ',' as the delimiter"
+            )
+        if size <= _SNIFF_BYTES and sum(1 for ln in text.splitlines() if ln.strip()) <= 1:
+            raise InputError(f"{path}: a CSV header ({first[:60]}) and no records; nothing to ingest")
     return src
 
 
