@@ -124,7 +124,7 @@ def ingest_cmd(paths: tuple[str, ...], fmt: str, users: Path | None, strict: boo
     if not files:
         raise click.UsageError("no log file given (only settings: " + " ".join(positional) + ")")
     sets = [o if o.startswith("ingest.") else f"ingest.{o}" for o in overrides]
-    cfg = load_config(config_path, [*positional, *sets])
+    cfg = load_config(config_path, [*sets, *positional])  # as flags elsewhere: a positional setting wins
     progress = _Progress(quiet)
     try:
         report = ingest(files, store=store, config=cfg.ingest, fmt=fmt, users=users, force=force,
