@@ -348,9 +348,9 @@ def test_well_formed_json_with_bad_values_keeps_exact_lines_and_raw_text(tmp_pat
     reads: list[list[int] | str] = []
     real_reader = load_mod.jsonl_reader
 
-    def reader(src, lines=None):
+    def reader(src, lines=None, rejects=None):
         reads.append("whole file" if lines is None else "lines")
-        return real_reader(src, lines)
+        return real_reader(src, lines, rejects)
 
     monkeypatch.setattr(load_mod, "jsonl_reader", reader)
     staged = _watch_stage(monkeypatch)
@@ -608,3 +608,32 @@ def test_a_failed_ingest_leaves_no_store_behind(tmp_path: Path):
     ingest([write_jsonl(tmp_path / "a.jsonl", [rec(1)])], db)
     ingest([tmp_path / "nope.jsonl"], db)  # a store that was there stays
     assert db.exists()
+
+
+@pytest.mark.parametrize("kind", ["blank line", "gzip", "csv"])
+def test_a_bad_utf8_byte_rejects_that_line_in_files_staged_whole_too(tmp_path: Path, kind: str):
+    """Files the direct path does not take (a blank line, gzip, CSV) are read line by line by DuckDB; a line that
+    is not UTF-8 is still one rejected record, and the lines after it keep their numbers."""
+    import gzip
+
+    n = 3000
+    if kind == "csv":
+        body = [b"event_id,ts,user_id,segment,example_id,domain,prompt,event"]
+        body += [",".join(str(rec(i)[k]) for k in ("event_id", "ts", "user_id", "segment", "example_id", "domain",
+                                                     "prompt", "event")).encode() for i in range(n)]
+    else:
+        body = [json.dumps(rec(i)).encode() for i in range(n)]
+    bad = 2500 + (kind == "csv")  # the record rec(2500) in both
+    body[bad] = body[bad].replace(b"question", b"quest\xffion")
+    if kind == "blank line":
+        body.insert(10, b"")
+    data = b"\n".join(body) + b"\n"
+    log = tmp_path / {"blank line": "log.jsonl", "gzip": "log.jsonl.gz", "csv": "log.csv"}[kind]
+    log.write_bytes(gzip.compress(data) if kind == "gzip" else data)
+    db = tmp_path / "s.duckdb"
+    f = ingest([log], db).files[0]
+    assert (f.error, f.rows_ok, f.rows_rejected) == (None, n - 1, 1)
+    (line, reason), = _rejected(db)
+    assert line == bad + 1 + (kind == "blank line") and reason.startswith("invalid UTF-8"), (line, reason)
+    with Store.open(db, read_only=True) as s:  # the record after the bad one is stored with its own line
+        assert s.sql("SELECT line FROM events WHERE event_id = 'e2501'").item() == line + 1

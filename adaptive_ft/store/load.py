@@ -166,9 +166,9 @@ def _rollback(st: Store) -> None:
 
 def _reader(src: Source, rejects: str) -> Reader:
     if src.format == "jsonl":
-        return jsonl_reader(src)
+        return jsonl_reader(src, rejects=rejects)
     if src.format == "chat":
-        return chat_reader(src)
+        return chat_reader(src, rejects)
     if src.format == "csv":
         return csv_reader(src, rejects)
     if src.format == "review":
@@ -211,7 +211,7 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
     con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(reader, cfg)}")
     _begin_batch(con, batch, src)
     if reader.csv_rejects:
-        _csv_rejects(con, reader.csv_rejects, batch)
+        _csv_rejects(con, reader.csv_rejects, header=src.format in ("csv", "review"))
     stage(1)
     _resolve_examples(con, batch)
     stage(2)
@@ -420,9 +420,11 @@ def _fill_raw_from_lines(con: duckdb.DuckDBPyConnection, src: Source) -> None:
     (n,) = con.execute("SELECT count(*) FROM _stage WHERE reason IS NOT NULL AND raw IS NULL").fetchall()[0]
     if n:
         con.execute(
-            f"""UPDATE _stage SET raw = l._raw FROM ({lines_relation(src)}) l
+            f"""UPDATE _stage SET raw = l._raw FROM ({lines_relation(src, '_rejects_fill')}) l
             WHERE l._line = _stage.line AND _stage.reason IS NOT NULL AND _stage.raw IS NULL"""
         )
+        con.execute("DROP TABLE IF EXISTS _rejects_fill")
+        con.execute("DROP TABLE IF EXISTS _rejects_fill_scan")
 
 
 def _stage(hook: StageHook | None, src: Source, i: int) -> None:
@@ -546,24 +548,28 @@ def _raw_sql(r: Reader, where: str) -> str:
     return f"SELECT line, {r.raw} AS raw FROM (SELECT {r.line} AS line{kept} FROM {r.base} {where})"
 
 
-def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, batch: int) -> None:
-    """Rows that break CSV rules (DuckDB skipped them): record them, and correct later rows' line numbers.
+def _csv_rejects(con: duckdb.DuckDBPyConnection, table: str, header: bool) -> None:
+    """Rows DuckDB's CSV reader set aside (rows that break CSV rules, lines not UTF-8): record them, and correct
+    later rows' line numbers.
 
-    DuckDB logs one error per missing column; the first one per line is kept. The staging line was
-    (data row + 1); each rejected line before a row pushes it one line further.
+    DuckDB logs one error per missing column; the first one per line is kept. The staging line was the row's
+    number among the rows read (plus one for a header); each set-aside line before a row pushes it one further.
     """
+    offset = int(header)
     rej = f"(SELECT line, arg_min(error_type, column_idx) AS error_type, arg_min(error_message, column_idx) AS msg, " \
           f"any_value(csv_line) AS csv_line FROM {ident(table)} GROUP BY line)"
     (n,) = con.execute(f"SELECT count(*) FROM {rej}").fetchall()[0]
     if n:
         con.execute(
             f"""UPDATE _stage SET line = _stage.line + (
-                SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) - 1 AS g FROM {rej}) r
-                WHERE r.g < _stage.line - 1)"""
+                SELECT count(*) FROM (SELECT line - row_number() OVER (ORDER BY line) - {offset} AS g FROM {rej}) r
+                WHERE r.g < _stage.line - {offset})"""
         )
         con.execute(
-            f"""INSERT INTO _stage (line, reason, skipped, suspect, raw)
-            SELECT line, 'malformed CSV: ' || lower(error_type) || ' (' || msg || ')', false, false, csv_line FROM {rej}"""
+            f"""INSERT INTO _stage (line, reason, skipped, suspect, raw, dup)
+            SELECT line, CASE WHEN error_type = 'INVALID ENCODING' THEN 'invalid UTF-8 (' || msg || ')'
+                              ELSE 'malformed CSV: ' || lower(error_type) || ' (' || msg || ')' END,
+                   false, false, trim(csv_line, chr(10) || chr(13)), false FROM {rej}"""
         )
     con.execute(f"DROP TABLE IF EXISTS {ident(table)}")
     con.execute(f"DROP TABLE IF EXISTS {ident(table + '_scan')}")

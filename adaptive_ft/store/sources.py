@@ -237,14 +237,18 @@ class Reader:
     csv_rejects: str | None = None  # DuckDB rejects table of a CSV read (rows that break CSV rules)
 
 
-def _lines_relation(src: Source) -> str:
+def _lines_relation(src: Source, rejects: str | None = None) -> str:
     """The file as (line number, text) rows, one per physical line (LF or CRLF), read in parallel by read_csv.
 
-    A 4-byte delimiter no log line contains and no quoting turn the CSV reader into a line splitter.
+    A 4-byte delimiter no log line contains and no quoting turn the CSV reader into a line splitter. A line
+    that is not UTF-8 goes to the ``rejects`` table (DuckDB's store_rejects) instead of failing the read; the
+    rows after it are numbered one short, which :func:`adaptive_ft.store.load._csv_rejects` corrects.
     """
+    keep = (f", store_rejects=true, rejects_table={q(rejects)}, rejects_scan={q(rejects + '_scan')}"
+            if rejects else "")
     rc = (
         f"read_csv({q(str(src.path))}, columns={{'_raw': 'VARCHAR'}}, delim='\x01\x02\x03\x04', quote='', "
-        f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_line_max(src)})"
+        f"escape='', header=false, auto_detect=false, strict_mode=false, max_line_size={_line_max(src)}{keep})"
     )
     return f"SELECT row_number() OVER () AS _line, _raw, NULL::VARCHAR AS _enc FROM {rc}"
 
@@ -280,7 +284,7 @@ def _json_type_reason(name: str) -> str:
     )
 
 
-def _json_base(src: Source, keys: dict[str, str], lines: str | None = None) -> str:
+def _json_base(src: Source, keys: dict[str, str], lines: str | None = None, rejects: str | None = None) -> str:
     """Lines parsed as JSON objects; a line that is not one keeps _r NULL and gets a reason later.
 
     ``lines`` is a relation of (_line, _raw, _enc) to read instead of the whole file (``_enc``: a reason
@@ -291,7 +295,7 @@ def _json_base(src: Source, keys: dict[str, str], lines: str | None = None) -> s
     kinds = (
         "SELECT _line, _raw, _enc, CASE WHEN json_valid(_raw) THEN CASE WHEN starts_with(_raw, '{') THEN 'OBJECT' "
         "ELSE json_type(_raw) END WHEN trim(_raw) = '' THEN 'BLANK' ELSE 'INVALID' END AS _kind "
-        f"FROM ({lines or _lines_relation(src)}) WHERE _raw IS NOT NULL"
+        f"FROM ({lines or _lines_relation(src, rejects)}) WHERE _raw IS NOT NULL"
     )
     return (f"SELECT *, CASE WHEN _kind = 'OBJECT' THEN from_json(_raw, {_json_struct(keys)}) END AS _r "
             f"FROM ({kinds}) WHERE _kind <> 'BLANK'")
@@ -304,7 +308,7 @@ def _json_record_reason() -> str:
     )
 
 
-def jsonl_reader(src: Source, lines: str | None = None) -> Reader:
+def jsonl_reader(src: Source, lines: str | None = None, rejects: str | None = None) -> Reader:
     """The flat format as JSON lines; blank lines are not records and are passed over.
 
     ``lines``: read only these (_line, _raw, _enc) rows instead of the whole file (see :func:`_json_base`).
@@ -312,7 +316,7 @@ def jsonl_reader(src: Source, lines: str | None = None) -> Reader:
     keys = {f: "VARCHAR" for f in FIELDS}
     wrong = " ".join(_json_type_reason(f) for f in FIELDS if f != "value")
     return Reader(
-        base=f"({_json_base(src, keys, lines)})",
+        base=f"({_json_base(src, keys, lines, rejects)})", csv_rejects=None if lines else rejects,
         fields={f: _text(f"_r.{ident(f)}", f in _SHORT) for f in FIELDS},
         pre_reason=f"CASE {_json_record_reason()} {wrong} END",
     )
@@ -345,9 +349,9 @@ def direct_reader(src: Source) -> Reader | None:
                   suspect=f"coalesce({suspect}, false)", raw="NULL::VARCHAR", carry={}, line="row_number() OVER ()")
 
 
-def lines_relation(src: Source) -> str:
-    """(_line, _raw) for every line of the file: the raw text of rejected records."""
-    return _lines_relation(src)
+def lines_relation(src: Source, rejects: str) -> str:
+    """(_line, _raw) for every line of the file (lines not UTF-8 go to ``rejects``): the raw text of rejected records."""
+    return _lines_relation(src, rejects)
 
 
 # Feedback words of chat logs mapped onto event types (anything else must itself be an event type).
@@ -364,7 +368,7 @@ def _chat_content(msg: str) -> str:
     )
 
 
-def chat_reader(src: Source) -> Reader:
+def chat_reader(src: Source, rejects: str | None = None) -> Reader:
     """OpenAI-style chat JSONL: the last user turn is the prompt, the last assistant turn the response.
 
     ``event`` if present, else ``feedback`` (up/down words, true/false, or a number = a rating), else
@@ -377,7 +381,7 @@ def chat_reader(src: Source) -> Reader:
         f"(SELECT *, CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('user'))} END AS _u, "
         f"CASE WHEN json_type(_r.messages) = 'ARRAY' THEN {turn.format(role=q('assistant'))} END AS _a, "
         f"json_type(_r.feedback) AS _ft, lower(trim(json_extract_string(_r.feedback, '$'))) AS _fv "
-        f"FROM ({_json_base(src, keys)}))"
+        f"FROM ({_json_base(src, keys, rejects=rejects)}))"
     )
     up, down = ", ".join(map(q, _UP)), ", ".join(map(q, _DOWN))
     feedback_event = (
@@ -399,7 +403,7 @@ def chat_reader(src: Source) -> Reader:
         "WHEN _u IS NULL THEN 'missing required field: messages has no user turn' "
         f"WHEN _ft IN ('OBJECT', 'ARRAY') THEN 'wrong type: feedback is a JSON ' || {json_kind('_ft')} {wrong} END"
     )
-    return Reader(base=base, fields=fields, pre_reason=pre)
+    return Reader(base=base, fields=fields, pre_reason=pre, csv_rejects=rejects)
 
 
 def _csv_relation(src: Source, cols: list[str], rejects: str) -> str:
