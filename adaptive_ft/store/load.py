@@ -223,7 +223,7 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
 
 
 def _drop_temps(con: duckdb.DuckDBPyConnection) -> None:
-    for t in ("_stage", "_todo", "_pull", "_rawlines"):
+    for t in ("_stage", "_todo", "_pull", "_rawlines", "_rep"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
@@ -276,7 +276,8 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
        line the filter does not need costs a parse, never a write), and JSONL lines DuckDB's JSON reader
        rejected or may have misread are re-read from their raw text (fetched by byte offset) line by line;
     3. events of this batch whose id the stage also holds, or that the file repeats, are moved back into the
-       stage, so :func:`_settle` decides every repeated id by its first line, as the staged path does;
+       stage, so :func:`_settle` decides every repeated id by its first line, as the staged path does (ids a
+       narrow pre-pass finds given twice are kept out of step 1, so this is rare: records without an id);
     4. examples are upserted from a narrow pass over the records kept, users from the batch's events.
 
     A clean file stops after step 1 and 4. Returns False (the transaction open, for the caller to roll
@@ -286,6 +287,17 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     stage(0)
     (empty,) = con.execute("SELECT NOT EXISTS (SELECT 1 FROM events)").fetchall()[0]
     new = "" if empty else " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)"
+    # Ids the file gives more than once are kept out of the pass (and staged): a row written in this
+    # transaction and deleted again makes DuckDB rewrite the batch's row groups at commit, a cost
+    # proportional to the file. A narrow pre-pass over the id column finds them.
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h FROM (
+                SELECT hash({r.fields['event_id']}) AS h FROM {r.base} WHERE {r.fields['event_id']} IS NOT NULL)
+            GROUP BY h HAVING count(*) > 1"""
+    )
+    (n_rep,) = con.execute("SELECT count(*) FROM _rep").fetchall()[0]
+    if n_rep:
+        new += " AND hash(s.event_id) NOT IN (SELECT h FROM _rep)"
     (inserted,) = con.execute(
         f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM ({_rows_sql(r, cfg)}) s WHERE clean{new}", [batch]
     ).fetchall()[0]
@@ -293,7 +305,8 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         (total,) = con.execute(f"SELECT count(*) FROM read_parquet({q(str(src.path))})").fetchall()[0]
     else:
         total = digest.result()[1]
-    # Distinct hashes prove distinct ids; a repeated hash (a repeated event, or rarely a collision) is looked at.
+    # Distinct hashes prove distinct ids; a repeated hash left (records without an id that hash to the same
+    # one, or rarely a collision) is looked at below.
     (distinct, last_line) = con.execute(
         "SELECT count(DISTINCT hash(event_id)), max(line) FROM events WHERE batch_id = ?", [batch]
     ).fetchall()[0]
