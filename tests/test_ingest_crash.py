@@ -28,13 +28,16 @@ print("finished", flush=True)
 """
 
 
-def _big_log(path: Path, n: int) -> Path:
-    i = pl.int_range(0, n, eager=True)
-    pl.DataFrame({
-        "event_id": "big-" + i.cast(pl.Utf8), "ts": "2024-04-01T00:00:00Z", "user_id": "u" + (i % 997).cast(pl.Utf8),
-        "segment": "pro", "example_id": "x" + (i % 5000).cast(pl.Utf8), "domain": "billing",
-        "prompt": "question " + (i % 5000).cast(pl.Utf8), "event": "click",
-    }).write_ndjson(path)
+def _big_log(path: Path, n: int, dirty: bool = False) -> Path:
+    """n events; dirty: every 1000th repeats the id 10 lines before it and every 5000th has an unknown event
+    type, so the careful pass has work inside the same transaction."""
+    i = pl.col("i")
+    pl.DataFrame({"i": pl.int_range(0, n, eager=True)}).select(
+        event_id="big-" + pl.when((i % 1000 == 999) & dirty).then(i - 10).otherwise(i).cast(pl.Utf8),
+        ts=pl.lit("2024-04-01T00:00:00Z"), user_id="u" + (i % 997).cast(pl.Utf8), segment=pl.lit("pro"),
+        example_id="x" + (i % 5000).cast(pl.Utf8), domain=pl.lit("billing"), prompt="question " + (i % 5000).cast(pl.Utf8),
+        event=pl.when((i % 5000 == 17) & dirty).then(pl.lit("purchase")).otherwise(pl.lit("click")),
+    ).write_ndjson(path)
     return path
 
 
@@ -49,13 +52,14 @@ def _snapshot(db: Path) -> tuple:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dirty", [False, True], ids=["clean", "dirty"])
 @pytest.mark.parametrize("kill_at", ["read + validate", "write", "commit"])
-def test_kill_9_mid_ingest_leaves_the_store_as_before(tmp_path: Path, kill_at: str):
+def test_kill_9_mid_ingest_leaves_the_store_as_before(tmp_path: Path, kill_at: str, dirty: bool):
     db = tmp_path / "s.duckdb"
     ingest([write_jsonl(tmp_path / "first.jsonl", [rec(i) for i in range(40)] + ["{broken"])], db)
     before = _snapshot(db)
     assert before == ([(1, 40)], [(1, 40)], 5, 7, 1)
-    big = _big_log(tmp_path / "big.jsonl", 400_000)
+    big = _big_log(tmp_path / "big.jsonl", 400_000, dirty)
     proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(big), str(db)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     stages = []
@@ -72,5 +76,6 @@ def test_kill_9_mid_ingest_leaves_the_store_as_before(tmp_path: Path, kill_at: s
     assert _snapshot(db) == before
     # and the store works: the same file goes in completely afterwards
     f = ingest([big], db).files[0]
-    assert (f.batch_id, f.rows_ok, f.rows_rejected) == (2, 400_000, 0)
-    assert _snapshot(db)[1] == [(1, 40), (2, 400_000)]
+    ok = 400_000 - 480 * dirty  # a repeated id comes with another user_id: a conflict; 80 unknown events
+    assert (f.batch_id, f.rows_ok, f.rows_rejected) == (2, ok, 480 * dirty)
+    assert _snapshot(db)[1] == [(1, 40), (2, ok)]
