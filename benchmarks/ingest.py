@@ -105,6 +105,7 @@ def generate(n: int, out: Path) -> tuple[Path, Path]:
 
     pq, js = out / f"log{n}.parquet", out / f"log{n}.jsonl"
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     if not pq.exists():
         con.execute(_GENERATE.format(n=n, path=pq, opts="FORMAT parquet"))
     if not js.exists():
@@ -118,6 +119,7 @@ def generate_dirty(n: int, out: Path, pq: Path) -> tuple[Path, Path, int, int]:
 
     djs, dpq = out / f"dirty{n}.jsonl", out / f"dirty{n}.parquet"
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     if not djs.exists():
         con.execute(_DIRTY.format(src=pq, path=djs, malformed="'{\"event_id\": \"' || event_id || '\", broken'"))
     if not dpq.exists():  # Parquet cannot hold malformed JSON: a value that is not a number instead
