@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from ship_helpers import tiny_run
 from sklearn.metrics import precision_recall_fscore_support
 
 from adaptive_ft.config import EvaluateConfig
@@ -177,10 +176,9 @@ def test_parse_label():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_run):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("eval")
-    return tiny_run(root)
+    return tiny_run()
 
 
 def _store_with_traffic(path, split: pl.DataFrame) -> None:

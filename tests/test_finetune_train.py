@@ -19,7 +19,7 @@ from adaptive_ft.artifacts import run as run_art
 from adaptive_ft.config import load_config
 from adaptive_ft.errors import PlanError, TrainingError
 from adaptive_ft.lm import tokens as tk
-from adaptive_ft.lm.models import build_tiny_model, load_model
+from adaptive_ft.lm.models import load_model
 
 # The package exports the function train(), which shadows the submodule's name as an attribute.
 T = importlib.import_module("adaptive_ft.finetune.trainer")
@@ -41,10 +41,10 @@ def examples() -> pl.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, examples: pl.DataFrame) -> Path:
+def tiny(tiny_model, examples: pl.DataFrame) -> Path:
     torch.set_num_threads(1)
     texts = list(examples["prompt"]) + list(examples["reference"])
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=texts, n_layers=3, hidden=64)
+    return tiny_model(texts=texts, n_layers=3, hidden=64)
 
 
 def _plan(path: Path, layers: list[int] | None = None, **extra) -> Path:

@@ -17,8 +17,8 @@ TEXTS = ["my card has not arrived yet", "how do I top up my account", "card_arri
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS, n_layers=3, hidden=32)
+def tiny(tiny_model) -> Path:
+    return tiny_model(texts=TEXTS, n_layers=3, hidden=32)
 
 
 def test_tiny_model_is_an_ordinary_hf_folder(tiny: Path) -> None:

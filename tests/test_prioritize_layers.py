@@ -70,11 +70,11 @@ def test_rank_pattern_scales_with_score():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from adaptive_ft.lm.models import build_tiny_model, load_model
+def tiny(tiny_model):
+    from adaptive_ft.lm.models import load_model
 
     torch.set_num_threads(1)
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS, n_layers=4, hidden=32)
+    folder = tiny_model(texts=TEXTS, n_layers=4, hidden=32)
     return load_model(folder)
 
 

@@ -14,6 +14,7 @@ import polars as pl
 
 from adaptive_ft.artifacts.plan import Plan
 from adaptive_ft.errors import PlanError, TrainingError
+from adaptive_ft.lm.tokens import format_prompt  # noqa: F401  (docs/contracts.md names it here too)
 from adaptive_ft.store import Store
 
 SPLIT_COLUMNS = ["example_id", "domain", "split", "prompt", "reference"]
