@@ -21,10 +21,11 @@ import pyarrow as pa
 
 from adaptive_ft.config import EVENT_TYPES, IngestConfig
 from adaptive_ft.errors import InputError, StoreError
+from adaptive_ft.files import file_sha256
 from adaptive_ft.store.db import Store, resolve_store_path
 from adaptive_ft.text import NORMALIZE_PROMPT_SQL
 from adaptive_ft.store.sources import (
-    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, direct_reader, file_digest, file_sha256, ident,
+    FIELDS, Reader, Source, check_source, chat_reader, csv_reader, direct_reader, file_digest, ident,
     jsonl_reader, line_index, lines_relation, parquet_reader, q, read_lines, review_reader,
 )
 

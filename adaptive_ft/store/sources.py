@@ -82,11 +82,6 @@ def file_digest(path: Path) -> tuple[str, int]:
     return h.hexdigest(), lines + (last != b"\n")
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    return file_digest(path)[0]
-
-
 def line_index(path: Path) -> tuple[str, int, np.ndarray]:
     """sha256, number of lines, and the byte offset of every newline, in one read.
 
