@@ -158,6 +158,27 @@ def test_bnb_variants_reload_quantized_with_plain_from_pretrained(exported, name
                                         result, info)
 
 
+def test_nf4_stores_what_bitsandbytes_does_not_quantize_in_bfloat16(exported):
+    """The embedding (tied to the output layer) and the norms: bfloat16 in the file, each value the merged fp32
+    weight rounded once; every other tensor is a 4-bit weight or a piece of its quantization state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, result = exported
+    merged = load_file(result.out / "merged" / "model.safetensors")
+    with safe_open(str(result.out / "nf4" / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    plain = [k for k in stored if k in merged and stored[k].dtype != torch.uint8]
+    assert sorted(plain) == sorted(k for k, v in merged.items() if v.ndim == 1 or "embed_tokens" in k)
+    assert "model.embed_tokens.weight" in plain and "lm_head.weight" not in stored  # tied: stored once
+    for k in plain:
+        assert stored[k].dtype == torch.bfloat16, k
+        torch.testing.assert_close(stored[k], merged[k].to(torch.bfloat16), rtol=0, atol=0, msg=k)
+    quant_state = [k for k in stored if k not in merged]
+    assert all(".weight." in k for k in quant_state)  # absmax, quant_map, ... of a 4-bit weight
+    assert all(stored[k].numel() <= 256 or stored[k].dtype == torch.uint8 for k in quant_state)
+
+
 def _agreement(merged, variant, tok, result, info) -> float:
     from adaptive_ft.export import probe_prompts
 

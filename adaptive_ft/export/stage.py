@@ -160,8 +160,13 @@ def _save_hf(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def quantize_bnb(merged_dir: Path, out: Path, kind: str, int8_threshold: float = 6.0) -> None:
-    """Load the merged folder through bitsandbytes (int8 or nf4) on CPU and save it with its quantization config."""
+def quantize_bnb(merged_dir: Path, out: Path, kind: str, int8_threshold: float = 6.0,
+                 half_unquantized: torch.dtype | None = torch.bfloat16) -> None:
+    """Load the merged folder through bitsandbytes (int8 or nf4) on CPU and save it with its quantization config.
+
+    nf4 with ``half_unquantized`` (a 16-bit dtype): what bitsandbytes leaves unquantized (the embedding, tied to
+    the output layer, and the norms) is stored in that dtype (:func:`half_unquantized_weights`); None keeps fp32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if kind == "int8":
@@ -179,8 +184,29 @@ def quantize_bnb(merged_dir: Path, out: Path, kind: str, int8_threshold: float =
     except Exception as e:  # bitsandbytes raises many types; say which variant and what to do
         raise ModelError(f"export {kind}: bitsandbytes could not quantize {merged_dir}: {e}. "
                          "Check `python -m bitsandbytes`, or export without this variant.") from e
+    if kind == "nf4" and half_unquantized is not None:
+        half_unquantized_weights(model, half_unquantized)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(merged_dir).save_pretrained(out)
+
+
+def half_unquantized_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
+    """Every fp32 weight bitsandbytes left unquantized (the embedding and the output layer tied to it, the norms)
+    cast to ``dtype`` in place; returns the names cast.
+
+    In a 135M model the 49k-token embedding is a fifth of the weights, so in fp32 it is most of an nf4 file.
+    transformers reloads these tensors in the dtype they were saved in (whatever ``dtype`` ``from_pretrained``
+    is given), so the model then runs its residual stream in that dtype around the 4-bit layers.
+    """
+    done: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen or type(param).__name__ in ("Params4bit", "Int8Params") or param.dtype != torch.float32:
+            continue
+        seen.add(id(param))
+        param.data = param.data.to(dtype)
+        done[name] = str(dtype).removeprefix("torch.")
+    return done
 
 
 def probe_prompts(run: Path, tokenizer: Any, n: int, manifest: dict[str, Any] | None = None) -> list[str]:
