@@ -64,8 +64,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per timed prompt")
     parser.add_argument("--nf4-baselines", default="fp32",
                         help="comma list of fp32,fp16,bf16: nf4 rebuilt with its unquantized weights stored so")
+    parser.add_argument("--probes", type=int, default=8,
+                        help="probe prompts (top-1 agreement for every variant; llama.cpp's answers for GGUF)")
     parser.add_argument("--accuracy", type=int, default=0,
-                        help="also score merged and every nf4 on this many test examples of the run (label runs)")
+                        help="also score merged and every nf4 on this many test examples of the run (label runs): "
+                             "one teacher-forced pass per model, an answer right when greedy decoding would give "
+                             "the reference token for token (evaluate.decode_rejected=false)")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="skip the export: score the variants already in --out (an earlier run of this script)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,9 +87,13 @@ def main() -> None:
 
                 base = build_tiny_model(root / "base", n_layers=4, hidden=256, heads=8, kv_heads=4)
             run = make_run(root, base)
-        cfg = ExportConfig(probe_prompts=8, latency_prompts=3, latency_tokens=args.tokens)
-        start = time.perf_counter()
         out = args.out or root / "export"
+        if args.accuracy_only:
+            names = [p.name for p in sorted(out.iterdir()) if p.name == "merged" or p.name.startswith("nf4")]
+            accuracy(run, out, [n for n in names if n != "nf4-fp16"], args.accuracy, root)
+            return
+        cfg = ExportConfig(probe_prompts=args.probes, latency_prompts=3, latency_tokens=args.tokens)
+        start = time.perf_counter()
         result = export(run, out, cfg)
         took = time.perf_counter() - start
         variants = result.variants + nf4_baselines(run, out, cfg, [b for b in args.nf4_baselines.split(",") if b])
@@ -115,7 +125,8 @@ def accuracy(run: Path, out: Path, names: list[str], n: int, root: Path) -> None
 
     specs = [str(out / name) for name in names]
     start = time.perf_counter()
-    data = evaluate(None, specs, root / "eval.json", EvaluateConfig(max_examples=n, bootstrap=200), run=run).data
+    cfg = EvaluateConfig(max_examples=n, bootstrap=200, decode_rejected=False)
+    data = evaluate(None, specs, root / "eval.json", cfg, run=run).data
     rows = {m["model"]: m for m in data["metrics"] if m["scope"] == "overall" and m["metric"] == data["primary_metric"]}
     print(f"\n{data['primary_metric']} on {data['n_test_examples']} test examples of {run} "
           f"({time.perf_counter() - start:.0f} s)")
@@ -135,8 +146,8 @@ def report(variants: list, run: Path, took: float, threads: int) -> None:
               f"{v.ms_per_token:>9.2f} {v.ms_per_token / merged.ms_per_token:>9.2f} {v.load_seconds:>7.2f} "
               f"{100 * v.agreement:>10.1f}% {answers}  {', '.join(v.verified_by)}"
               + (f" ({v.verify_error})" if v.verify_error else ""))
-    for name, runtime in sorted({v.name.split("-")[0]: v.runtime for v in variants}.items()):
-        print(f"  {name}: {runtime}")
+    for runtime in dict.fromkeys(v.runtime for v in variants):
+        print(f"  {', '.join(v.name for v in variants if v.runtime == runtime)}: {runtime}")
     print("  (latency is wall clock on this machine's CPU while it runs: compare within one run, not across runs)")
 
 

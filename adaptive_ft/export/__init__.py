@@ -10,7 +10,9 @@ Variants (docs/contracts.md, "Export"):
 - ``merged``: the base with ``W + (alpha/r) B A`` folded in, fp32 safetensors HF folder + tokenizer;
 - ``int8`` / ``nf4``: the merged model quantized by bitsandbytes (LLM.int8() and 4-bit NormalFloat), saved as
   HF folders whose ``config.json`` carries the ``quantization_config``, so plain ``from_pretrained`` reloads them
-  quantized (bitsandbytes 0.50 quantizes, saves and runs both on CPU: checked, and tested here);
+  quantized (bitsandbytes 0.50 quantizes, saves and runs both on CPU: checked, and tested here); nf4 stores what
+  bitsandbytes does not quantize (the embedding, tied to the output layer, and the norms) in bfloat16, which
+  transformers reloads as such, so its residual stream runs in bf16 around the 4-bit layers;
 - ``gguf-q8_0`` / ``gguf-f16``: GGUF files for llama.cpp-style runtimes (:mod:`adaptive_ft.export.gguf`).
 
 Each variant is reloaded from disk and measured the same way: size on disk, load time, CPU milliseconds per

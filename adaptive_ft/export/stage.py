@@ -233,7 +233,7 @@ def dir_size(path: Path) -> int:
 # What ms_per_token measured: every variant runs under transformers on CPU. A GGUF file is dequantized to fp32
 # by transformers' loader, so its latency is the fp32 model's, not what llama.cpp would do with Q8_0 / F16 kernels.
 RUNTIMES = {"merged": "transformers fp32", "int8": "transformers + bitsandbytes LLM.int8 (CPU)",
-            "nf4": "transformers + bitsandbytes nf4, fp32 compute (CPU)",
+            "nf4": "transformers + bitsandbytes nf4, fp32 compute in the 4-bit layers (CPU)",
             "nf4-bf16": "transformers + bitsandbytes nf4, bf16 fused kernel (this CPU has AVX512-BF16)",
             "gguf": "transformers GGUF loader, dequantized to fp32 (not llama.cpp kernels)"}
 
@@ -281,7 +281,7 @@ def measure_variants(out: Path, written: list[tuple[str, str, str]], probes: lis
 
 def _runtime_key(name: str) -> str:
     """RUNTIMES' key for a variant: nf4 runs bitsandbytes' bf16 kernel in eval mode where the CPU has AVX512-BF16."""
-    if name == "nf4":
+    if name.split("-")[0] == "nf4":
         from bitsandbytes.functional import has_avx512bf16
 
         return "nf4-bf16" if has_avx512bf16() else "nf4"
