@@ -6,7 +6,7 @@ Usage (the same command on both; it uses CUDA when torch sees a GPU, else the CP
 
 What it does, all on models built in-process (no downloads, nothing from the store):
 
-1. ``tiny-qlora``: adaptive_ft.finetune.train.train() with train.quantize_base=nf4 (bitsandbytes 4-bit base)
+1. ``tiny-qlora``: adaptive_ft.finetune.train() with train.quantize_base=nf4 (bitsandbytes 4-bit base)
    on a tiny Llama (3 layers, hidden 64) and 180 synthetic intent examples given directly (no duckdb store).
    Checks: the train loss falls, only ``lora_`` tensors change (the 4-bit base's packed weights and quant
    state included), the saved adapter reloads with plain peft on a 4-bit base and reproduces the run's best

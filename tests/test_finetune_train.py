@@ -1,4 +1,4 @@
-"""adaptive_ft.finetune.train on a tiny Llama built in-process: what changes, where, and what a run leaves behind."""
+"""adaptive_ft.finetune.trainer on a tiny Llama built in-process: what changes, where, and what a run leaves behind."""
 
 from __future__ import annotations
 

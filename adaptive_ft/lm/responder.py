@@ -2,7 +2,7 @@
 
 The loop (DESIGN.md, "Closing the loop") needs logs whose failures are a real model's own: M answers each
 distinct prompt once, and right or wrong decides the users' feedback. M is anything the ship stages load
-(``modelio.load_any``): a train RUN (base + adapter), an EXPORT variant folder, an HF folder or a ``.gguf``.
+(``lm.models.load_any``): a train RUN (base + adapter), an EXPORT variant folder, an HF folder or a ``.gguf``.
 
 For label tasks the answer is found the way ``evaluate`` finds it: one teacher-forced pass shows where greedy
 decoding would emit the reference token for token (``evaluate.forced_answers``, exact up to float ties); only
