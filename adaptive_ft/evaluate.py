@@ -498,7 +498,7 @@ def variant_figures(models: list[str]) -> dict[str, dict[str, Any]]:
     """Size and latency of the models that are export variants, from their EXPORT/manifest.json."""
     out = {}
     for spec in models:
-        path = Path(spec)
+        path = resolve_variant(Path(spec))  # EXPORT/<variant name> finds its figures too
         manifest = path.parent / "manifest.json"
         if spec == "base" or not manifest.is_file():
             continue

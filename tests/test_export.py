@@ -423,3 +423,8 @@ def test_the_contracts_variant_name_resolves_wherever_a_variant_path_does(export
     spec = str(result.out / "gguf-q8_0")  # evaluate finds the run from the export's manifest, as for a path
     data = evaluate(None, [spec], tmp_path / "e.json", EvaluateConfig(bootstrap=10, max_new_tokens=2)).data
     assert data["models"] == [spec] and data["run"] == str(run)
+    q8 = next(v for v in result.variants if v.name == "gguf-q8_0")  # and its size / latency figures, as by path
+    assert data["variants"][spec]["size_bytes"] == q8.size_bytes
+    from adaptive_ft.lm.responder import ModelResponder
+
+    assert ModelResponder(spec).name  # the loop's --responder takes the name too

@@ -21,7 +21,7 @@ import polars as pl
 from adaptive_ft.artifacts.run import guess_task, is_run
 from adaptive_ft.errors import InputError, ModelError
 from adaptive_ft.lm.answers import forced_answers, generate, parse_label
-from adaptive_ft.lm.models import load_any, read_run
+from adaptive_ft.lm.models import load_any, read_run, resolve_variant
 from adaptive_ft.lm.tokens import format_for_model
 
 
@@ -48,7 +48,7 @@ class ModelResponder:
     _manifest: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        path = Path(self.spec)
+        path = resolve_variant(Path(self.spec))  # EXPORT/<variant name> too
         if not path.exists():
             raise InputError(f"--responder {self.spec}: no such RUN folder, EXPORT variant, HF folder or .gguf "
                              "file; pass what `adaptive-ft train --out` or `adaptive-ft export` wrote")
