@@ -305,12 +305,12 @@ class EvaluateConfig:
     min_count: int = _f(20, "cells with fewer test queries than this say so instead of a number")
     max_new_tokens: int = _f(16, "greedy decoding length")
     batch_size: int = _f(32, "generation batch size")
-    decode_all: bool = _f(False, "label answers: decode every test prompt, instead of one teacher-forced pass "
-                          "that finds the answers greedy decoding would give token for token and decoding "
-                          "only the rest (same answers, several times slower)")
-    decode_rejected: bool = _f(True, "label answers the teacher-forced check rejects are decoded, so a lenient "
-                               "match (case, punctuation) still counts; false scores them wrong undecoded "
-                               "(faster; a benchmark's choice, at most a slight under-count)")
+    decode_all: bool = _f(False, "label answers: decode every test prompt to max_new_tokens, instead of one "
+                          "teacher-forced pass that decodes on (from its KV cache) only where the label an "
+                          "answer names can still change (same labels, several times slower)")
+    decode_rejected: bool = _f(True, "label answers the teacher-forced pass leaves undecided are decoded on "
+                               "until their label is decided, so a lenient match (case, punctuation) still "
+                               "counts; false scores them wrong undecoded (a benchmark's choice, an under-count)")
     min_examples: int = _f(5, "cells with fewer distinct test examples than this say so too")
     query_events: list[str] = _f(["impression"], "event types that count as one query (all events when none)")
     underserved_ratio: float = _f(0.8, "flag a segment/domain whose training share < this x its traffic share")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from adaptive_ft.artifacts.run import is_run
 from adaptive_ft.config import EvaluateConfig
 from adaptive_ft.errors import InputError
-from adaptive_ft.lm.answers import forced_answers, generate, parse_label, reference_nll
+from adaptive_ft.lm.answers import generate, label_responses, parse_label, reference_nll
 from adaptive_ft.lm.models import load_any, read_run, resolve_variant
 from adaptive_ft.lm.tokens import format_for_model
 from adaptive_ft.metrics import (
@@ -218,14 +218,8 @@ def score_model(spec: str, run_dir: Path, manifest: dict[str, Any], test: pl.Dat
     prompts = [format_for_model(tokenizer, p, manifest) for p in test["prompt"].to_list()]
     refs = test["reference"].to_list()
     if task == "label" and not cfg.decode_all:
-        responses = forced_answers(model, tokenizer, prompts, refs, cfg.batch_size, cfg.max_new_tokens)
-        if not cfg.decode_rejected:  # rejected answers stay wrong, undecoded
-            responses = [r if r is not None else "" for r in responses]
-        todo = [i for i, r in enumerate(responses) if r is None]
-        decoded = generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.batch_size,
-                           desc=f"{spec}, {len(todo)} of {len(prompts)} to decode")
-        for i, text in zip(todo, decoded):
-            responses[i] = text
+        responses = label_responses(model, tokenizer, prompts, refs, labels, cfg.batch_size, cfg.max_new_tokens,
+                                    cfg.decode_rejected, desc=spec)
     else:
         responses = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=spec)
     if task == "label":

@@ -329,8 +329,106 @@ def test_evaluating_with_the_shortcut_gives_the_same_answers_as_decoding_all(tin
     slow = evaluate(None, ["base", str(tiny)], tmp_path / "slow.json", dataclasses.replace(cfg, decode_all=True))
     a = pl.read_parquet(fast.outputs_path).sort("model", "example_id")
     b = pl.read_parquet(slow.outputs_path).sort("model", "example_id")
-    assert a["response"].str.strip_chars().to_list() == b["response"].str.strip_chars().to_list()
+    labels = {label: i for i, label in enumerate(fast.data["labels"])}
+    # the same label named, the same score; the fast answer is decoding's text up to where its label was decided
+    assert [parse_label(r, labels) for r in a["response"]] == [parse_label(r, labels) for r in b["response"]]
+    assert a["score"].to_list() == b["score"].to_list()
+    assert all(y.strip().startswith(x.strip()) for x, y in zip(a["response"], b["response"]))
     assert [m["value"] for m in fast.data["metrics"]] == [m["value"] for m in slow.data["metrics"]]
+
+
+def test_label_answers_skip_only_the_decoding_that_cannot_name_a_label(tiny, monkeypatch):
+    """Lenient matches (case, punctuation) still count; answers ruled out by their first token are not decoded."""
+    from transformers import AutoModelForCausalLM
+
+    import adaptive_ft.lm.answers as E
+    from adaptive_ft.lm.tokens import format_for_model
+    from tests.ship_helpers import TEXTS, tiny_tokenizer
+
+    base = tiny / "base" if (tiny / "base").is_dir() else tiny.parent / "base"
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), tiny_tokenizer()
+    prompts = [format_for_model(tok, t) for t in TEXTS[:10]]
+    greedy = E.generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    # references greedy names only leniently (the forced pass rejects them) or verbatim, and for the answers
+    # that start like no label ("as..."), an unrelated label: those are decided by their first token
+    lead = "as"
+    refs = ["zz_other" if g.startswith(lead) else g.strip().upper() + "." if i % 2 == 0 else g
+            for i, g in enumerate(greedy)]
+    ruled_out = [i for i, g in enumerate(greedy) if g.startswith(lead)]
+    assert 2 <= len(ruled_out) <= 8 and not any(r.lower().startswith(lead) for r in refs)
+    labels = sorted(set(refs))
+    index = {label: i for i, label in enumerate(labels)}
+    decoded = []
+    cont = E._continue_greedy
+    monkeypatch.setattr(E, "_continue_greedy", lambda *a: decoded.extend(a[3]) or cont(*a))
+    fast = E.label_responses(model, tok, prompts, refs, labels, batch_size=3, max_new_tokens=12)
+    assert [parse_label(r, index) for r in fast] == [parse_label(g, index) for g in greedy]
+    lenient = [i for i, r in enumerate(refs) if r.endswith(".")]
+    assert lenient and all(parse_label(fast[i], index) == refs[i] for i in lenient)  # lenient matches count
+    assert decoded  # the lenient ones were decoded on
+    decoded.clear()
+    alone = E.label_responses(model, tok, [prompts[i] for i in ruled_out], [refs[i] for i in ruled_out], labels,
+                              batch_size=3, max_new_tokens=12)
+    assert not decoded and all(parse_label(r, index) is None for r in alone)  # decided by the forced pass alone
+    assert all(g.strip().startswith(f.strip()) for f, g in zip(fast, greedy))
+
+
+def test_decoding_on_from_the_forced_pass_where_greedy_leaves_the_reference_is_greedy_decoding(tiny):
+    """References that greedy follows for a while and then leaves: decoding resumes from the forced pass's KV
+    cache (the reference's later tokens masked out) and must say what decoding from scratch says."""
+    from transformers import AutoModelForCausalLM
+
+    import adaptive_ft.lm.answers as E
+    from adaptive_ft.lm.tokens import format_for_model
+    from tests.ship_helpers import TEXTS, tiny_tokenizer
+
+    base = tiny / "base" if (tiny / "base").is_dir() else tiny.parent / "base"
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), tiny_tokenizer()
+    prompts = [format_for_model(tok, t) for t in TEXTS[:10]]
+    greedy = E.generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    ids = [tok(g, add_special_tokens=False).input_ids for g in greedy]
+    # each reference: greedy's first half, then other tokens (a different answer's end); greedy's answers are labels
+    refs = [tok.decode(a[:len(a) // 2] + ids[(i + 1) % 10][len(ids[(i + 1) % 10]) // 2:]) for i, a in enumerate(ids)]
+    left = [i for i in range(10) if refs[i] != greedy[i] and len(ids[i]) >= 4]
+    assert len(left) >= 5
+    labels = sorted(set(greedy) | set(refs))
+    index = {label: i for i, label in enumerate(labels)}
+    fast = E.label_responses(model, tok, prompts, refs, labels, batch_size=4, max_new_tokens=12)
+    assert [parse_label(f, index) for f in fast] == [parse_label(g, index) for g in greedy]
+    assert all(fast[i].strip() == greedy[i].strip() for i in left if parse_label(greedy[i], index) is not None)
+
+
+def test_a_partial_answer_is_ruled_out_only_when_no_continuation_names_a_label():
+    """could_name_label / first_line_done against parse_label itself, on every prefix of random answers."""
+    import random
+
+    from adaptive_ft.lm.answers import could_name_label, first_line_done, label_keys
+
+    rng = random.Random(0)
+    labels = LABELS + ["reverted_card_payment?", "x?", "x", "Top up", "\u03a3igma"]
+    index = {label: i for i, label in enumerate(labels)}
+    keys = label_keys(labels)
+    noise = [" ", "\n", "\t", ".", "?", "*", "_", "'", "card", "x", "up", "\u03c3", "\u03c2", "I think "]
+    checked = 0
+    for _ in range(3000):
+        label = rng.choice(labels)
+        named = "".join(c.upper() if rng.random() < 0.3 else c for c in label)
+        answer = "".join(rng.choice(noise) for _ in range(rng.randrange(3)))
+        answer += named if rng.random() < 0.7 else rng.choice(noise)
+        answer += "".join(rng.choice(noise) for _ in range(rng.randrange(4)))
+        truth = parse_label(answer, index)
+        for cut in range(len(answer) + 1):
+            part = answer[:cut]
+            if truth is not None:  # an answer that names a label is never ruled out on the way
+                assert could_name_label(part, keys), (answer, part)
+                checked += 1
+            if not could_name_label(part, keys):
+                assert parse_label(part, index) is None and truth is None, (answer, part)
+            if first_line_done(part):  # what parse_label reads is complete
+                assert parse_label(part, index) == truth, (answer, part)
+    assert checked > 1000
+    assert not could_name_label("I think", keys) and not could_name_label("card_arrival is", keys)
+    assert could_name_label("  CARD_arr", keys) and first_line_done(" card\n") and not first_line_done("\n card")
 
 
 def test_cell_weighting_spreads_each_cells_traffic_over_the_domains_test_examples():
