@@ -94,6 +94,74 @@ def exact_match(model: Any, tok: Any, test: pl.DataFrame, system: str | None, ba
     return right / len(enc)
 
 
+# --------------------------------------------------------------------------------------------- the ceiling
+
+
+def linear_shapes(config: dict[str, Any]) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's Linear layers (attention q, k, v, o; MLP gate, up, down)."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    head = config.get("head_dim") or h // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return [(h, h), (h, kv * head), (h, kv * head), (h, h), (h, inter), (h, inter), (inter, h)]
+
+
+def matmul_seconds(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype, backward: bool = True,
+                   repeat: int = 15) -> float:
+    """Median time of ``x @ W^T`` (and the input gradient ``g @ W``) for each (in, out) at ``rows`` rows."""
+    ws = [torch.randn(o, i, dtype=dtype) for i, o in shapes]
+    xs = [torch.randn(rows, i, dtype=dtype) for i, _ in shapes]
+    gs = [torch.randn(rows, o, dtype=dtype) for _, o in shapes]
+    times = []
+    for _ in range(repeat + 2):
+        t = time.perf_counter()
+        for w, x, g in zip(ws, xs, gs):
+            torch.nn.functional.linear(x, w)
+            if backward:
+                torch.mm(g, w)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:]))
+
+
+def ceiling(model_dir: str, tokens: int, answers: int, dtype: torch.dtype) -> dict[str, float]:
+    """Real tokens/s if a training step were only its necessary matmuls, timed here at the model's shapes.
+
+    A step of LoRA on every layer of a frozen base needs, per real token, each decoder Linear forward and its
+    input gradient (no weight gradient: the base is frozen), and the output layer at the answer positions
+    only: about 4 x (decoder Linear parameters) FLOP per token plus 4 x vocab x hidden per answer token.
+    ``tokens`` / ``answers``: real and answer tokens of a mean batch. LoRA's own matmuls, attention scores,
+    norms and the optimizer are left out: they are what the loop spends beyond the ceiling.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    shapes = linear_shapes(config)
+    n_layers, vocab, hidden = config["num_hidden_layers"], config["vocab_size"], config["hidden_size"]
+    t_layers = matmul_seconds(shapes, tokens, dtype) * n_layers
+    t_head = matmul_seconds([(hidden, vocab)], answers, dtype)
+    flop = 4 * tokens * sum(i * o for i, o in shapes) * n_layers + 4 * answers * hidden * vocab
+    return {"tokens_per_s": tokens / (t_layers + t_head), "gflop_per_s": flop / (t_layers + t_head) / 1e9,
+            "flop_per_token": flop / tokens, "tokens": tokens, "answers": answers}
+
+
+def batch_shape(a: argparse.Namespace, train: pl.DataFrame) -> tuple[int, int]:
+    """Real and answer tokens of a mean training batch (``--batch-size`` examples as the trainer encodes them)."""
+    from adaptive_ft.lm import tokens as tk
+    from adaptive_ft.lm.models import load_model
+
+    _, tok = load_model(a.model)
+    enc = tk.encode_all(tok, train, a.max_seq_len)
+    mean_len = float(np.mean([len(e.ids) for e in enc]))
+    mean_answer = float(np.mean([len(e.ids) - e.n_prompt for e in enc]))
+    return round(a.batch_size * mean_len), round(a.batch_size * mean_answer)
+
+
+def bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (``lscpu``'s avx512_bf16 or AMX flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -267,6 +335,7 @@ def main() -> None:
     k = len(parse_layers(chosen, n_layers))
     layer_sets = {"aft-all": "all", "aft-plan": chosen, "aft-last": f"last:{k}"}
     wanted = a.variants.split(",")
+    ceilings = [measure_ceiling(a)]  # before the runs and after them: the machine is shared
     results = [spawn(a, v) if v == "trainer" else spawn(a, v, layer_sets[v]) for v in wanted]
     base = next((r for r in results if r["variant"] == "trainer"), None)
     if base and not a.no_equal_time:
@@ -275,21 +344,59 @@ def main() -> None:
                 r = spawn(a, v, layer_sets[v], minutes=base["seconds"] / 60)
                 r["variant"] = v + "@time"
                 results.append(r)
-    report(results, base, a)
+    ceilings.append(measure_ceiling(a))
+    report(results, base, a, best_ceiling(ceilings))
 
 
-def report(results: list[dict[str, Any]], base: dict[str, Any] | None, a: argparse.Namespace) -> None:
-    print(f"\nmodel {a.model}, batch {a.batch_size}, {a.steps} steps, test {a.test_examples} examples")
-    print(f"{'run':<16}{'steps':>6}{'seconds':>9}{'ex/s':>8}{'tok/s':>8}{'x trainer':>10}{'peak MiB':>10}{'acc':>8}")
+def measure_ceiling(a: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The all-layer ceiling (see :func:`ceiling`) in fp32, and in bf16 where the CPU has it natively."""
+    from adaptive_ft.lm.models import resolve_model
+
+    examples = banking77_examples()
+    folder = tiny_model(Path(a.workdir), examples) if a.model == "tiny" else str(resolve_model(a.model))
+    tokens, answers = batch_shape(argparse.Namespace(**{**vars(a), "model": folder}),
+                                  split(examples, a.seed).filter(pl.col("split") == "train"))
+    out = {"fp32": ceiling(folder, tokens, answers, torch.float32)}
+    if bf16_native():
+        out["bf16"] = ceiling(folder, tokens, answers, torch.bfloat16)
+    return out
+
+
+def best_ceiling(measured: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per precision, the faster of the measurements (the ratio to it is the harder one to meet)."""
+    return {k: max((m[k] for m in measured), key=lambda c: c["tokens_per_s"]) for k in measured[0]}
+
+
+def report(results: list[dict[str, Any]], base: dict[str, Any] | None, a: argparse.Namespace,
+           ceilings: dict[str, dict[str, float]] | None = None) -> None:
+    ceilings = ceilings or {}
+    print(f"\nmodel {a.model}, batch {a.batch_size}, {a.steps} steps, test {a.test_examples} examples, "
+          f"{torch.get_num_threads()} threads")
+    for name, c in ceilings.items():
+        print(f"ceiling ({name} matmuls at the model's shapes, {c['tokens']} tokens / {c['answers']} answer tokens "
+              f"a batch): {c['gflop_per_s']:.0f} GFLOP/s = {c['tokens_per_s']:.0f} real tokens/s for all-layer LoRA "
+              f"({c['flop_per_token'] / 1e6:.0f} MFLOP a token)")
+    fp32 = ceilings.get("fp32", {}).get("tokens_per_s", float("nan"))
+    print(f"{'run':<16}{'steps':>6}{'seconds':>9}{'ex/s':>8}{'tok/s':>8}{'x trainer':>10}{'of fp32 ceil':>13}"
+          f"{'peak MiB':>10}{'acc':>8}")
     for r in results:
         ratio = r["examples_per_s"] / base["examples_per_s"] if base else float("nan")
         print(f"{r['variant']:<16}{r['steps']:>6}{r['seconds']:>9.1f}{r['examples_per_s']:>8.2f}"
-              f"{r['tokens_per_s']:>8.0f}{ratio:>10.2f}{r['peak_memory_mb']:>10.0f}{100 * r['accuracy']:>7.1f}%")
+              f"{r['tokens_per_s']:>8.0f}{ratio:>10.2f}{100 * r['tokens_per_s'] / fp32:>12.0f}%"
+              f"{r['peak_memory_mb']:>10.0f}{100 * r['accuracy']:>7.1f}%")
     targets = check_targets(results, base)
+    by = {r["variant"]: r for r in results}
+    if "aft-all" in by and ceilings:
+        precision = by["aft-all"].get("precision", "fp32")
+        c = ceilings.get(precision, ceilings["fp32"])
+        share = by["aft-all"]["tokens_per_s"] / c["tokens_per_s"]
+        targets[f"aft-all >= 70% of the {precision} ceiling"] = (
+            share >= 0.7, f"{100 * share:.0f}% ({by['aft-all']['tokens_per_s']:.0f} of {c['tokens_per_s']:.0f} "
+                          f"tokens/s)")
     for name, (ok, detail) in targets.items():
         print(f"{'met ' if ok else 'MISS'}  {name}: {detail}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results,
+        Path(a.out).write_text(json.dumps({"args": vars(a), "results": results, "ceilings": ceilings,
                                            "targets": {k: {"met": ok, "detail": d} for k, (ok, d) in targets.items()}},
                                           indent=2) + "\n")
 
