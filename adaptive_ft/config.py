@@ -253,6 +253,8 @@ class TrainConfig:
     val_fraction: float = _f(0.1, "share of examples in the validation split")
     test_fraction: float = _f(0.2, "share of examples in the test split")
     quantize_base: str = _f("none", "base weights: none | nf4 (QLoRA)")
+    precision: str = _f("auto", "matmul precision: auto (bf16 autocast on a CPU with native bf16, i.e. "
+                                "avx512_bf16 or amx_bf16, else fp32) | bf16 | fp32; weights stay fp32")
     distill_weight: float = _f(0.5, "weight of the KL term toward --teacher")
     distill_temperature: float = _f(2.0, "softmax temperature of the distillation term")
     threads: int = _f(0, "torch CPU threads (0 = all cores, shared among the processes of a run)")
@@ -268,6 +270,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         p = _one_of("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
         p += _one_of("train.quantize_base", self.quantize_base, ("none", "nf4"))
+        p += _one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
         p += _positive("train", self, ("lr", "batch_size", "grad_accum", "max_seq_len"))
         p += self.lora.problems()
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:

@@ -1,16 +1,20 @@
 """Training speed and accuracy against the plain transformers ``Trainer`` + peft, in one run.
 
-Four ways to fine-tune the same base on the same training split, with the same batch size:
+Five ways to fine-tune the same base on the same training split, with the same batch size:
 
-  trainer    transformers.Trainer + peft, LoRA on all layers, the model's default chat template
-  aft-all    adaptive-ft train, all layers
-  aft-plan   adaptive-ft train, the plan's k selected layers (--plan plan.json, or --plan-layers)
-  aft-last   adaptive-ft train, the last k layers (LLaMA-Factory's freeze_trainable_layers, Unsloth's
-             finetune_last_n_layers)
+  trainer       transformers.Trainer + peft, LoRA on all layers, the model's default chat template
+  aft-all       adaptive-ft train, all layers (train.precision auto: bf16 autocast where the CPU has it)
+  aft-all-fp32  the same in fp32
+  aft-plan      adaptive-ft train, the plan's k selected layers (--plan plan.json, or --plan-layers)
+  aft-last      adaptive-ft train, the last k layers (LLaMA-Factory's freeze_trainable_layers, Unsloth's
+                finetune_last_n_layers)
 
 Each runs ``--steps`` optimizer steps (equal steps), and the ``--equal-time`` variants (default: the plan's
-layers) run again for the Trainer's training time (equal wall-clock time). Every run is a separate process, so peak memory is its own.
-Printed per run: examples/s, real (non-padding) tokens/s, peak memory, and exact-match accuracy on the
+layers) run again for the Trainer's training time (equal wall-clock time). Every run is a separate process,
+so peak memory is its own. The ceiling is measured in the same run, before and after the variants: the real
+tokens/s a step would reach if it were only its necessary matmuls, timed at the model's shapes (fp32, and bf16
+where the CPU has it natively). Printed per run: examples/s, real (non-padding) tokens/s, its share of the
+fp32 ceiling, peak memory, and exact-match accuracy on the
 held-out test split (teacher-forced: every answer token is the argmax, which is exactly when greedy
 decoding reproduces the reference and stops; each model is asked in the format it was trained with).
 
@@ -43,7 +47,7 @@ import polars as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("trainer", "aft-all", "aft-plan", "aft-last")
+VARIANTS = ("trainer", "aft-all", "aft-all-fp32", "aft-plan", "aft-last")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -153,15 +157,6 @@ def batch_shape(a: argparse.Namespace, train: pl.DataFrame) -> tuple[int, int]:
     return round(a.batch_size * mean_len), round(a.batch_size * mean_answer)
 
 
-def bf16_native() -> bool:
-    """Whether this CPU multiplies bf16 natively (``lscpu``'s avx512_bf16 or AMX flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -202,7 +197,7 @@ def run_trainer(a: argparse.Namespace, train: pl.DataFrame, test: pl.DataFrame) 
 
 
 def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, layers: str,
-            minutes: float) -> dict[str, Any]:
+            minutes: float, precision: str = "auto") -> dict[str, Any]:
     """adaptive-ft's train(): ``--steps`` steps, or as many as fit in ``minutes`` when given."""
     from peft import PeftModel
 
@@ -216,7 +211,7 @@ def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, l
                              f"train.lora.alpha={2 * a.r}", f"train.warmup_steps={a.warmup}",
                              f"train.max_seq_len={a.max_seq_len}", "train.eval_every=0", "train.patience=0",
                              "train.checkpoint_every=0", "train.max_eval_examples=1", "train.keep_best=false",
-                             f"train.max_minutes={minutes}"])
+                             f"train.max_minutes={minutes}", f"train.precision={precision}"])
     plan = Path(a.workdir) / "bench-plan.json"
     plan.write_text(json.dumps({"domains": sorted(examples["domain"].unique())}))
     with tempfile.TemporaryDirectory(dir=a.workdir) as out:
@@ -224,9 +219,10 @@ def run_aft(a: argparse.Namespace, examples: pl.DataFrame, test: pl.DataFrame, l
         base, tok = load_model(a.model)
         model = PeftModel.from_pretrained(base, Path(out) / "adapter")
         acc = exact_match(model, tok, test, system="")
+        used = json.loads((Path(out) / "manifest.json").read_text())["precision"]
     return {"seconds": r.train_seconds, "examples": round(r.examples_per_s * r.train_seconds),
             "tokens": round(r.tokens_per_s * r.train_seconds), "steps": r.steps, "accuracy": acc,
-            "layers": r.layers}
+            "layers": r.layers, "precision": used}
 
 
 def score_run(run: Path, n: int, seed: int) -> None:
@@ -259,7 +255,7 @@ def worker(a: argparse.Namespace) -> None:
     if a.worker == "trainer":
         res = run_trainer(a, s.filter(pl.col("split") == "train"), test)
     else:
-        res = run_aft(a, examples, test, a.layers, a.minutes)
+        res = run_aft(a, examples, test, a.layers, a.minutes, "fp32" if a.worker.endswith("-fp32") else "auto")
     res["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res.update(variant=a.worker, layers_arg=a.layers, minutes=a.minutes)
     with open(Path(a.workdir) / "results.jsonl", "a") as f:  # partial results survive an interrupted benchmark
@@ -333,7 +329,7 @@ def main() -> None:
     n_layers = 30 if a.model == "smollm2" else int(json.loads((Path(a.model) / "config.json").read_text())[
         "num_hidden_layers"]) if a.model != "tiny" else 4
     k = len(parse_layers(chosen, n_layers))
-    layer_sets = {"aft-all": "all", "aft-plan": chosen, "aft-last": f"last:{k}"}
+    layer_sets = {"aft-all": "all", "aft-all-fp32": "all", "aft-plan": chosen, "aft-last": f"last:{k}"}
     wanted = a.variants.split(",")
     ceilings = [measure_ceiling(a)]  # before the runs and after them: the machine is shared
     results = [spawn(a, v) if v == "trainer" else spawn(a, v, layer_sets[v]) for v in wanted]
@@ -357,7 +353,9 @@ def measure_ceiling(a: argparse.Namespace) -> dict[str, dict[str, float]]:
     tokens, answers = batch_shape(argparse.Namespace(**{**vars(a), "model": folder}),
                                   split(examples, a.seed).filter(pl.col("split") == "train"))
     out = {"fp32": ceiling(folder, tokens, answers, torch.float32)}
-    if bf16_native():
+    from adaptive_ft.finetune.trainer import native_bf16
+
+    if native_bf16():
         out["bf16"] = ceiling(folder, tokens, answers, torch.bfloat16)
     return out
 
@@ -386,6 +384,12 @@ def report(results: list[dict[str, Any]], base: dict[str, Any] | None, a: argpar
               f"{r['peak_memory_mb']:>10.0f}{100 * r['accuracy']:>7.1f}%")
     targets = check_targets(results, base)
     by = {r["variant"]: r for r in results}
+    if "aft-all" in by and "aft-all-fp32" in by and by["aft-all"].get("precision") == "bf16":
+        p, q, n = by["aft-all"]["accuracy"], by["aft-all-fp32"]["accuracy"], a.test_examples
+        noise = 2 * (max(p * (1 - p), 1e-9) / n + max(q * (1 - q), 1e-9) / n) ** 0.5  # 2 s.e. of the difference
+        speed = by["aft-all"]["tokens_per_s"] / by["aft-all-fp32"]["tokens_per_s"]
+        targets["bf16 autocast: accuracy equal to fp32 within noise (2 s.e.)"] = (
+            abs(p - q) <= noise, f"{100 * (p - q):+.1f} points (2 s.e. {100 * noise:.1f}); {speed:.2f}x the tokens/s")
     if "aft-all" in by and ceilings:
         precision = by["aft-all"].get("precision", "fp32")
         c = ceilings.get(precision, ceilings["fp32"])

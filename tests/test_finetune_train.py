@@ -92,6 +92,30 @@ def test_only_adapter_weights_change_and_loss_is_on_answer_tokens_only(tiny: Pat
     assert any("lora_B" in n for n in changed)  # B starts at zero: the adapter now does something
 
 
+def test_bf16_autocast_only_where_the_cpu_multiplies_bf16_and_the_step_runs_in_it(tiny, examples, tmp_path,
+                                                                                  monkeypatch) -> None:
+    assert T.native_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni") and T.native_bf16("flags : amx_bf16")
+    assert not T.native_bf16("flags : fpu avx2 avx512f avx512_vnni") and not T.native_bf16("flags : xavx512_bf16x")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for native, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(T, "native_bf16", lambda cpuinfo=None, native=native: native)
+        assert T.autocast_dtype(_cfg().train, cpu) is want and T.autocast_dtype(_cfg().train, gpu) is None  # auto
+    assert T.autocast_dtype(_cfg("train.precision=fp32").train, cpu) is None
+    assert T.autocast_dtype(_cfg("train.precision=bf16").train, cpu) is torch.bfloat16
+    seen = []
+    logits = tk.answer_logits
+    monkeypatch.setattr(T.tk, "answer_logits", lambda *a: seen.append((out := logits(*a)).dtype) or out)
+    plan = _plan(tmp_path / "plan.json")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        r = T.train(_cfg(f"train.precision={precision}"), None, plan, str(tiny), tmp_path / precision,
+                    examples=examples)
+        manifest = json.loads((tmp_path / precision / "manifest.json").read_text())
+        assert manifest["precision"] == precision and dtype in seen  # the training forwards ran in it
+        assert seen.count(torch.float32) >= 3  # validation stays fp32 (3 validations)
+        assert r.metrics[-1]["val_loss"] < r.metrics[3]["val_loss"]  # and it learns
+
+
 # --------------------------------------------------------------------------------------------- whole runs
 
 
