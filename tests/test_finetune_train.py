@@ -116,6 +116,40 @@ def test_bf16_autocast_only_where_the_cpu_multiplies_bf16_and_the_step_runs_in_i
         assert r.metrics[-1]["val_loss"] < r.metrics[3]["val_loss"]  # and it learns
 
 
+def test_fused_lora_forward_is_peft_s_function_and_its_dropout_is_unbiased(tiny) -> None:
+    """Outputs and adapter gradients equal peft's own forward; under dropout the mean output is the same."""
+    import copy
+
+    base, tok = load_model(tiny)
+    torch.manual_seed(0)
+    peft_model = T.attach_lora(base, _cfg("train.lora.dropout=0.5").train, [0, 1, 2], {"1": 8})
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    fused = copy.deepcopy(peft_model)
+    assert T.fuse_lora(fused) == 3 * 7
+    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
+    for m in (peft_model, fused):
+        m.eval()
+        m(input_ids=ids).logits.square().mean().backward()
+    a, b = peft_model(input_ids=ids).logits, fused(input_ids=ids).logits
+    with peft_model.disable_adapter():
+        plain = peft_model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)  # the adapters count
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], atol=1e-5) for n, p in fused.named_parameters() if n in grads)
+    layer = next(m for n, m in fused.named_modules() if n.endswith("layers.1.self_attn.q_proj"))
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        exact = layer(x)  # eval: no dropout
+        layer.train()  # dropout 0.5 on the adapter's input, 1 / (1 - p) making up for it on average
+        draws = torch.stack([layer(x) for _ in range(2000)])
+    spread = draws.std(0).mean()
+    assert spread > 1e-2  # dropout does something
+    assert (draws.mean(0) - exact).abs().mean() < 0.1 * spread  # and is unbiased
+
+
 # --------------------------------------------------------------------------------------------- whole runs
 
 

@@ -8,6 +8,9 @@ Where the time goes, and what this loop does about it (a 135M model on 2 CPU cor
   no graph there: the backward pass stops at the lowest adapted layer.
 - Batches are grouped by length and right-padded; with causal attention no real token ever attends to a pad,
   so no attention mask is built and SDPA takes its causal fast path.
+- peft's LoRA forward makes four passes over each adapted layer's activations besides its matmuls (dropout
+  mask, scaling, product, sum); :func:`fuse_lora` folds the scaling and the sum into the GEMM and draws a
+  boolean dropout mask.
 - On a CPU that multiplies bf16 natively (``train.precision: auto``), the forward passes run under bf16
   autocast, so the matmuls that are most of a step take the bf16 units; weights and optimizer stay fp32.
 - DDP is a single all-reduce of the (small) flattened LoRA gradient per step.
@@ -24,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +221,44 @@ def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dic
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA Linear forward, ``base(x) + scaling * B(A(dropout(x)))``, in fewer passes over the activations.
+
+    The low-rank update is added by the GEMM itself (``addmm`` with ``alpha = scaling``) instead of a product
+    and a sum over the layer's whole output; dropout is a boolean mask, and its ``1 / (1 - p)`` rides in that
+    alpha too (the update is linear in its input). Same function, same expectation under dropout; any other
+    case (several or merged adapters, DoRA-like variants, extra arguments) takes peft's own forward.
+    """
+    name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
+    if (args or kwargs or name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A
+            or name in layer.lora_variant):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    result = layer.base_layer(x)
+    p = float(getattr(layer.lora_dropout[name], "p", 0.0))
+    alpha = layer.scaling[name]
+    h = x
+    if layer.training and p > 0:
+        h = x * torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        alpha = alpha / (1.0 - p)
+    low = a(h)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
+                      b.weight.t().to(result.dtype), alpha=alpha)
+    return out.view(result.shape)
+
+
+def fuse_lora(model: Any) -> int:
+    """Route every peft LoRA Linear of ``model`` through :func:`_fused_lora_forward`; returns how many."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -734,6 +776,7 @@ def _train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mo
     peft_model = attach_lora(base, tc, chosen, plan.layers.rank_pattern if plan.layers else {})
     if init_adapter:
         load_init_adapter(peft_model, init_adapter)
+    fuse_lora(peft_model)
     peft_model.to(dist.device).train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
