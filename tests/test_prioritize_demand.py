@@ -238,3 +238,21 @@ def test_failure_is_counted_per_query_not_per_pair():
     known, failed, basis, _ = _outcomes(pairs, pairs["neg"].to_numpy().astype(float), hits,
                                         PrioritizeConfig(failure_basis="exposure"))
     assert basis == "exposure" and known.tolist() == [4.0, 1.0] and failed.tolist() == [1.0, 0.0]
+
+
+def test_an_examples_domain_is_its_own_else_its_events_commonest(tmp_path):
+    """ITEMS_SQL: the examples table's domain wins; else the most frequent non-null event domain (ties by
+    name); an example whose events all lack one has none, and every example with events is listed once."""
+    from adaptive_ft.store import Store
+
+    events = [("x1", None)] * 3 + [("x1", "a"), ("x1", "b"), ("x1", "b"), ("x2", None), ("x3", "c"), ("x3", "a"),
+                                   ("x4", None), ("x5", "z")]
+    with Store.open(tmp_path / "s.duckdb") as s:
+        s.con.executemany("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, batch_id) "
+                          "VALUES (?, TIMESTAMP '2026-01-01', 'u', ?, ?, 'impression', 1)",
+                          [(f"e{i}", x, d) for i, (x, d) in enumerate(events)])
+        s.con.executemany("INSERT INTO examples (example_id, domain, prompt) VALUES (?, ?, ?)",
+                          [("x2", "own", "p2"), ("x5", "mine", "p5"), ("x9", "unused", "p9")])
+        items = s.sql(dm.ITEMS_SQL)
+    assert items.rows() == [("x1", "b", None), ("x2", "own", "p2"), ("x3", "a", None), ("x4", None, None),
+                            ("x5", "mine", "p5")]

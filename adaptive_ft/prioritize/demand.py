@@ -138,14 +138,14 @@ SELECT user_id, first(segment ORDER BY n DESC, segment) AS segment
 FROM s GROUP BY user_id ORDER BY user_id
 """
 
+# One scan of events: the (example, domain) counts also give the distinct example ids.
 ITEMS_SQL = """
-WITH ed AS (SELECT example_id, domain, count(*) AS n FROM events WHERE domain IS NOT NULL GROUP BY ALL),
-em AS (SELECT example_id, first(domain ORDER BY n DESC, domain) AS ev_domain FROM ed GROUP BY example_id),
-ids AS (SELECT DISTINCT example_id FROM events)
-SELECT ids.example_id, coalesce(x.domain, em.ev_domain) AS domain, x.prompt
-FROM ids LEFT JOIN examples x ON ids.example_id = x.example_id
-         LEFT JOIN em ON ids.example_id = em.example_id
-ORDER BY ids.example_id
+WITH ed AS (SELECT example_id, domain, count(*) AS n FROM events GROUP BY ALL),
+em AS (SELECT example_id, first(domain ORDER BY n DESC, domain) FILTER (WHERE domain IS NOT NULL) AS ev_domain
+       FROM ed GROUP BY example_id)
+SELECT em.example_id, coalesce(x.domain, em.ev_domain) AS domain, x.prompt
+FROM em LEFT JOIN examples x ON em.example_id = x.example_id
+ORDER BY em.example_id
 """
 
 # Segments named in the users table; those with no events are reported, never silently given a weight.
