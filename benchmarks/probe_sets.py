@@ -7,10 +7,11 @@ scores and the Spearman correlation of those sums with the measured accuracies. 
 well ranks the sets as training does (Spearman near +1).
 
 The one-step cell probe's own 10-layer choice (37.7%) is not in the list: its layer set was not recorded,
-so the figure is over the 6 sets whose layers are known.
+so by default the figure is over the 6 sets whose layers are known; ``--set`` adds a set.
 
     .venv/bin/python benchmarks/probe_sets.py plan.json
     .venv/bin/python benchmarks/probe_sets.py plan.json old-plan.json --k 6 --k 4:0.5
+    .venv/bin/python benchmarks/probe_sets.py plan.json --set "cell probe:0,1,2,3,4,5,6,7,8,9:37.7"
 """
 
 from __future__ import annotations
@@ -49,9 +50,18 @@ def plan_scores(path: Path) -> np.ndarray:
     return score
 
 
-def set_sums(score: np.ndarray) -> list[float]:
-    """Each measured set's sum of layer scores, in MEASURED_SETS order."""
-    return [float(score[layers].sum()) for _, layers, _ in MEASURED_SETS]
+def parse_set(spec: str) -> tuple[str, list[int], float]:
+    """``NAME:L1,L2,...:ACCURACY`` -> (name, layers, accuracy in %)."""
+    try:
+        name, layers, acc = spec.rsplit(":", 2)
+        return name, [int(x) for x in layers.split(",")], float(acc)
+    except ValueError:
+        raise SystemExit(f"--set {spec!r}: expected NAME:L1,L2,...:ACCURACY, e.g. 'mine:20,21,22:50.3'") from None
+
+
+def set_sums(score: np.ndarray, sets: list[tuple[str, list[int], float]]) -> list[float]:
+    """Each set's sum of layer scores, in ``sets`` order."""
+    return [float(score[layers].sum()) for _, layers, _ in sets]
 
 
 def main() -> None:
@@ -59,16 +69,19 @@ def main() -> None:
     ap.add_argument("plans", type=Path, nargs="+", help="plan.json files with layer scores")
     ap.add_argument("--k", action="append", default=[], metavar="K[:WEIGHT]",
                     help="also print the layers these scores select for k (cost weight, default 1.0)")
+    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME:LAYERS:ACC",
+                    help="add a measured set, e.g. 'cell probe:0,3,5:37.7'")
     args = ap.parse_args()
 
     from adaptive_ft.prioritize.layers import select_layers
 
-    acc = [a for _, _, a in MEASURED_SETS]
+    sets = MEASURED_SETS + [parse_set(s) for s in args.sets]
+    acc = [a for _, _, a in sets]
     scores = [plan_scores(p) for p in args.plans]
-    sums = [set_sums(s) for s in scores]
-    width = max(len(n) for n, _, _ in MEASURED_SETS)
+    sums = [set_sums(s, sets) for s in scores]
+    width = max(len(n) for n, _, _ in sets)
     print(f"{'set':<{width}}  accuracy  " + "  ".join(f"{p.name:>14}" for p in args.plans))
-    for i, (name, _, a) in enumerate(MEASURED_SETS):
+    for i, (name, _, a) in enumerate(sets):
         print(f"{name:<{width}}  {a:7.1f}%  " + "  ".join(f"{s[i]:14.3f}" for s in sums))
     out = {}
     for p, s, sc in zip(args.plans, sums, scores):
