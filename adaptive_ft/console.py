@@ -7,6 +7,8 @@
 - Progress bars draw on a terminal only. tqdm bars here use ``disable=None`` (off when stderr is not a TTY) and the
   long stages print a plain line instead; the bars transformers and huggingface_hub draw (loading weights,
   converting GGUF tensors) are switched off the same way, unless ``HF_HUB_DISABLE_PROGRESS_BARS`` is set.
+- transformers 5 warns that ``is_gradient_checkpointing`` is deprecated whenever peft reads that property (on every
+  adapter load and merge): the call is peft's, not the user's, so that one FutureWarning is not shown.
 
 :func:`install` runs when :mod:`adaptive_ft` is imported, before anything imports bitsandbytes.
 """
@@ -16,10 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import IO
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+GRADIENT_CHECKPOINTING_WARNING = "`is_gradient_checkpointing` is deprecated"
 
 
 class DropMessage(logging.Filter):
@@ -43,7 +47,9 @@ def interactive(stream: IO[str] | None = None) -> bool:
 
 
 def install() -> None:
-    """Drop bitsandbytes' kernels-community record; no library progress bars when stderr is not a terminal."""
+    """Drop bitsandbytes' kernels-community record and peft's deprecated-property warning; no library progress bars
+    when stderr is not a terminal."""
+    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_WARNING, category=FutureWarning)
     logger = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(f, DropMessage) and f.prefix == BNB_KERNELS_MESSAGE for f in logger.filters):
         logger.addFilter(DropMessage(BNB_KERNELS_MESSAGE))

@@ -65,3 +65,20 @@ def test_interactive_is_false_for_files_and_pipes(tmp_path):
     closed = io.StringIO()
     closed.close()
     assert not console.interactive(closed)
+
+
+def test_peft_reading_the_deprecated_checkpointing_property_prints_nothing():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every adapter load and merge; the user
+    cannot act on it, so the warning is filtered (and only that one)."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # what a fresh interpreter shows ...
+        console.install()  # ... once adaptive_ft is imported
+        assert model.is_gradient_checkpointing is False
+        warnings.warn("another FutureWarning", FutureWarning)
+    assert [str(w.message) for w in shown] == ["another FutureWarning"]
