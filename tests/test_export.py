@@ -428,3 +428,18 @@ def test_the_contracts_variant_name_resolves_wherever_a_variant_path_does(export
     from adaptive_ft.lm.responder import ModelResponder
 
     assert ModelResponder(spec).name  # the loop's --responder takes the name too
+
+
+def test_the_export_table_says_what_llama_cpp_made_of_each_gguf():
+    from adaptive_ft.cli.ship_cmds import variant_table
+    from adaptive_ft.export.stage import VariantInfo
+
+    rows = variant_table([
+        VariantInfo("merged", "merged", "hf", 500_000_000, 1.0, 40.0, 1.0),
+        VariantInfo("gguf-q8_0", "model-q8_0.gguf", "gguf", 140_000_000, 0.5, 20.0, 0.98,
+                    answer_agreement=0.875, answer_prompts=64),
+        VariantInfo("gguf-f16", "model-f16.gguf", "gguf", 260_000_000, 0.5, 30.0, 0.99, verify_error="bad magic"),
+        VariantInfo("gguf-q8_0", "model-q8_0.gguf", "gguf", 140_000_000, 0.5, 20.0, 0.98),
+    ])
+    assert rows[1].endswith("—") and "87.5% of 64 equal merged's" in rows[2]
+    assert "could not load: bad magic" in rows[3] and "not checked" in rows[4]

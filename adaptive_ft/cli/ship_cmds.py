@@ -42,11 +42,24 @@ def export_cmd(run: Path, out: Path, variants: str | None, config_path: str | No
 
     cfg = load_config(config_path, flag_overrides({"export.variants": _split(variants) or None}, overrides)).export
     result = export(run, out, cfg)
-    click.echo(f"{'variant':<11} {'size':>10} {'load s':>7} {'ms/token':>9} {'agreement':>9}")
-    for v in result.variants:
-        click.echo(f"{v.name:<11} {_mb(v.size_bytes):>10} {v.load_seconds:>7.2f} {v.ms_per_token:>9.2f} "
-                   f"{100 * v.agreement:>8.1f}%")
+    click.echo("\n".join(variant_table(result.variants)))
     click.echo(f"wrote {result.manifest_path}")
+
+
+def variant_table(variants: list) -> list[str]:
+    """The export's figures per variant, with what llama.cpp made of each GGUF file (``verified_by``,
+    ``answer_agreement``, ``verify_error`` in the manifest)."""
+    lines = [f"{'variant':<11} {'size':>10} {'load s':>7} {'ms/token':>9} {'agreement':>9}  llama.cpp answers"]
+    for v in variants:
+        if v.verify_error:
+            llama = f"could not load: {v.verify_error}"
+        elif v.answer_agreement is not None:
+            llama = f"{100 * v.answer_agreement:.1f}% of {v.answer_prompts} equal merged's"
+        else:
+            llama = "—" if v.format != "gguf" else "not checked (llama-cpp-python not installed)"
+        lines.append(f"{v.name:<11} {_mb(v.size_bytes):>10} {v.load_seconds:>7.2f} {v.ms_per_token:>9.2f} "
+                     f"{100 * v.agreement:>8.1f}%  {llama}")
+    return lines
 
 
 @click.command("evaluate")
