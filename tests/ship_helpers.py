@@ -42,17 +42,22 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_base(out: Path, seed: int = 0) -> Path:
-    """Save a random tiny Llama + tokenizer to ``out`` (an ordinary HF folder)."""
+def tiny_llama(tok) -> torch.nn.Module:
+    """A random 2-layer, 64-wide Llama for ``tok`` (tied embeddings, as SmolLM2's), from the current torch seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, rope_theta=10000.0)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_base(out: Path, seed: int = 0) -> Path:
+    """Save a random tiny Llama + tokenizer to ``out`` (an ordinary HF folder)."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
     _fit(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)

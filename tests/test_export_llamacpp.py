@@ -21,7 +21,7 @@ from adaptive_ft.export import export, probe_prompts
 from adaptive_ft.export import llamacpp
 from adaptive_ft.lm.tokens import format_for_model
 
-from ship_helpers import TEXTS, tiny_tokenizer
+from ship_helpers import TEXTS, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -55,15 +55,10 @@ def _label_run(root: Path, seed: int = 0) -> Path:
     greedy answers are labels, decided by clear margins (as a fine-tuned model's are)."""
     import polars as pl
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, rope_theta=10000.0)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(tok)
     examples = _label_examples()
     prompts = [format_for_model(tok, p) for p, _ in examples]  # as training and the export's probes format them
     rows = [tok(p, add_special_tokens=False).input_ids for p in prompts]

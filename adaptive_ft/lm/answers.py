@@ -84,20 +84,6 @@ def _label_decided(tokenizer: Any, start: int, keys: frozenset[str]) -> Any:
     return LabelDecided()
 
 
-def _label_decided(tokenizer: Any, start: int, keys: frozenset[str]) -> Any:
-    """A ``generate`` stopping rule: a row stops once the label its answer names is decided (see
-    :func:`could_name_label`): its first line ended, or no continuation can name a label any more."""
-    from transformers import StoppingCriteria  # deferred: transformers is heavy, and loaded with a model anyway
-
-    class LabelDecided(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([first_line_done(t) or not could_name_label(t, keys) for t in texts],
-                                dtype=torch.bool, device=input_ids.device)
-
-    return LabelDecided()
-
-
 
 
 @torch.no_grad()
