@@ -256,3 +256,31 @@ def test_an_examples_domain_is_its_own_else_its_events_commonest(tmp_path):
         items = s.sql(dm.ITEMS_SQL)
     assert items.rows() == [("x1", "b", None), ("x2", "own", "p2"), ("x3", "a", None), ("x4", None, None),
                             ("x5", "mine", "p5")]
+
+
+@pytest.mark.parametrize("factors", [4, 12])
+def test_the_refit_after_the_hold_out_solves_least_squares_exactly_with_few_factors(factors):
+    """With few factors the warm refit on the full log runs exact (Cholesky) ALS iterations, as converged as
+    CG ones and cheaper there: its last half-step leaves every item at the exact least-squares solution for
+    the final user factors. With more factors it keeps implicit's CG steps (cheaper there), which stop short
+    of that solution. Either way the model object keeps CG for any later fit."""
+    from threadpoolctl import threadpool_limits
+
+    from adaptive_ft.prioritize.stage import EXACT_REFIT_MAX_FACTORS, _fit_with_holdout
+
+    inter = dm.check_interactions(planted_log(seed=0)[0])
+    cfg = Config()
+    cfg.prioritize.factors = factors
+    segments, user_segment = dm.segment_index(inter.users)
+    timings: dict[str, float] = {}
+    factors_, rec = _fit_with_holdout(inter, cfg, user_segment, segments, timings, progress=False)
+    assert {"fit", "evaluate", "refit"} <= set(timings) and rec["evaluated_after_iterations"] == 13
+    model, full = factors_.model, inter.matrix()
+    with threadpool_limits(1, "blas"):
+        exact = model.recalculate_item(np.arange(full.shape[1]), full.T.tocsr())
+    assert model.use_cg
+    if factors <= EXACT_REFIT_MAX_FACTORS:
+        np.testing.assert_array_equal(factors_.item, exact)
+    else:
+        assert not np.array_equal(factors_.item, exact)
+        np.testing.assert_allclose(factors_.item, exact, atol=1e-3)  # CG: close, not exact

@@ -15,6 +15,7 @@ from adaptive_ft.prioritize.metrics import (
     popularity_recs,
     summarize,
     time_split,
+    top_k_unseen,
 )
 
 
@@ -98,3 +99,26 @@ def test_agrees_with_implicit_ranking_metrics_at_k():
     # the planted two-group structure: CF must beat popularity
     assert o["ndcg"] > ours["popularity"]["overall"]["ndcg"]
     assert set(ours["model"]["segments"]) == {"a", "b"}
+
+
+def test_top_k_unseen_is_each_users_best_unseen_items_whatever_the_block():
+    """Against a per-user sort by (score desc, id asc): seen items left out, ties (here on purpose: scores
+    rounded to a few values) broken by the lower id also at the k-th place, -1 where fewer than k are unseen,
+    and the same answer for every block size (blocks of users are scored separately)."""
+    rng = np.random.default_rng(3)
+    n_users, n_items, k = 37, 23, 5
+    users = np.round(rng.standard_normal((n_users, 2)), 1).astype(np.float32)
+    items = np.round(rng.standard_normal((n_items, 2)), 1).astype(np.float32)
+    dense = rng.random((n_users, n_items)) < 0.3
+    dense[0] = True  # a user who has seen everything, and one with only 2 items unseen
+    dense[1, 2:], dense[1, :2] = True, False
+    seen = sp.csr_matrix(dense.astype(np.float32))
+    scores = users.astype(np.float64) @ items.T.astype(np.float64)
+    want = np.full((n_users, k), -1)
+    for u in range(n_users):
+        unseen = [i for i in range(n_items) if not dense[u, i]]
+        best = sorted(unseen, key=lambda i: (-scores[u, i], i))[:k]
+        want[u, :len(best)] = best
+    assert (want[0] == -1).all() and (want[1, 2:] == -1).all() and (want[1, :2] >= 0).all()
+    for block in (None, 1, 4, 16, 1000):
+        assert top_k_unseen(users, items, seen, k, block=block).tolist() == want.tolist(), block

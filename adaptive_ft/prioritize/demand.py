@@ -239,11 +239,17 @@ def make_model(cfg: PrioritizeConfig, seed: int, iterations: int | None = None):
 
 
 def fit_factors(matrix: sp.csr_matrix, cfg: PrioritizeConfig, seed: int, model=None,
-                iterations: int | None = None, progress: bool = False) -> Factors:
+                iterations: int | None = None, progress: bool = False, exact: bool = False) -> Factors:
     """Fit (or, for ALS given a fitted ``model``, continue fitting) on the users x items ``matrix``.
 
     BLAS is limited to one thread while fitting: implicit's own threads do the parallel work, and a
     multi-threaded OpenBLAS underneath it is both ~10x slower and a source of run-to-run differences.
+
+    ``exact`` (ALS only): solve each user's and item's least squares exactly (Cholesky) instead of with
+    implicit's default few conjugate-gradient steps, for this fit only. Each CG step moves toward that
+    same solution, so an exact iteration is at least as converged as a CG one; with few factors it is
+    also cheaper, which is why the warm refit after the hold-out uses it (see
+    :func:`adaptive_ft.prioritize.stage.score_interactions`). The model keeps CG for any later fit.
     """
     with threadpool_limits(1, "blas"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*threads.*", category=RuntimeWarning)
@@ -251,7 +257,14 @@ def fit_factors(matrix: sp.csr_matrix, cfg: PrioritizeConfig, seed: int, model=N
             model = make_model(cfg, seed, iterations)
         elif iterations is not None:
             model.iterations = iterations
-        model.fit(matrix, show_progress=progress)
+        use_cg = getattr(model, "use_cg", None)
+        if exact and use_cg is not None:
+            model.use_cg = False
+        try:
+            model.fit(matrix, show_progress=progress)
+        finally:
+            if use_cg is not None:
+                model.use_cg = use_cg
     return Factors(np.asarray(model.user_factors), np.asarray(model.item_factors), cfg.algorithm, model)
 
 

@@ -50,6 +50,11 @@ class PrioritizeResult:
 
 # ------------------------------------------------------------------------------------------------ scoring
 
+# An exact (Cholesky) ALS solve costs about f^2 + f per stored entry and a CG step about 4f, so with implicit's
+# 3 CG steps (plus the residual) the exact iteration is the cheaper one up to f ~ 16; 8 keeps a margin
+# for the f^3 factorization per row. Above it the refit stays with CG.
+EXACT_REFIT_MAX_FACTORS = 8
+
 
 def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndarray, segments: list[str],
                       timings: dict[str, float], progress: bool) -> tuple[dm.Factors, dict]:
@@ -59,7 +64,10 @@ def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndar
     between ``fit`` calls), so measuring the recommender costs a few iterations, not a second fit. The
     hold-out fit runs ``iterations - refit_iterations`` of them (at least 1), so the final factors have
     had ``iterations`` in all, as a plain fit would: the ranking metrics describe the model before its last
-    ``refit_iterations`` (recorded as ``evaluated_after_iterations``).
+    ``refit_iterations`` (recorded as ``evaluated_after_iterations``). With up to
+    :data:`EXACT_REFIT_MAX_FACTORS` factors the refit's iterations solve each least-squares problem
+    exactly (``exact`` in :func:`~adaptive_ft.prioritize.demand.fit_factors`): as converged as CG
+    iterations or more, and cheaper there.
     """
     pc = cfg.prioritize
     t = time.perf_counter()
@@ -80,7 +88,8 @@ def _fit_with_holdout(inter: dm.Interactions, cfg: Config, user_segment: np.ndar
     t = time.perf_counter()
     full = inter.matrix()
     if warm:
-        factors = dm.fit_factors(full, pc, cfg.seed, model=factors.model, iterations=pc.refit_iterations)
+        factors = dm.fit_factors(full, pc, cfg.seed, model=factors.model, iterations=pc.refit_iterations,
+                                 exact=pc.factors <= EXACT_REFIT_MAX_FACTORS)
     else:
         factors = dm.fit_factors(full, pc, cfg.seed, progress=progress)
     timings["refit"] = time.perf_counter() - t
@@ -100,21 +109,26 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     timings = {} if timings is None else timings
     inter = dm.check_interactions(inter)
     uix, iix = inter.pairs["uix"].to_numpy(), inter.pairs["iix"].to_numpy()
-    neg = inter.pairs["neg"].to_numpy().astype(np.float64)
-    dm.check_feedback(neg.sum(), pc, inter.source)
+    neg = inter.pairs["neg"].to_numpy()  # 0/1 per pair, as stored (no float copy: only the fallbacks use it)
+    dm.check_feedback(float(inter.pairs["neg"].sum()), pc, inter.source)
     segments, user_segment = dm.segment_index(inter.users)
     n_users, n_items = inter.shape
     factors, rec = _fit_with_holdout(inter, cfg, user_segment, segments, timings, progress)
     rec.update(algorithm=pc.algorithm, factors=pc.factors, holdout_fraction=pc.holdout_fraction)
     t = time.perf_counter()
     hits = inter.pairs["hits"].to_numpy().astype(np.float64) if "hits" in inter.pairs.columns else np.ones(len(uix))
-    observed = np.bincount(user_segment[uix] * n_items + iix, weights=hits,
-                           minlength=len(segments) * n_items).reshape(len(segments), n_items)
+    # every per-pair sum below is taken per (segment, example) cell in one pass over the pairs; the
+    # per-example and per-segment totals are that small matrix's column and row sums
+    cell = user_segment[uix] * n_items + iix
+    n_cells = len(segments) * n_items
+    observed = np.bincount(cell, weights=hits, minlength=n_cells).reshape(len(segments), n_items)
     predicted = dm.segment_demand(factors, user_segment, len(segments))
     demand = dm.blend_demand(predicted, observed, pc.demand_prior)
     known, failed, basis, notes = _outcomes(inter.pairs, neg, hits, pc)
-    exposures = np.bincount(iix, weights=known, minlength=n_items)
-    negatives = np.bincount(iix, weights=failed, minlength=n_items)
+    known_cells = np.bincount(cell, weights=known, minlength=n_cells).reshape(len(segments), n_items)
+    failed_cells = np.bincount(cell, weights=failed, minlength=n_cells).reshape(len(segments), n_items)
+    del cell, known, failed
+    exposures, negatives = known_cells.sum(axis=0), failed_cells.sum(axis=0)
     domain_ix = np.unique(inter.items["domain"].to_numpy(), return_inverse=True)[1]
     neighbours = dm.item_neighbours(factors.item, pc.neighbours, groups=domain_ix)
     fail = dm.example_failure(exposures, negatives, neighbours, pc.prior_strength, groups=domain_ix)
@@ -126,12 +140,10 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     if negatives.sum() == 0:  # only reachable with no_feedback=demand: plan by demand alone
         fail.rate = np.ones(n_items)
         notes.append("no negative feedback: failure taken as 1 everywhere, so priority = demand")
-    seg_of_pair = user_segment[uix]
     # traffic in queries (impressions), the unit demand is counted in: counting (user, example) pairs
     # instead under-weighted segments whose users ask the same things again
-    traffic = np.bincount(seg_of_pair, weights=hits, minlength=len(segments))
-    seg_known = np.bincount(seg_of_pair, weights=known, minlength=len(segments))
-    seg_neg = np.bincount(seg_of_pair, weights=failed, minlength=len(segments))
+    traffic = observed.sum(axis=1)
+    seg_known, seg_neg = known_cells.sum(axis=1), failed_cells.sum(axis=1)
     seg_fail = dm.remove_floor((seg_neg + pc.prior_strength * raw_global) / (seg_known + pc.prior_strength), floor)
     seg_w = dm.segment_weights(segments, traffic, seg_fail, pc)
     prio, contrib = dm.priorities(demand, fail.rate, seg_w)
@@ -169,18 +181,20 @@ def _outcomes(pairs: pl.DataFrame, neg: np.ndarray, hits: np.ndarray, pc
     signal at all fall back to every query (``exposure`` basis), with a note; a failed query is then a
     negative signal event, at most ``h`` per pair.
     """
-    pos = pairs["pos"].to_numpy().astype(np.float64) if "pos" in pairs.columns else np.zeros(len(neg))
     counts = "neg_n" in pairs.columns and "pos_n" in pairs.columns
-    if counts:
-        n_neg = pairs["neg_n"].to_numpy().astype(np.float64)
-        n_pos = pairs["pos_n"].to_numpy().astype(np.float64)
-        judged = n_neg + n_pos
-        failed = hits * np.divide(n_neg, judged, out=np.zeros(len(neg)), where=judged > 0)
-        known = hits * (judged > 0)
+    if "pos" in pairs.columns and float(pairs["pos"].sum()) > 0:
+        if counts:  # few passes, in place where possible: this runs over millions of pairs
+            n_neg = pairs["neg_n"].to_numpy()
+            judged = n_neg + pairs["pos_n"].to_numpy()
+            some = judged > 0
+            failed = np.zeros(len(hits))
+            np.divide(n_neg, judged, out=failed, where=some)
+            failed *= hits
+            known = np.where(some, hits, 0.0)
+        else:
+            failed, known = neg * hits, np.maximum(neg, pairs["pos"].to_numpy()) * hits
     else:
-        failed, known = neg * hits, np.maximum(neg, pos) * hits
-    if pos.sum() == 0:
-        failed = np.minimum(n_neg, hits) if counts else neg * hits
+        failed = np.minimum(pairs["neg_n"].to_numpy(), hits) if counts else neg * hits
         return hits.copy(), failed, "exposure", ["no positive signal in the log: failure is negatives over all exposures"]
     if pc.failure_basis == "exposure":
         return hits.copy(), failed, "exposure", []
