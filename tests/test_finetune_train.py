@@ -116,6 +116,45 @@ def test_bf16_autocast_only_where_the_cpu_multiplies_bf16_and_the_step_runs_in_i
         assert r.metrics[-1]["val_loss"] < r.metrics[3]["val_loss"]  # and it learns
 
 
+def test_frozen_base_cast_once_gives_autocast_s_own_forward_and_fp32_outside_it(tiny, examples, tmp_path,
+                                                                                monkeypatch) -> None:
+    """The bf16 copies of the frozen Linear weights are what autocast forwards use, bit-for-bit autocast's cast."""
+    base, tok = load_model(tiny)
+    torch.manual_seed(0)
+    model = T.attach_lora(base, _cfg().train, [0, 1, 2], {})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    T.fuse_lora(model)
+    model.eval()
+    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+    fp32 = model(input_ids=ids).logits
+    # every frozen Linear: 7 base layers in each of 3 layers, and the output layer; no adapter weight
+    assert T.keep_frozen_casts(model, torch.bfloat16) == 3 * 7 + 1
+    casts = [m for m in model.modules() if hasattr(m, "autocast_weight")]
+    assert all(m.autocast_weight.dtype == torch.bfloat16 and m.weight.dtype == torch.float32 for m in casts)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)  # the same forward as autocast's own casts
+    assert torch.equal(model(input_ids=ids).logits, fp32)  # outside autocast: the fp32 weights
+    with torch.no_grad():
+        for m in casts:
+            m.autocast_weight.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.allclose(model(input_ids=ids).logits.float(), want.float(), atol=1e-2)  # copies are used
+    calls = []
+    real = T.keep_frozen_casts
+    monkeypatch.setattr(T, "keep_frozen_casts", lambda m, d: calls.append(d) or real(m, d))
+    plan = _plan(tmp_path / "plan.json")
+    T.train(_cfg("train.precision=bf16", "train.max_steps=2"), None, plan, str(tiny), tmp_path / "bf16", examples=examples)
+    T.train(_cfg("train.precision=fp32", "train.max_steps=2"), None, plan, str(tiny), tmp_path / "fp32", examples=examples)
+    assert calls == [torch.bfloat16]  # a bf16 run keeps the casts; an fp32 run has none to keep
+
+
 def test_fused_lora_forward_is_peft_s_function_and_its_dropout_is_unbiased(tiny) -> None:
     """Outputs and adapter gradients equal peft's own forward; under dropout the mean output is the same."""
     import copy

@@ -13,6 +13,7 @@ Where the time goes, and what this loop does about it (a 135M model on 2 CPU cor
   boolean dropout mask.
 - On a CPU that multiplies bf16 natively (``train.precision: auto``), the forward passes run under bf16
   autocast, so the matmuls that are most of a step take the bf16 units; weights and optimizer stay fp32.
+  The frozen base's Linear weights are cast to bf16 once (:func:`keep_frozen_casts`), not on every forward.
 - DDP is a single all-reduce of the (small) flattened LoRA gradient per step.
 """
 
@@ -257,6 +258,34 @@ def fuse_lora(model: Any) -> int:
     for module in model.modules():
         if type(module) is LoraLinear:
             module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
+def _cast_linear_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` that, under autocast to its copy's dtype, multiplies by the copy kept for it."""
+    w = layer.weight
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == layer.autocast_weight.dtype:
+        w = layer.autocast_weight
+    return F.linear(x, w, layer.bias)
+
+
+def keep_frozen_casts(model: Any, dtype: torch.dtype) -> int:
+    """Give every frozen fp32 ``nn.Linear`` of ``model`` a ``dtype`` copy of its weight, used under autocast.
+
+    Autocast casts each weight a matmul takes on every call; for a frozen base that is the whole model
+    re-cast every forward pass, for the same result each time. The copy is that cast done once (the same
+    rounding, so a forward is bit-for-bit the one autocast would run), and the fp32 weight stays for every
+    pass outside autocast (validation, and anything that reads the base's weights). Trainable layers (the
+    adapter's) and non-fp32 ones (a quantized base) are left alone. Returns how many layers got a copy.
+    """
+    n = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad \
+                and module.weight.dtype == torch.float32:
+            module.autocast_weight = module.weight.detach().to(dtype)
+            module.forward = types.MethodType(_cast_linear_forward, module)
             n += 1
     return n
 
@@ -802,6 +831,8 @@ def _train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mo
     ctx = Ctx(peft_model, opt, sched, tc, dist, tok.pad_token_id,
               _load_teacher(teacher, tok, dist.device) if teacher else None, started=t_start, prior_wall=prior_wall,
               amp=autocast_dtype(tc, dist.device))
+    if ctx.amp is not None:
+        keep_frozen_casts(peft_model, ctx.amp)
     manifest = {
         "config": config_to_dict(cfg), "base_model": (prior or {}).get("base_model", spec),
         "base_model_path": str(base_path), "base_model_fingerprint": fingerprint,
