@@ -155,6 +155,38 @@ def test_frozen_base_cast_once_gives_autocast_s_own_forward_and_fp32_outside_it(
     assert calls == [torch.bfloat16]  # a bf16 run keeps the casts; an fp32 run has none to keep
 
 
+def test_cpu_dropout_masks_drop_at_p_and_follow_torch_s_seed() -> None:
+    cpu = torch.device("cpu")
+    keep, p = T.dropout_mask((400, 1000), 0.05, cpu)
+    assert keep.dtype == torch.bool and keep.shape == (400, 1000)
+    assert abs(p - 0.05) <= 0.5 / T.MASK_LEVELS
+    dropped = 1 - keep.float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5  # drops at p (4 s.e.)
+    assert not torch.equal(keep, T.dropout_mask((400, 1000), 0.05, cpu)[0])  # a fresh mask each call
+    torch.manual_seed(3)
+    a = T.dropout_mask((50, 70), 0.5, cpu)[0]
+    torch.manual_seed(3)
+    assert torch.equal(a, T.dropout_mask((50, 70), 0.5, cpu)[0])  # torch's seed decides it
+    keep, p = T.dropout_mask((100, 100), 1e-6, cpu)  # rounds to 0: nothing dropped, and it says so
+    assert p == 0.0 and bool(keep.all())
+
+
+def test_bf16_forward_on_a_cpu_takes_the_math_attention_kernel() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(4, 3, 40, 32, dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        math = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.equal(math, flash)  # the two kernels are told apart by their rounding
+    for amp, want in ((torch.bfloat16, math), (None, flash)):
+        ctx = T.Ctx(None, None, None, _cfg().train, T.Dist(), 0, amp=amp)
+        with ctx.forward():
+            assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True), want)
+            assert torch.backends.cuda.flash_sdp_enabled() is (amp is None)
+
+
 def test_fused_lora_forward_is_peft_s_function_and_its_dropout_is_unbiased(tiny) -> None:
     """Outputs and adapter gradients equal peft's own forward; under dropout the mean output is the same."""
     import copy

@@ -10,10 +10,11 @@ Where the time goes, and what this loop does about it (a 135M model on 2 CPU cor
   so no attention mask is built and SDPA takes its causal fast path.
 - peft's LoRA forward makes four passes over each adapted layer's activations besides its matmuls (dropout
   mask, scaling, product, sum); :func:`fuse_lora` folds the scaling and the sum into the GEMM and draws a
-  boolean dropout mask.
+  boolean dropout mask, on a CPU from a faster generator than torch's (:func:`dropout_mask`).
 - On a CPU that multiplies bf16 natively (``train.precision: auto``), the forward passes run under bf16
   autocast, so the matmuls that are most of a step take the bf16 units; weights and optimizer stay fp32.
-  The frozen base's Linear weights are cast to bf16 once (:func:`keep_frozen_casts`), not on every forward.
+  The frozen base's Linear weights are cast to bf16 once (:func:`keep_frozen_casts`), not on every forward,
+  and attention takes the math kernel, whose bf16 backward is faster than the flash kernel's on a CPU.
 - DDP is a single all-reduce of the (small) flattened LoRA gradient per step.
 """
 
@@ -224,6 +225,26 @@ def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dic
     return model
 
 
+MASK_LEVELS = 65536  # a CPU dropout mask drops with probability p rounded to a multiple of 1 / MASK_LEVELS
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask dropping each entry with probability ``p``, and the probability it really used.
+
+    On a CPU torch draws Bernoulli masks one element at a time from its Mersenne Twister, slow enough to be
+    a large share of a bf16 LoRA step; there the mask is 16-bit integers from numpy's PCG64, compared with
+    ``p`` rounded to 1/65536 (returned, so the caller's ``1 / (1 - p)`` keeps the update unbiased). Its seed
+    is drawn from torch's generator, so ``torch.manual_seed`` and a checkpoint's saved RNG state reproduce
+    every mask (resume equals an uninterrupted run). Elsewhere (a GPU) torch's own ``bernoulli_``.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p
+    cut = round(p * MASK_LEVELS)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    bits = np.random.Generator(np.random.PCG64(seed)).integers(0, MASK_LEVELS, size=tuple(shape), dtype=np.uint16)
+    return torch.from_numpy(bits >= cut), cut / MASK_LEVELS
+
+
 def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA Linear forward, ``base(x) + scaling * B(A(dropout(x)))``, in fewer passes over the activations.
 
@@ -233,16 +254,17 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
     case (several or merged adapters, DoRA-like variants, extra arguments) takes peft's own forward.
     """
     name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
+    p = float(getattr(layer.lora_dropout[name], "p", 0.0)) if name in layer.lora_dropout else 0.0
     if (args or kwargs or name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A
-            or name in layer.lora_variant):
+            or name in layer.lora_variant or p >= 1):
         return type(layer).forward(layer, x, *args, **kwargs)
     a, b = layer.lora_A[name], layer.lora_B[name]
     result = layer.base_layer(x)
-    p = float(getattr(layer.lora_dropout[name], "p", 0.0))
     alpha = layer.scaling[name]
     h = x
     if layer.training and p > 0:
-        h = x * torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+        keep, p = dropout_mask(x.shape, p, x.device)
+        h = x * keep
         alpha = alpha / (1.0 - p)
     low = a(h)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
@@ -533,7 +555,15 @@ class Ctx:
         """The context the forward passes run in: autocast to ``amp``, or nothing."""
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.amp)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.dist.device.type, dtype=self.amp))
+        if self.dist.device.type == "cpu":
+            # the CPU flash-attention kernel's bf16 backward is several times slower than its fp32 one at
+            # these short sequences; the math kernel (matmuls and a softmax) is not
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
 
 def _checkpoint(ctx: Ctx, out: Path, state: LoopState, keep: int) -> Path:
