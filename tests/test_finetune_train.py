@@ -150,9 +150,61 @@ def test_frozen_base_cast_once_gives_autocast_s_own_forward_and_fp32_outside_it(
     real = T.keep_frozen_casts
     monkeypatch.setattr(T, "keep_frozen_casts", lambda m, d: calls.append(d) or real(m, d))
     plan = _plan(tmp_path / "plan.json")
-    T.train(_cfg("train.precision=bf16", "train.max_steps=2"), None, plan, str(tiny), tmp_path / "bf16", examples=examples)
-    T.train(_cfg("train.precision=fp32", "train.max_steps=2"), None, plan, str(tiny), tmp_path / "fp32", examples=examples)
+    for precision in ("bf16", "fp32"):
+        T.train(_cfg(f"train.precision={precision}", "train.max_steps=2"), None, plan, str(tiny), tmp_path / precision,
+                examples=examples)
     assert calls == [torch.bfloat16]  # a bf16 run keeps the casts; an fp32 run has none to keep
+
+
+def test_lora_groups_compute_siblings_on_one_input_as_one_and_equal_the_fused_layers(tiny, examples, tmp_path,
+                                                                                     monkeypatch) -> None:
+    import copy
+
+    base, tok = load_model(tiny)
+    torch.manual_seed(0)
+    model = T.attach_lora(base, _cfg("train.lora.dropout=0.5").train, [0, 1, 2], {})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    T.fuse_lora(model)
+    grouped = copy.deepcopy(model)
+    groups = T.group_lora(grouped)
+    assert sorted(len(g.members) for g in groups) == [2] * 3 + [3] * 3  # q/k/v and gate/up in each layer
+    for m in (model, grouped):  # each member keeps its own scaling
+        next(x for n, x in m.named_modules() if n.endswith("layers.1.self_attn.k_proj")).scaling["default"] *= 3
+    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
+    for m in (model, grouped):
+        m.eval()
+        m(input_ids=ids).logits.square().mean().backward()
+    a, b = model(input_ids=ids).logits, grouped(input_ids=ids).logits
+    with grouped.disable_adapter():
+        plain = grouped(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, plain, atol=1e-3)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], atol=1e-5)
+                         for n, p in grouped.named_parameters() if n in grads)
+    g = next(g for g in groups if len(g.members) == 3)
+    storage = g.base.weight.untyped_storage().data_ptr()
+    assert all(m.base_layer.weight.untyped_storage().data_ptr() == storage for m in g.members)  # one copy
+    q, k, _ = g.members
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        q(x)  # computes k's output too
+        k.lora_B["default"].weight.add_(1.0)  # as an optimizer step would: what q's call kept for k is stale
+        assert torch.allclose(k(x), T._fused_lora_forward(k, x), atol=1e-5)
+        exact = k(x)
+        for m in g.members:
+            m.train()
+        draws = torch.stack([k(x) for _ in range(2000)])
+    spread = draws.std(0).mean()
+    assert spread > 1e-2 and (draws.mean(0) - exact).abs().mean() < 0.1 * spread  # dropout, unbiased
+    calls = []
+    real = T.group_lora
+    monkeypatch.setattr(T, "group_lora", lambda m: calls.append(len(out := real(m))) or out)
+    T.train(_cfg("train.max_steps=2"), None, _plan(tmp_path / "plan.json"), str(tiny), tmp_path / "run",
+            examples=examples)
+    assert calls == [6]  # a run trains through the groups
 
 
 def test_cpu_dropout_masks_drop_at_p_and_follow_torch_s_seed() -> None:

@@ -11,6 +11,8 @@ Where the time goes, and what this loop does about it (a 135M model on 2 CPU cor
 - peft's LoRA forward makes four passes over each adapted layer's activations besides its matmuls (dropout
   mask, scaling, product, sum); :func:`fuse_lora` folds the scaling and the sum into the GEMM and draws a
   boolean dropout mask, on a CPU from a faster generator than torch's (:func:`dropout_mask`).
+- Sibling layers called on one input (q/k/v, gate/up) run as one :class:`LoraGroup` (:func:`group_lora`):
+  one base GEMM, one dropout mask and one GEMM per LoRA factor for the set, instead of one per layer.
 - On a CPU that multiplies bf16 natively (``train.precision: auto``), the forward passes run under bf16
   autocast, so the matmuls that are most of a step take the bf16 units; weights and optimizer stay fp32.
   The frozen base's Linear weights are cast to bf16 once (:func:`keep_frozen_casts`), not on every forward,
@@ -284,6 +286,129 @@ def fuse_lora(model: Any) -> int:
     return n
 
 
+# sibling layers a decoder layer calls on one input (Llama, Mistral, Qwen, Gemma: attention's q/k/v, the
+# MLP's gate/up); group_lora computes each such set as one
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class LoraGroup:
+    """Sibling fused LoRA Linear layers the model calls on the same input, computed together.
+
+    The base weights are one concatenated matrix (the members' weights become views of it), the adapters' A
+    matrices are concatenated on every call (they train) and their B matrices, each times its scaling, form
+    one block-diagonal matrix: a call is one base GEMM, one dropout mask (shared by the members: each still
+    drops its input at ``p``), one A GEMM and one B GEMM for the whole set, instead of that per member. The
+    first member called computes every member's output; the others take theirs when called on the same
+    tensor in the same state (weights, grad mode, autocast and train/eval unchanged), else compute afresh.
+    """
+
+    def __init__(self, members: list[Any]):
+        self.members = members
+        self.sizes = [m.base_layer.out_features for m in members]
+        first = members[0].base_layer
+        weight = torch.cat([m.base_layer.weight.detach() for m in members])
+        self.base = torch.nn.Linear(first.in_features, weight.shape[0], bias=False, device=weight.device,
+                                    dtype=weight.dtype).requires_grad_(False)
+        self.base.weight.data = weight
+        for m, w in zip(members, weight.split(self.sizes)):
+            m.base_layer.weight.data = w  # one copy of the base, shared with the members' own layers
+            m.base_layer.grouped = True
+        self.key: tuple[Any, ...] | None = None
+        self.ready: dict[int, torch.Tensor] = {}
+
+    def adapter(self) -> str | None:
+        """The one adapter every member runs plainly (single, unmerged, vanilla LoRA, same dropout and train/eval
+        mode), else None: then each member runs on its own."""
+        first = self.members[0]
+        if len(first.active_adapters) != 1:
+            return None
+        name = first.active_adapters[0]
+        p = None
+        for m in self.members:
+            if (m.active_adapters != first.active_adapters or m.disable_adapters or m.merged
+                    or m.training != first.training or name not in m.lora_A or name in m.lora_variant
+                    or m.lora_A[name].bias is not None or m.lora_B[name].bias is not None):
+                return None
+            q = float(getattr(m.lora_dropout[name], "p", 0.0))
+            if (p is not None and q != p) or q >= 1:
+                return None
+            p = q
+        return name
+
+    def _key(self, x: torch.Tensor, name: str) -> tuple[Any, ...]:
+        dev = x.device.type
+        versions = tuple(w._version for m in self.members for w in (m.lora_A[name].weight, m.lora_B[name].weight))
+        return (id(x), x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(dev),
+                self.members[0].training, versions)
+
+    def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s output on ``x``: taken from the set's last computation when it is still valid."""
+        name = self.adapter()
+        if name is None:
+            return _fused_lora_forward(layer, x)
+        key = self._key(x, name)
+        if key == self.key and id(layer) in self.ready:
+            out = self.ready.pop(id(layer))
+            if not self.ready:
+                self.key, self.x = None, None
+            return out
+        outs = self._compute(x, name)
+        # x itself is held so that its id cannot be reused by another tensor while the outputs wait
+        self.key, self.x = key, x
+        self.ready = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
+        return outs[self.members.index(layer)]
+
+    def _compute(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+        result = self.base(x)
+        p = float(getattr(self.members[0].lora_dropout[name], "p", 0.0))
+        scale = 1.0
+        h = x
+        if self.members[0].training and p > 0:
+            keep, p = dropout_mask(x.shape, p, x.device)
+            h = x * keep
+            scale = 1.0 / (1.0 - p)
+        a = torch.cat([m.lora_A[name].weight for m in self.members])
+        b = torch.block_diag(*[m.lora_B[name].weight * (m.scaling[name] * scale) for m in self.members])
+        low = F.linear(h, a)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
+                          b.t().to(result.dtype))
+        return out.view(result.shape).split(self.sizes, -1)
+
+
+def _grouped_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if args or kwargs:
+        return _fused_lora_forward(layer, x, *args, **kwargs)
+    return layer.lora_group.forward(layer, x)
+
+
+def group_lora(model: Any) -> list[LoraGroup]:
+    """Compute each set of sibling LoRA layers on a shared input (:data:`SHARED_INPUT`) as one :class:`LoraGroup`.
+
+    Call after :func:`fuse_lora` and after the model is on its device (the concatenated base weights are not
+    registered in the model, so ``.to()`` would not move them). Members need plain ``nn.Linear`` base layers
+    of one input size, dtype and device without bias (a quantized base is left alone). Returns the groups.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    groups = []
+    for parent in list(model.modules()):
+        for names in SHARED_INPUT:
+            members = [m for n in names if type(m := getattr(parent, n, None)) is LoraLinear]
+            bases = [m.base_layer for m in members]
+            if len(members) < 2 or any(type(b) is not torch.nn.Linear or b.bias is not None for b in bases):
+                continue
+            w = bases[0].weight
+            if any(b.in_features != bases[0].in_features or b.weight.dtype != w.dtype or b.weight.device != w.device
+                   or not b.weight.is_floating_point() for b in bases):
+                continue
+            group = LoraGroup(members)
+            for m in members:
+                m.lora_group = group
+                m.forward = types.MethodType(_grouped_lora_forward, m)
+            groups.append(group)
+    return groups
+
+
 def _cast_linear_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` that, under autocast to its copy's dtype, multiplies by the copy kept for it."""
     w = layer.weight
@@ -300,10 +425,14 @@ def keep_frozen_casts(model: Any, dtype: torch.dtype) -> int:
     re-cast every forward pass, for the same result each time. The copy is that cast done once (the same
     rounding, so a forward is bit-for-bit the one autocast would run), and the fp32 weight stays for every
     pass outside autocast (validation, and anything that reads the base's weights). Trainable layers (the
-    adapter's) and non-fp32 ones (a quantized base) are left alone. Returns how many layers got a copy.
+    adapter's) and non-fp32 ones (a quantized base) are left alone; a :class:`LoraGroup`'s concatenated
+    base gets one copy, its members none. Returns how many layers got a copy.
     """
     n = 0
-    for module in model.modules():
+    groups = {id(m.lora_group): m.lora_group.base for m in model.modules() if hasattr(m, "lora_group")}
+    for module in [*model.modules(), *groups.values()]:
+        if getattr(module, "grouped", False):
+            continue  # its weight is part of a group's, which has the copy
         if type(module) is torch.nn.Linear and not module.weight.requires_grad \
                 and module.weight.dtype == torch.float32:
             module.autocast_weight = module.weight.detach().to(dtype)
@@ -837,6 +966,7 @@ def _train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mo
         load_init_adapter(peft_model, init_adapter)
     fuse_lora(peft_model)
     peft_model.to(dist.device).train()
+    group_lora(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist)
