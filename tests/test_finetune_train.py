@@ -199,6 +199,22 @@ def test_lora_groups_compute_siblings_on_one_input_as_one_and_equal_the_fused_la
         draws = torch.stack([k(x) for _ in range(2000)])
     spread = draws.std(0).mean()
     assert spread > 1e-2 and (draws.mean(0) - exact).abs().mean() < 0.1 * spread  # dropout, unbiased
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):  # counts casts of a tensor shaped like x
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == tuple(x.shape):
+                Casts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    o = next(m for n, m in grouped.named_modules() if n.endswith("layers.1.self_attn.o_proj"))
+    for layer in (q, o):  # a group, and a layer on its own: the input is cast once for base and adapter
+        Casts.n = 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+            layer(x)
+        assert Casts.n == 1
     calls = []
     real = T.group_lora
     monkeypatch.setattr(T, "group_lora", lambda m: calls.append(len(out := real(m))) or out)

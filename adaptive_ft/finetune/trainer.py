@@ -234,7 +234,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tupl
     """A boolean keep-mask dropping each entry with probability ``p``, and the probability it really used.
 
     On a CPU torch draws Bernoulli masks one element at a time from its Mersenne Twister, slow enough to be
-    a large share of a bf16 LoRA step; there the mask is 16-bit integers from numpy's PCG64, compared with
+    a large share of a bf16 LoRA step; there the mask is 16-bit slices of numpy's PCG64 output, compared with
     ``p`` rounded to 1/65536 (returned, so the caller's ``1 / (1 - p)`` keeps the update unbiased). Its seed
     is drawn from torch's generator, so ``torch.manual_seed`` and a checkpoint's saved RNG state reproduce
     every mask (resume equals an uninterrupted run). Elsewhere (a GPU) torch's own ``bernoulli_``.
@@ -243,8 +243,18 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tupl
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p
     cut = round(p * MASK_LEVELS)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    bits = np.random.Generator(np.random.PCG64(seed)).integers(0, MASK_LEVELS, size=tuple(shape), dtype=np.uint16)
+    n = math.prod(shape)
+    bits = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n].reshape(tuple(shape))
     return torch.from_numpy(bits >= cut), cut / MASK_LEVELS
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on: cast once for the base and the adapter (and its dropout
+    mask applied in that dtype) instead of once by each of their matmuls. Exact: the mask is 0 or 1."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
 
 
 def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -261,6 +271,7 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
             or name in layer.lora_variant or p >= 1):
         return type(layer).forward(layer, x, *args, **kwargs)
     a, b = layer.lora_A[name], layer.lora_B[name]
+    x = _autocast_input(x)
     result = layer.base_layer(x)
     alpha = layer.scaling[name]
     h = x
@@ -359,6 +370,7 @@ class LoraGroup:
         return outs[self.members.index(layer)]
 
     def _compute(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
+        x = _autocast_input(x)
         result = self.base(x)
         p = float(getattr(self.members[0].lora_dropout[name], "p", 0.0))
         scale = 1.0
