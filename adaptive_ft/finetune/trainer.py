@@ -324,8 +324,9 @@ class LoraGroup:
         for m, w in zip(members, weight.split(self.sizes)):
             m.base_layer.weight.data = w  # one copy of the base, shared with the members' own layers
             m.base_layer.grouped = True
-        self.key: tuple[Any, ...] | None = None
-        self.ready: dict[int, torch.Tensor] = {}
+        self.key: tuple[Any, ...] | None = None  # the state the waiting outputs were computed in
+        self.x: torch.Tensor | None = None  # their input, held so that its id is not reused while they wait
+        self.ready: dict[int, torch.Tensor] = {}  # member id -> its output, until that member is called
 
     def adapter(self) -> str | None:
         """The one adapter every member runs plainly (single, unmerged, vanilla LoRA, same dropout and train/eval
@@ -364,7 +365,6 @@ class LoraGroup:
                 self.key, self.x = None, None
             return out
         outs = self._compute(x, name)
-        # x itself is held so that its id cannot be reused by another tensor while the outputs wait
         self.key, self.x = key, x
         self.ready = {id(m): o for m, o in zip(self.members, outs) if m is not layer}
         return outs[self.members.index(layer)]
