@@ -637,3 +637,62 @@ def test_a_bad_utf8_byte_rejects_that_line_in_files_staged_whole_too(tmp_path: P
     assert line == bad + 1 + (kind == "blank line") and reason.startswith("invalid UTF-8"), (line, reason)
     with Store.open(db, read_only=True) as s:  # the record after the bad one is stored with its own line
         assert s.sql("SELECT line FROM events WHERE event_id = 'e2501'").item() == line + 1
+
+
+def _watch_wide_pass(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """How each direct pass numbers its records: the ``line`` expression of the reader it is built from."""
+    import adaptive_ft.store.load as load_mod
+
+    seen: list[str] = []
+    rows_sql = load_mod._rows_sql
+
+    def watch(r, cfg):
+        seen.append(r.line)
+        return rows_sql(r, cfg)
+
+    monkeypatch.setattr(load_mod, "_rows_sql", watch)
+    return seen
+
+
+def test_jsonl_lines_come_from_ids_the_file_gives_once_and_the_wide_pass_is_not_numbered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The JSONL wide pass runs unnumbered (every thread) and takes each record's line from the numbered
+    id pre-pass. Lines without an id of their own (none, given twice, or an id equal to the one a record
+    without an id is given) are staged; the store equals what staging the whole file gives, lines included."""
+    scratch = tmp_path / "scratch.duckdb"
+    ingest([write_jsonl(tmp_path / "one.jsonl", [rec(30, event_id=None, user_id="u-late")])], scratch)
+    with Store.open(scratch, read_only=True) as s:
+        derived = s.sql("SELECT event_id FROM events").item()  # the id line 31 below is given (md5 of its content)
+    lines: list = [rec(i) for i in range(60)]
+    lines[5] = rec(5, user_id="u-early", event_id=derived)  # line 6 gives the id line 31 is derived to: a conflict
+    lines[30] = rec(30, event_id=None, user_id="u-late")
+    lines[40] = rec(40, event_id=None, example_id="x_only", prompt="asked once", domain="cards")  # kept, staged
+    lines[44] = rec(44, event="purchase", example_id="x_bad", prompt="never kept")  # rejected: no example from it
+    lines[50] = rec(7)  # e7 again, identical: a duplicate
+    log = write_jsonl(tmp_path / "log.jsonl", lines)
+    whole = write_jsonl(tmp_path / "whole.jsonl", [*lines, ""])  # trailing blank line: staged whole
+    wide = _watch_wide_pass(monkeypatch)
+    results = {}
+    for name, path in (("direct", log), ("whole", whole)):
+        db = tmp_path / f"{name}.duckdb"
+        f = ingest([path], db).files[0]
+        assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (57, 1, 2)
+        with Store.open(db, read_only=True) as s:
+            results[name] = (
+                s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY line").rows(),
+                s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
+                s.sql("SELECT * FROM users ORDER BY user_id").rows(),
+                s.sql("SELECT line, reason FROM rejected ORDER BY line").rows(),
+            )
+    assert wide[0] == "NULL::BIGINT"  # the direct pass over log.jsonl: not numbered
+    assert results["direct"] == results["whole"]
+    events, examples, _, rejected = results["direct"]
+    assert [e[-1] for e in events] == [n for n in range(1, 61) if n not in (31, 45, 51)]
+    assert all(e[0] == f"e{e[-1] - 1}" for e in events if e[-1] not in (6, 41))
+    assert "x_only" in [x[0] for x in examples] and "x_bad" not in [x[0] for x in examples]
+    assert rejected == [(31, f"conflicting duplicate: event_id {derived} appears on line 6 of this file with a different ts"),
+                        (45, "unknown event type: purchase")]
+    # a file whose records give no ids is numbered in the wide pass itself
+    wide.clear()
+    ingest([write_jsonl(tmp_path / "noids.jsonl", [rec(i, event_id=None) for i in range(20)])], tmp_path / "n.duckdb")
+    assert wide[0] == "row_number() OVER ()"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
@@ -224,7 +224,7 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
 
 
 def _drop_temps(con: duckdb.DuckDBPyConnection) -> None:
-    for t in ("_stage", "_todo", "_pull", "_rawlines", "_rep"):
+    for t in ("_stage", "_todo", "_pull", "_rawlines", "_rep", "_ids", "_uni", "_skip"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
@@ -272,7 +272,11 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     In one transaction:
 
     1. the records that are valid, complete (prompt and domain present), not suspect and not yet stored go
-       straight from the reader into ``events``, each with its line;
+       straight from the reader into ``events``, each with its line. Parquet has ``file_row_number``; a
+       JSONL reader has no row number, and numbering the wide pass (``row_number() OVER ()``) would keep it
+       on one thread, so a narrow numbered pre-pass reads only the id column and the wide pass, on every
+       thread, joins each record to the line its id was seen on (ids the file gives on fewer than 19 lines
+       in 20: the wide pass is numbered instead);
     2. the lines that pass did not take are staged (read again by line number: a Parquet row group or JSONL
        line the filter does not need costs a parse, never a write), and JSONL lines DuckDB's JSON reader
        rejected or may have misread are re-read from their raw text (fetched by byte offset) line by line;
@@ -282,7 +286,8 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     4. examples are upserted from a narrow pass over the records kept, users from the batch's events.
 
     A clean file stops after step 1 and 4. Returns False (the transaction open, for the caller to roll
-    back) when JSONL line numbers cannot be trusted: DuckDB's reader skips blank lines.
+    back) when JSONL line numbers cannot be trusted: DuckDB's reader skips blank lines, so the pre-pass
+    must number as many records as the file has lines.
     """
     _begin_batch(con, batch, src)
     stage(0)
@@ -291,25 +296,54 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     # Ids the file gives more than once are kept out of the pass (and staged): a row written in this
     # transaction and deleted again makes DuckDB rewrite the batch's row groups at commit, a cost
     # proportional to the file. A narrow pre-pass over the id column finds them.
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h FROM (
-                SELECT hash({r.fields['event_id']}) AS h FROM {r.base} WHERE {r.fields['event_id']} IS NOT NULL)
-            GROUP BY h HAVING count(*) > 1"""
-    )
+    eid, by_id = r.fields["event_id"], False
+    if src.format == "jsonl":
+        # JSONL: the pre-pass also numbers the lines (one thread, but only the id is read), so the wide pass
+        # can run on every thread: a record whose id the file gives once takes its line from this table.
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _ids AS
+                SELECT {r.line} AS line, CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h FROM {r.base}"""
+        )
+        (n_lines, n_given) = con.execute("SELECT count(*), count(h) FROM _ids").fetchall()[0]
+        if n_lines != digest.result()[1]:
+            return False  # DuckDB's reader skips blank lines: its numbers are not the file's lines
+        con.execute("CREATE OR REPLACE TEMP TABLE _rep AS SELECT h FROM _ids WHERE h IS NOT NULL "
+                    "GROUP BY h HAVING count(*) > 1")
+        # ids on (nearly) every line: join by id; a file of records without ids is numbered in the wide pass
+        by_id = n_given * _REREAD_SHARE >= n_lines * (_REREAD_SHARE - 1)
+        if by_id:
+            con.execute("CREATE OR REPLACE TEMP TABLE _uni AS SELECT line, h FROM _ids "
+                        "WHERE h IS NOT NULL AND h NOT IN (SELECT h FROM _rep)")
+        con.execute("DROP TABLE _ids")
+    else:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h FROM (
+                    SELECT hash({eid}) AS h FROM {r.base} WHERE {eid} IS NOT NULL)
+                GROUP BY h HAVING count(*) > 1"""
+        )
     (n_rep,) = con.execute("SELECT count(*) FROM _rep").fetchall()[0]
-    if n_rep:
-        new += " AND hash(s.event_id) NOT IN (SELECT h FROM _rep)"
-    (inserted,) = con.execute(
-        f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM ({_rows_sql(r, cfg)}) s WHERE clean{new}", [batch]
-    ).fetchall()[0]
+    if by_id:
+        # The id names the line exactly: the pre-pass saw that id on that line and on no other (a hash two
+        # ids share is in _rep, so both are staged). No reliance on the order rows arrive in.
+        (inserted,) = con.execute(
+            f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({_rows_sql(replace(r, line="NULL::BIGINT"), cfg)}) s
+                JOIN _uni u ON hash(s.given_id) = u.h WHERE clean{new}""", [batch]
+        ).fetchall()[0]
+    else:
+        if n_rep:
+            new += " AND hash(s.event_id) NOT IN (SELECT h FROM _rep)"
+        (inserted,) = con.execute(
+            f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM ({_rows_sql(r, cfg)}) s WHERE clean{new}",
+            [batch],
+        ).fetchall()[0]
     if src.format == "parquet":
         (total,) = con.execute(f"SELECT count(*) FROM read_parquet({q(str(src.path))})").fetchall()[0]
     else:
         total = digest.result()[1]
     # Distinct hashes prove distinct ids; a repeated hash left (records without an id that hash to the same
     # one, or rarely a collision) is looked at below.
-    (distinct, last_line) = con.execute(
-        "SELECT count(DISTINCT hash(event_id)), max(line) FROM events WHERE batch_id = ?", [batch]
+    (distinct,) = con.execute(
+        "SELECT count(DISTINCT hash(event_id)) FROM events WHERE batch_id = ?", [batch]
     ).fetchall()[0]
     stage(1)
     rest, repeats = inserted < total, distinct < inserted
@@ -319,8 +353,8 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
                 WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.batch_id = {int(batch)} AND e.line = t.line)"""
         )
         (n_todo,) = con.execute("SELECT count(*) FROM _todo").fetchall()[0]
-    if rest and src.format == "jsonl" and last_line == total and n_todo * _REREAD_SHARE <= total:
-        # The reader numbered the last line as the file's last line: no line was skipped, so the lines
+    if rest and src.format == "jsonl" and n_todo * _REREAD_SHARE <= total:
+        # The pre-pass numbered as many records as the file has lines: no line was skipped, so the lines
         # the pass did not take are exactly _todo. Few of them: fetch them by offset and read them line by line.
         con.execute("CREATE OR REPLACE TEMP TABLE _rawlines AS SELECT line AS _line FROM _todo")
         con.execute(f"CREATE OR REPLACE TEMP TABLE _stage AS {_stage_sql(r, cfg)} LIMIT 0")
@@ -368,12 +402,22 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     ).fetchall()[0]
     rep.rows_ok = int(inserted) - int(pulled)
     _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest))
-    _upsert_examples(
-        con,
-        f"SELECT * FROM ({_examples_sql(r, with_line=True)}) x "
-        f"WHERE NOT EXISTS (SELECT 1 FROM _stage s WHERE s.line = x.line AND NOT ({_KEPT}))",
-        batch,
-    )
+    # Examples come from the records kept only. By id (the pass stays parallel): a line whose id the file
+    # gives once is told by that id, so the records to pass over are those of the few staged lines not kept,
+    # and of ids given twice; every line without an id of its own was staged: its kept record comes from there.
+    if by_id:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _skip AS SELECT u.h FROM _uni u JOIN _stage s ON s.line = u.line
+                WHERE NOT ({_KEPT}) UNION ALL SELECT h FROM _rep"""
+        )
+        rows = (f"SELECT example_id, domain, prompt, reference FROM ({_examples_sql(r, with_hash=True)}) x "
+                f"WHERE h IS NOT NULL AND h NOT IN (SELECT h FROM _skip) "
+                f"UNION ALL SELECT example_id, domain, prompt, reference FROM _stage "
+                f"WHERE {_KEPT} AND line NOT IN (SELECT line FROM _uni)")
+    else:
+        rows = (f"SELECT * FROM ({_examples_sql(r, with_line=True)}) x "
+                f"WHERE NOT EXISTS (SELECT 1 FROM _stage s WHERE s.line = x.line AND NOT ({_KEPT}))")
+    _upsert_examples(con, rows, batch)
     _upsert_users(con, batch)
     return True
 
@@ -542,18 +586,22 @@ def _rows_sql(r: Reader, cfg: IngestConfig) -> str:
     WITH f AS ({_f_sql(r, carry=False)}),
     p AS ({_p_sql(r)})
     SELECT ({_reason_sql(cfg)}) IS NULL AND NOT suspect AND prompt IS NOT NULL AND domain IS NOT NULL AS clean,
-           line, coalesce(event_id, md5({_EVENT_KEY})) AS event_id, ts_p AS ts, user_id, segment,
+           line, event_id AS given_id, coalesce(event_id, md5({_EVENT_KEY})) AS event_id, ts_p AS ts, user_id, segment,
            example_id_f AS example_id, domain, prompt, reference, response, event_n AS event, value_p AS value,
            model_version
     FROM p"""
 
 
-def _examples_sql(r: Reader, with_line: bool = False) -> str:
-    """example_id, domain, prompt, reference of every record (and its line): a narrow pass for the upsert."""
+def _examples_sql(r: Reader, with_line: bool = False, with_hash: bool = False) -> str:
+    """example_id, domain, prompt, reference of every record (and its line, or ``h``: the hash of the id it
+    gives, NULL without one): a narrow pass for the upsert."""
     cols = ", ".join(f"{r.fields[c]} AS {c}" for c in ("example_id", "domain", "prompt", "reference"))
-    line = f"{r.line} AS line, " if with_line else ""
-    return (f"SELECT {'line, ' if with_line else ''}{_EXAMPLE_ID} AS example_id, domain, prompt, reference "
-            f"FROM (SELECT {line}{cols} FROM {r.base})")
+    eid = r.fields["event_id"]
+    extra = (f"{r.line} AS line, " if with_line else "") + (
+        f"CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h, " if with_hash else "")
+    keep = ("line, " if with_line else "") + ("h, " if with_hash else "")
+    return (f"SELECT {keep}{_EXAMPLE_ID} AS example_id, domain, prompt, reference "
+            f"FROM (SELECT {extra}{cols} FROM {r.base})")
 
 
 def _raw_sql(r: Reader, where: str) -> str:
