@@ -284,3 +284,38 @@ def test_the_refit_after_the_hold_out_solves_least_squares_exactly_with_few_fact
     else:
         assert not np.array_equal(factors_.item, exact)
         np.testing.assert_allclose(factors_.item, exact, atol=1e-3)  # CG: close, not exact
+
+
+def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
+    """load_interactions' pairs (events joined and sorted in DuckDB, runs reduced in numpy) have exactly the
+    columns, types and values of the reference GROUP BY (pairs_sql): several events per pair in shuffled
+    order, ratings and reviews on both sides of the thresholds and without a value, an event type with no
+    weight, pairs with no impression (hits at least 1)."""
+    from adaptive_ft.config import EVENT_TYPES
+    from adaptive_ft.store import Store
+
+    rng = np.random.default_rng(5)
+    kinds = list(EVENT_TYPES)
+    rows = []
+    for n in range(3000):
+        ev = kinds[rng.integers(len(kinds))]
+        value = None if ev not in ("rating", "review") or rng.random() < 0.2 else float(rng.integers(1, 6))
+        rows.append((f"e{n}", f"2026-01-{1 + rng.integers(28):02d} {rng.integers(24):02d}:00:00.{rng.integers(10**6):06d}",
+                     f"u{rng.integers(40)}", f"x{rng.integers(25)}", "d", ev, value))
+    cfg = PrioritizeConfig(event_weights={**PrioritizeConfig().event_weights, "click": 0.1, "rating": 1.7})
+    cfg.event_weights.pop("abandon", None)  # a type with no weight
+    thirds = PrioritizeConfig(event_weights={**cfg.event_weights, "click": 1 / 3})  # not whole millionths
+    assert dm._micro_weights(cfg) is not None and dm._micro_weights(thirds) is None
+    with Store.open(tmp_path / "s.duckdb") as s:
+        s.con.executemany("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, value, batch_id) "
+                          "VALUES (?, ?::TIMESTAMP, ?, ?, ?, ?, ?, 1)", rows)
+        for c in (cfg, thirds):
+            inter = dm.load_interactions(s, c)
+            s.con.register(dm._USER_IX, inter.users.select("user_id", "uix").to_arrow())
+            s.con.register(dm._ITEM_IX, inter.items.select("example_id", "iix").to_arrow())
+            want = s.sql(dm.pairs_sql(c))
+            got = inter.pairs.select(want.columns)
+            assert got.schema == want.schema
+            assert got.equals(want)
+            assert want.height < len(rows) and (want["hits"] >= 1).all() and want["neg_n"].sum() > 0
+            assert (want["conf"] != want["conf"].round(0)).any()  # the fractional weights reached the sums
