@@ -309,6 +309,11 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
     with Store.open(tmp_path / "s.duckdb") as s:
         s.con.executemany("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, value, batch_id) "
                           "VALUES (?, ?::TIMESTAMP, ?, ?, ?, ?, ?, 1)", rows)
+        # one pair with more signals of each kind than a 16-bit count holds
+        s.con.execute("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, value, batch_id) "
+                      "SELECT 'h' || i, TIMESTAMP '2026-02-01' + i * INTERVAL 1 SECOND, 'u7', 'x3', 'd', "
+                      "CASE i % 3 WHEN 0 THEN 'thumbs_down' WHEN 1 THEN 'resolve' ELSE 'impression' END, NULL, 1 "
+                      "FROM range(200000) t(i)")
         for c in (cfg, thirds):
             inter = dm.load_interactions(s, c)
             s.con.register(dm._USER_IX, inter.users.select("user_id", "uix").to_arrow())
@@ -318,4 +323,5 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
             assert got.schema == want.schema
             assert got.equals(want)
             assert want.height < len(rows) and (want["hits"] >= 1).all() and want["neg_n"].sum() > 0
+            assert want["neg_n"].max() > 2**16  # the long pair
             assert (want["conf"] != want["conf"].round(0)).any()  # the fractional weights reached the sums

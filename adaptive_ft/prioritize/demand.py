@@ -25,6 +25,7 @@ The pipeline of this module, top to bottom:
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -125,9 +126,10 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
     """
 
 
-# Bits of each signal count in pair_events_sql's packed ``flags``: run sums of up to 2**21 - 1 events per
-# pair cannot carry into the next count (aggregate_pairs falls back to one count at a time beyond that).
-_FLAG_BITS = 21
+# pair_events_sql packs a pair's three 0/1 signal counts into one UBIGINT per event, 16 bits each, so that
+# the pair's sums are the three low 16-bit words of one 64-bit sum (aggregate_pairs falls back to one
+# count at a time for a pair with 2**16 events or more, where a word could carry into the next).
+_FLAG_BITS = 16
 
 
 def _micro_weights(cfg: PrioritizeConfig) -> dict[str, int] | None:
@@ -143,16 +145,17 @@ def _micro_weights(cfg: PrioritizeConfig) -> dict[str, int] | None:
 
 
 def pair_events_sql(cfg: PrioritizeConfig) -> str:
-    """Every event as (uix, iix, t, w, flags), sorted by (uix, iix, t): the input of :func:`aggregate_pairs`.
+    """Every event as (uix, iix, t, w, flags), sorted by (uix, iix, t descending): the input of
+    :func:`aggregate_pairs`.
 
     ``t`` is the event time in epoch microseconds; ``w`` its type's configured weight, in millionths as a
     BIGINT when :func:`_micro_weights` allows (a DOUBLE otherwise); ``flags`` packs three 0/1 counts,
     impression at bit 0, negative signal at bit ``_FLAG_BITS``, positive signal at ``2 * _FLAG_BITS``
     (the same predicates as :func:`pairs_sql`). DuckDB joins and sorts, both on all cores, and a pair's
-    events come out as one run that starts with its first event, so every per-pair sum is a difference of
-    two prefix sums in numpy. On 10M events into 8.3M pairs (2 cores) this is cheaper than the
-    ``GROUP BY`` of :func:`pairs_sql`, whose hash table of 8.3M groups and re-sort of its output
-    dominated reading the store.
+    events come out as one run that ends with its first event, so every per-pair sum is a difference of
+    prefix sums in numpy. On 10M events into 8.3M pairs (2 cores) this avoids the ``GROUP BY`` of
+    :func:`pairs_sql`, whose hash table of 8.3M groups and re-sort of its output dominated reading the
+    store.
     """
     micro = _micro_weights(cfg)
     if micro is not None:
@@ -166,58 +169,69 @@ def pair_events_sql(cfg: PrioritizeConfig) -> str:
            (e.event = 'impression')::UBIGINT + (({_negative_sql(cfg)})::UBIGINT << {_FLAG_BITS})
            + (({_positive_sql(cfg)})::UBIGINT << {2 * _FLAG_BITS}) AS flags
     FROM events e JOIN {_USER_IX} u ON e.user_id = u.user_id JOIN {_ITEM_IX} i ON e.example_id = i.example_id
-    ORDER BY u.uix, i.iix, t
+    ORDER BY u.uix, i.iix, t DESC
     """
 
 
-def _run_sums(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """Sum of ``values`` (unsigned integers) over each run [bounds[j], bounds[j + 1]): differences of the
-    prefix sums, exact (wrap-around of the prefix sums cancels in the difference)."""
-    cum = np.empty(len(values) + 1, dtype=values.dtype)
-    cum[0] = 0
-    np.cumsum(values, out=cum[1:])
-    return np.diff(cum[bounds])
+def _run_sums(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` (unsigned integers; overwritten) over each run (ends[j - 1], ends[j]], the first
+    run starting at 0: differences of the prefix sums, computed in place, exact (wrap-around of the
+    prefix sums cancels in the difference)."""
+    np.cumsum(values, out=values)
+    sums = values[ends]
+    sums[1:] -= values[ends[:-1]]
+    return sums
+
+
+def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    """A column as a numpy array this code may overwrite (a copy only where polars lends its memory)."""
+    a = frame[name].to_numpy()
+    return a if a.flags.writeable else a.copy()
 
 
 def aggregate_pairs(events: pl.DataFrame) -> pl.DataFrame:
     """One row per (uix, iix) run of ``events`` (the output of :func:`pair_events_sql`, sorted by pair and
-    time): the columns of :func:`pairs_sql`, with the same types and values (tests compare them).
+    latest event first): the columns of :func:`pairs_sql`, with the same types and values (tests compare
+    them).
 
-    ``conf`` is the run's weight sum: exact in millionths, or, for weights that are not, a float sum
-    rounded to 6 decimals like the SQL's; ``t0`` the run's first event time in epoch seconds.
+    ``conf`` is the run's weight sum, exact in millionths (or, for weights that are not whole millionths,
+    a float sum rounded to 6 decimals like the SQL's); ``t0`` the run's last row, its first event, in
+    epoch seconds. Written to allocate little: on a 10M-event log every fresh array is tens of MB, and
+    page faults on fresh memory cost as much as the arithmetic.
     """
     n = events.height
     if n == 0:
         return pl.DataFrame(schema={"uix": pl.Int32, "iix": pl.Int32, "conf": pl.Float32, "t0": pl.Float64,
                                     "hits": pl.Int32, "neg_n": pl.Int32, "pos_n": pl.Int32})
     uix, iix = events["uix"].to_numpy(), events["iix"].to_numpy()
-    new = np.empty(n, dtype=bool)
-    new[0] = True
-    np.not_equal(uix[1:], uix[:-1], out=new[1:])
-    new[1:] |= iix[1:] != iix[:-1]
-    starts = np.flatnonzero(new)
-    del new
-    bounds = np.append(starts, n)
-    w = events["w"].to_numpy()
-    if w.dtype.kind == "i":
-        micro = _run_sums(w.astype(np.uint64), bounds).view(np.int64)
-        if np.abs(micro).max() < 2**53:  # exact in a double too
-            conf = micro / 1e6
-        else:
-            w = w / 1e6
-    if w.dtype.kind == "f":
-        conf = np.round(np.add.reduceat(w, starts), 6)
-    flags = events["flags"].to_numpy()
-    mask = (1 << _FLAG_BITS) - 1
-    if int(np.diff(bounds).max()) <= mask:
-        packed = _run_sums(flags, bounds)
-        counts = [(packed >> np.uint64(b * _FLAG_BITS)) & np.uint64(mask) for b in range(3)]
-    else:  # a pair with over 2**21 events: one count at a time
-        counts = [_run_sums((flags >> np.uint64(b * _FLAG_BITS)) & np.uint64(1), bounds) for b in range(3)]
-    hits, neg_n, pos_n = (c.astype(np.int32) for c in counts)
-    return pl.DataFrame({"uix": uix[starts].astype(np.int32), "iix": iix[starts].astype(np.int32),
-                         "conf": conf.astype(np.float32), "t0": events["t"].to_numpy()[starts] / 1e6,
-                         "hits": np.maximum(hits, 1), "neg_n": neg_n, "pos_n": pos_n})
+    last = np.empty(n, dtype=bool)
+    last[-1] = True
+    np.not_equal(uix[1:], uix[:-1], out=last[:-1])
+    last[:-1] |= iix[1:] != iix[:-1]
+    ends = np.flatnonzero(last)
+    del last
+    w = _column(events, "w")
+    if w.dtype.kind == "i":  # exact in int64 (|weight| < 1e6, so up to ~9e6 events a pair at the largest)
+        micro = _run_sums(w.view(np.uint64), ends).view(np.int64)
+        conf = np.divide(micro, 1e6, out=np.empty(len(ends), dtype=np.float32))
+        del micro
+    else:
+        conf = np.round(np.add.reduceat(w, np.concatenate(([0], ends[:-1] + 1))), 6).astype(np.float32)
+    del w
+    flags = _column(events, "flags")
+    if int(np.diff(ends).max(initial=ends[0] + 1)) < 2**_FLAG_BITS:  # the longest run
+        words = _run_sums(flags, ends).view(np.uint16).reshape(len(ends), 4)
+        if sys.byteorder == "big":
+            words = words[:, ::-1]
+        hits, neg_n, pos_n = (words[:, b].astype(np.int32) for b in range(3))
+    else:  # a pair with 2**16 events or more: one count at a time
+        hits, neg_n, pos_n = (_run_sums((flags >> np.uint64(b * _FLAG_BITS)) & np.uint64(1), ends).astype(np.int32)
+                              for b in range(3))
+    del flags
+    np.maximum(hits, 1, out=hits)
+    t0 = np.divide(events["t"].to_numpy()[ends], 1e6)
+    return pl.DataFrame({"uix": uix[ends].astype(np.int32, copy=False), "iix": iix[ends].astype(np.int32, copy=False),
+                         "conf": conf, "t0": t0, "hits": hits, "neg_n": neg_n, "pos_n": pos_n})
 
 
 # Counted per (user, event segment) first, so the users table is joined to ~users rows, not to every event;
