@@ -11,7 +11,7 @@ ingests it with :func:`adaptive_ft.store.ingest` (untimed: that is the store's b
   threads, ``fit`` on the full matrix prioritize built (the matrix is built before the clock starts),
   once before and once after prioritize; the ratio is against their mean (the machine is shared).
 
-Target (issue 3): prioritize <= 1.5 x bare, and < 90 s on this machine. Wall and CPU seconds are both
+Targets: prioritize <= 1.5 x bare and < 90 s on this machine (issue 3); <= 1.2 x bare (issue 17). Wall and CPU seconds are both
 printed: on a machine shared with other jobs the wall-clock ratio swings with their load.
 
     .venv/bin/python benchmarks/prioritize.py                  # 10M events
@@ -142,7 +142,8 @@ def main() -> None:
         "cpu_ratio": round(whole_cpu / bare_cpu, 3),
         "stages_s": {k: round(v, 2) for k, v in result.timings.items()},
         "ndcg@10": {"als": rec["model"]["overall"]["ndcg"], "popularity": rec["popularity"]["overall"]["ndcg"]},
-        "targets": {"ratio<=1.5": whole / bare <= 1.5, "under_90s": whole < 90},
+        "targets": {"ratio<=1.5": whole / bare <= 1.5, "ratio<=1.2 (issue 17)": whole / bare <= 1.2,
+                    "under_90s": whole < 90},
     }
     print(json.dumps(out, indent=2))
 
