@@ -163,11 +163,19 @@ def test_records_without_ids_get_the_same_id_from_any_format_and_timestamp_form(
     assert len(_stored_ids(db)) == 20
 
 
-def test_the_same_event_twice_in_one_file_is_stored_once(tmp_path: Path):
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_same_event_twice_in_one_file_is_stored_once(tmp_path: Path, fmt: str):
+    """Records without an id that are the same event get the same id: the second is a duplicate, in a file
+    whose other ids are each given once as well (the direct pass must still look for repeats)."""
     db = tmp_path / "s.duckdb"
-    f = ingest([write_jsonl(tmp_path / "a.jsonl", [rec(1), rec(2), rec(1), rec(1, event_id=None), rec(1, event_id=None)])],
-               db).files[0]
-    assert (f.rows_ok, f.rows_duplicate) == (3, 2)
+    records = [rec(i) for i in range(3, 40)] + [rec(1), rec(2), rec(1), rec(1, event_id=None), rec(1, event_id=None)]
+    log = write_jsonl(tmp_path / "a.jsonl", records)
+    if fmt == "parquet":
+        log = tmp_path / "a.parquet"
+        pl.DataFrame(records).write_parquet(log)
+    f = ingest([log], db).files[0]
+    assert (f.rows_ok, f.rows_duplicate) == (37 + 3, 2)
+    assert len(_stored_ids(db)) == 40
 
 
 # ------------------------------------------------------------------------------------------- other formats

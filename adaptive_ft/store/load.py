@@ -316,11 +316,17 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
                         "WHERE h IS NOT NULL AND h NOT IN (SELECT h FROM _rep)")
         con.execute("DROP TABLE _ids")
     else:
+        # (the group of records without an id comes along: how many there are, then out of _rep)
         con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h FROM (
-                    SELECT hash({eid}) AS h FROM {r.base} WHERE {eid} IS NOT NULL)
-                GROUP BY h HAVING count(*) > 1"""
+            f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h, count(*) AS n FROM (
+                    SELECT CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h FROM {r.base})
+                GROUP BY h HAVING count(*) > 1 OR h IS NULL"""
         )
+        (n_lines, n_given) = con.execute(
+            "SELECT (SELECT count(*) FROM read_parquet(?)), (SELECT count(*) FROM read_parquet(?)) - "
+            "coalesce((SELECT sum(n) FROM _rep WHERE h IS NULL), 0)", [str(src.path), str(src.path)]
+        ).fetchall()[0]
+        con.execute("DELETE FROM _rep WHERE h IS NULL")
     (n_rep,) = con.execute("SELECT count(*) FROM _rep").fetchall()[0]
     if by_id:
         # The id names the line exactly: the pre-pass saw that id on that line and on no other (a hash two
@@ -341,10 +347,15 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     else:
         total = digest.result()[1]
     # Distinct hashes prove distinct ids; a repeated hash left (records without an id that hash to the same
-    # one, or rarely a collision) is looked at below.
-    (distinct,) = con.execute(
-        "SELECT count(DISTINCT hash(event_id)) FROM events WHERE batch_id = ?", [batch]
-    ).fetchall()[0]
+    # one, or rarely a collision) is looked at below. When every row written carries an id of its own that the
+    # pre-pass saw once (joined by id, or a file where every record gives one), no id can be written twice:
+    # nothing to count (the ids a record without one is given may repeat, or equal a given one).
+    if by_id or n_given == n_lines:
+        distinct = inserted
+    else:
+        (distinct,) = con.execute(
+            "SELECT count(DISTINCT hash(event_id)) FROM events WHERE batch_id = ?", [batch]
+        ).fetchall()[0]
     stage(1)
     rest, repeats = inserted < total, distinct < inserted
     if rest:
