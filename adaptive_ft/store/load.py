@@ -331,8 +331,9 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     if by_id:
         # The id names the line exactly: the pre-pass saw that id on that line and on no other (a hash two
         # ids share is in _rep, so both are staged). No reliance on the order rows arrive in.
+        unnumbered = _rows_sql(replace(r, line="NULL::BIGINT"), cfg)
         (inserted,) = con.execute(
-            f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({_rows_sql(replace(r, line="NULL::BIGINT"), cfg)}) s
+            f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({unnumbered}) s
                 JOIN _uni u ON hash(s.given_id) = u.h WHERE clean{new}""", [batch]
         ).fetchall()[0]
     else:
