@@ -156,6 +156,21 @@ def test_frozen_base_cast_once_gives_autocast_s_own_forward_and_fp32_outside_it(
     assert calls == [torch.bfloat16]  # a bf16 run keeps the casts; an fp32 run has none to keep
 
 
+def _assert_same_function_and_adapter_gradients(ref, other, tok) -> None:
+    """``other`` (a rewritten forward) gives ``ref``'s logits and adapter gradients in eval mode, and the adapters
+    count (the logits differ with them disabled)."""
+    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
+    for m in (ref, other):
+        m.eval()
+        m(input_ids=ids).logits.square().mean().backward()
+    a, b = ref(input_ids=ids).logits, other(input_ids=ids).logits
+    with other.disable_adapter():
+        plain = other(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, plain, atol=1e-3)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], atol=1e-5) for n, p in other.named_parameters() if n in grads)
+
+
 def test_lora_groups_compute_siblings_on_one_input_as_one_and_equal_the_fused_layers(tiny, examples, tmp_path,
                                                                                      monkeypatch) -> None:
     import copy
@@ -173,17 +188,7 @@ def test_lora_groups_compute_siblings_on_one_input_as_one_and_equal_the_fused_la
     assert sorted(len(g.members) for g in groups) == [2] * 3 + [3] * 3  # q/k/v and gate/up in each layer
     for m in (model, grouped):  # each member keeps its own scaling
         next(x for n, x in m.named_modules() if n.endswith("layers.1.self_attn.k_proj")).scaling["default"] *= 3
-    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
-    for m in (model, grouped):
-        m.eval()
-        m(input_ids=ids).logits.square().mean().backward()
-    a, b = model(input_ids=ids).logits, grouped(input_ids=ids).logits
-    with grouped.disable_adapter():
-        plain = grouped(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, plain, atol=1e-3)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(torch.allclose(p.grad, grads[n], atol=1e-5)
-                         for n, p in grouped.named_parameters() if n in grads)
+    _assert_same_function_and_adapter_gradients(model, grouped, tok)
     g = next(g for g in groups if len(g.members) == 3)
     storage = g.base.weight.untyped_storage().data_ptr()
     assert all(m.base_layer.weight.untyped_storage().data_ptr() == storage for m in g.members)  # one copy
@@ -268,16 +273,7 @@ def test_fused_lora_forward_is_peft_s_function_and_its_dropout_is_unbiased(tiny)
                 p.normal_(0, 0.3)
     fused = copy.deepcopy(peft_model)
     assert T.fuse_lora(fused) == 3 * 7
-    ids = torch.tensor([tok("question 3 about my card please card_intent").input_ids])
-    for m in (peft_model, fused):
-        m.eval()
-        m(input_ids=ids).logits.square().mean().backward()
-    a, b = peft_model(input_ids=ids).logits, fused(input_ids=ids).logits
-    with peft_model.disable_adapter():
-        plain = peft_model(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)  # the adapters count
-    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
-    assert grads and all(torch.allclose(p.grad, grads[n], atol=1e-5) for n, p in fused.named_parameters() if n in grads)
+    _assert_same_function_and_adapter_gradients(peft_model, fused, tok)
     layer = next(m for n, m in fused.named_modules() if n.endswith("layers.1.self_attn.q_proj"))
     x = torch.randn(6, 64)
     with torch.no_grad():
