@@ -202,8 +202,21 @@ def test_lora_groups_compute_siblings_on_one_input_as_one_and_equal_the_fused_la
         for m in g.members:
             m.train()
         draws = torch.stack([k(x) for _ in range(2000)])
+        masks = []
+        real_mask = T.dropout_mask
+
+        def recorded_mask(*args):
+            keep, p = real_mask(*args)
+            masks.append(keep)
+            return keep, p
+
+        monkeypatch.setattr(T, "dropout_mask", recorded_mask)
+        q.lora_B["default"].weight.add_(1.0)  # a new state: the call below computes the group afresh
+        q(x)
+        monkeypatch.setattr(T, "dropout_mask", real_mask)
     spread = draws.std(0).mean()
     assert spread > 1e-2 and (draws.mean(0) - exact).abs().mean() < 0.1 * spread  # dropout, unbiased
+    assert len(masks) == 1  # one mask for the group's shared input, as loralib's MergedLinear draws for q/k/v
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Casts(TorchDispatchMode):  # counts casts of a tensor shaped like x
