@@ -409,13 +409,18 @@ def test_missing_example_id_is_the_same_stable_id_simulate_gives(tmp_path):
 # ------------------------------------------------------------------------------------------- fast and careful paths
 
 
-def _contents(db: Path) -> tuple[list, list, list]:
+def _contents(db: Path, order: str = "event_id", rejected: str | None = None) -> tuple[list, ...]:
+    """events (by ``order``), examples and users without their batch ids; and, given a WHERE condition as
+    ``rejected``, the (line, reason) of those rejections."""
     with Store.open(db, read_only=True) as s:
-        return (
-            s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY event_id").rows(),
+        tables = [
+            s.sql(f"SELECT * EXCLUDE (batch_id) FROM events ORDER BY {order}").rows(),
             s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
             s.sql("SELECT * FROM users ORDER BY user_id").rows(),
-        )
+        ]
+        if rejected is not None:
+            tables.append(s.sql(f"SELECT line, reason FROM rejected WHERE {rejected} ORDER BY line").rows())
+        return tuple(tables)
 
 
 def test_a_clean_file_takes_the_fast_path_and_stores_what_the_careful_path_stores(
@@ -499,13 +504,7 @@ def test_the_careful_pass_stages_only_the_lines_the_direct_pass_could_not_take(
         _store_with_overlap(db, tmp_path)
         f = ingest([path], db).files[0]
         assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (200 - 5 - 2 - 4 + 4 - 2, 5 - 1 + 1, 2 + 1 + 1)
-        with Store.open(db, read_only=True) as s:
-            results[name] = (
-                s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY event_id").rows(),
-                s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
-                s.sql("SELECT * FROM users ORDER BY user_id").rows(),
-                s.sql("SELECT line, reason FROM rejected WHERE batch_id = 2 ORDER BY line").rows(),
-            )
+        results[name] = _contents(db, rejected="batch_id = 2")
     assert set(staged[0]) == expected_staged and len(staged[0]) == len(expected_staged)  # (old.jsonl: clean)
     assert len(staged[1]) == 201 - 1  # the whole file (less the blank line)
     assert results["direct"] == results["whole"]
@@ -685,13 +684,7 @@ def test_jsonl_lines_come_from_ids_the_file_gives_once_and_the_wide_pass_is_not_
         db = tmp_path / f"{name}.duckdb"
         f = ingest([path], db).files[0]
         assert (f.rows_ok, f.rows_duplicate, f.rows_rejected) == (57, 1, 2)
-        with Store.open(db, read_only=True) as s:
-            results[name] = (
-                s.sql("SELECT * EXCLUDE (batch_id) FROM events ORDER BY line").rows(),
-                s.sql("SELECT * EXCLUDE (first_batch) FROM examples ORDER BY example_id").rows(),
-                s.sql("SELECT * FROM users ORDER BY user_id").rows(),
-                s.sql("SELECT line, reason FROM rejected ORDER BY line").rows(),
-            )
+        results[name] = _contents(db, order="line", rejected="true")
     assert wide[0] == "NULL::BIGINT"  # the direct pass over log.jsonl: not numbered
     assert results["direct"] == results["whole"]
     events, examples, _, rejected = results["direct"]

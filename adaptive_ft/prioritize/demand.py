@@ -100,6 +100,20 @@ def _positive_sql(cfg: PrioritizeConfig) -> str:
 _USER_IX, _ITEM_IX = "_aft_user_ix", "_aft_item_ix"
 
 
+def _float_weights(cfg: PrioritizeConfig) -> dict[str, str]:
+    """Each configured event type's weight as a SQL float literal."""
+    return {e: repr(float(w)) for e, w in cfg.event_weights.items() if e in EVENT_TYPES}
+
+
+def _weight_sql(literals: dict[str, str], zero: str) -> str:
+    """A SQL expression of ``e.event``: its weight literal, ``zero`` for any other event type.
+
+    Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
+    """
+    whens = " ".join(f"WHEN '{e}' THEN {v}" for e, v in literals.items())
+    return f"CASE e.event {whens} ELSE {zero} END" if whens else zero
+
+
 def pairs_sql(cfg: PrioritizeConfig) -> str:
     """The one aggregation over ``events`` as SQL: (uix, iix, conf, t0, hits, neg_n, pos_n), rows sorted
     by (uix, iix).
@@ -109,9 +123,7 @@ def pairs_sql(cfg: PrioritizeConfig) -> str:
     tests compare them on the same store. Ids become dense indices by joining the users and items index
     tables :func:`load_interactions` registers (``_aft_user_ix`` / ``_aft_item_ix``).
     """
-    # Event names were validated against EVENT_TYPES by the config, so inlining them is safe.
-    whens = " ".join(f"WHEN '{e}' THEN {float(w)!r}" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
-    weight = f"CASE e.event {whens} ELSE 0.0 END" if whens else "0.0"
+    weight = _weight_sql(_float_weights(cfg), "0.0")
     # round(): the sum's float order varies between DuckDB threads; rounding keeps the matrix bit-identical.
     return f"""
     SELECT u.uix, i.iix,
@@ -159,11 +171,9 @@ def pair_events_sql(cfg: PrioritizeConfig) -> str:
     """
     micro = _micro_weights(cfg)
     if micro is not None:
-        whens = " ".join(f"WHEN '{e}' THEN {m}" for e, m in micro.items() if m)
-        weight = f"(CASE e.event {whens} ELSE 0 END)::BIGINT" if whens else "0::BIGINT"
+        weight = f"({_weight_sql({e: str(m) for e, m in micro.items() if m}, '0')})::BIGINT"
     else:
-        whens = " ".join(f"WHEN '{e}' THEN {float(w)!r}" for e, w in cfg.event_weights.items() if e in EVENT_TYPES)
-        weight = f"(CASE e.event {whens} ELSE 0.0 END)::DOUBLE" if whens else "0.0::DOUBLE"
+        weight = f"({_weight_sql(_float_weights(cfg), '0.0')})::DOUBLE"
     return f"""
     SELECT u.uix, i.iix, epoch_us(e.ts) AS t, {weight} AS w,
            (e.event = 'impression')::UBIGINT + (({_negative_sql(cfg)})::UBIGINT << {_FLAG_BITS})

@@ -296,13 +296,13 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     # Ids the file gives more than once are kept out of the pass (and staged): a row written in this
     # transaction and deleted again makes DuckDB rewrite the batch's row groups at commit, a cost
     # proportional to the file. A narrow pre-pass over the id column finds them.
-    eid, by_id = r.fields["event_id"], False
+    by_id = False
     if src.format == "jsonl":
         # JSONL: the pre-pass also numbers the lines (one thread, but only the id is read), so the wide pass
         # can run on every thread: a record whose id the file gives once takes its line from this table.
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _ids AS
-                SELECT {r.line} AS line, CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h FROM {r.base}"""
+                SELECT {r.line} AS line, {_id_hash_sql(r)} AS h FROM {r.base}"""
         )
         (n_lines, n_given) = con.execute("SELECT count(*), count(h) FROM _ids").fetchall()[0]
         if n_lines != digest.result()[1]:
@@ -319,12 +319,12 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         # (the group of records without an id comes along: how many there are, then out of _rep)
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _rep AS SELECT h, count(*) AS n FROM (
-                    SELECT CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h FROM {r.base})
+                    SELECT {_id_hash_sql(r)} AS h FROM {r.base})
                 GROUP BY h HAVING count(*) > 1 OR h IS NULL"""
         )
         (n_lines, n_given) = con.execute(
-            "SELECT (SELECT count(*) FROM read_parquet(?)), (SELECT count(*) FROM read_parquet(?)) - "
-            "coalesce((SELECT sum(n) FROM _rep WHERE h IS NULL), 0)", [str(src.path), str(src.path)]
+            "SELECT n, n - coalesce((SELECT sum(n) FROM _rep WHERE h IS NULL), 0) "
+            "FROM (SELECT count(*) AS n FROM read_parquet(?))", [str(src.path)]
         ).fetchall()[0]
         con.execute("DELETE FROM _rep WHERE h IS NULL")
     (n_rep,) = con.execute("SELECT count(*) FROM _rep").fetchall()[0]
@@ -604,13 +604,18 @@ def _rows_sql(r: Reader, cfg: IngestConfig) -> str:
     FROM p"""
 
 
+def _id_hash_sql(r: Reader) -> str:
+    """The hash of the id a record gives, NULL for a record without one (DuckDB hashes NULL to a value)."""
+    eid = r.fields["event_id"]
+    return f"CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END"
+
+
 def _examples_sql(r: Reader, with_line: bool = False, with_hash: bool = False) -> str:
     """example_id, domain, prompt, reference of every record (and its line, or ``h``: the hash of the id it
     gives, NULL without one): a narrow pass for the upsert."""
     cols = ", ".join(f"{r.fields[c]} AS {c}" for c in ("example_id", "domain", "prompt", "reference"))
-    eid = r.fields["event_id"]
     extra = (f"{r.line} AS line, " if with_line else "") + (
-        f"CASE WHEN {eid} IS NOT NULL THEN hash({eid}) END AS h, " if with_hash else "")
+        f"{_id_hash_sql(r)} AS h, " if with_hash else "")
     keep = ("line, " if with_line else "") + ("h, " if with_hash else "")
     return (f"SELECT {keep}{_EXAMPLE_ID} AS example_id, domain, prompt, reference "
             f"FROM (SELECT {extra}{cols} FROM {r.base})")
