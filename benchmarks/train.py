@@ -40,11 +40,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads crawl on a shared machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptive_ft import spin_openmp_threads  # noqa: E402
 
-import numpy as np
-import polars as pl
-import torch
+# what the CLI sets before torch loads, for every variant and the ceiling (the Trainer's run too);
+# OMP_WAIT_POLICY=PASSIVE in the environment measures without it
+spin_openmp_threads()
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("trainer", "aft-all", "aft-all-fp32", "aft-plan", "aft-last")

@@ -12,9 +12,11 @@ A mode is a precision, ``fp32`` or ``bf16`` (autocast, as ``train.precision: aut
 bf16), plus ``+``-joined switches that turn one speed path off, to measure what it gives:
 
   torchmask  LoRA dropout masks from torch's ``bernoulli_`` instead of the trainer's ``dropout_mask``
+  boolmask   ``dropout_mask``'s boolean masks, converted by each product, instead of masks in the input's dtype
   nogroup    no ``LoraGroup``: q/k/v and gate/up run as separate LoRA layers, each with its own mask
   flash      under bf16, the default SDPA kernel instead of the math one the trainer picks on a CPU
   nocast     under bf16, the frozen base re-cast by autocast on every forward (no ``keep_frozen_casts``)
+  loopadam   torch's default AdamW on a CPU (its for-loop form) instead of ``make_optimizer``'s fused one
 
 \b
     .venv/bin/python benchmarks/train_step.py --profile bf16
@@ -28,17 +30,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads crawl on a shared machine
-
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptive_ft import spin_openmp_threads  # noqa: E402
+
+# what the CLI sets before torch loads; OMP_WAIT_POLICY=PASSIVE in the environment measures without it
+spin_openmp_threads()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from adaptive_ft.config import load_config  # noqa: E402
 from adaptive_ft.finetune import data as fdata  # noqa: E402
@@ -47,7 +50,7 @@ from adaptive_ft.lm import tokens as tk  # noqa: E402
 from adaptive_ft.lm.models import load_model  # noqa: E402
 from adaptive_ft.simulate import load_pool  # noqa: E402
 
-SWITCHES = ("torchmask", "nogroup", "flash", "nocast")
+SWITCHES = ("torchmask", "boolmask", "nogroup", "flash", "nocast", "loopadam")
 
 
 def parse_mode(mode: str) -> tuple[torch.dtype | None, set[str]]:
@@ -63,9 +66,17 @@ def parse_mode(mode: str) -> tuple[torch.dtype | None, set[str]]:
     return (torch.bfloat16 if precision == "bf16" else None), set(switches)
 
 
-def torch_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+def torch_mask(shape: tuple[int, ...], p: float, device: torch.device, dtype=None) -> tuple[torch.Tensor, float]:
     """torch's own Bernoulli keep-mask (what the trainer drew before ``dropout_mask``)."""
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p
+
+
+def bool_mask(shape: tuple[int, ...], p: float, device: torch.device, dtype=None) -> tuple[torch.Tensor, float]:
+    """``dropout_mask``'s boolean form (what the trainer used before typed masks): converted by each product."""
+    return REAL_MASK(shape, p, device)
+
+
+REAL_MASK = T.dropout_mask
 
 
 class FlashCtx(T.Ctx):
@@ -88,7 +99,8 @@ def build(mode: str, tc) -> tuple[T.Ctx, list[torch.Tensor], set[str], object]:
     if amp is not None and "nocast" not in switches:
         T.keep_frozen_casts(model, amp)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = (torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay) if "loopadam" in switches
+           else T.make_optimizer(params, tc, T.Dist().device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cls = FlashCtx if "flash" in switches else T.Ctx
     return cls(model, opt, sched, tc, T.Dist(), tok.pad_token_id, amp=amp), params, switches, tok
@@ -105,7 +117,7 @@ def batches_for(tok, tc, n_examples: int, batch_size: int) -> tuple[list, list[n
 def step(ctx, params, switches, enc, batch) -> T.StepOut:
     """One ``train_step`` with ``switches``' dropout masks."""
     real = T.dropout_mask
-    T.dropout_mask = torch_mask if "torchmask" in switches else real
+    T.dropout_mask = torch_mask if "torchmask" in switches else bool_mask if "boolmask" in switches else real
     try:
         return T.train_step(ctx, [[enc[j] for j in batch]], params)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -255,6 +256,67 @@ def test_cpu_dropout_masks_drop_at_p_and_follow_torch_s_seed() -> None:
     assert torch.equal(a, T.dropout_mask((50, 70), 0.5, cpu)[0])  # torch's seed decides it
     keep, p = T.dropout_mask((100, 100), 1e-6, cpu)  # rounds to 0: nothing dropped, and it says so
     assert p == 0.0 and bool(keep.all())
+
+
+def test_cpu_dropout_masks_come_in_the_dtype_of_the_input_they_multiply(tiny, monkeypatch) -> None:
+    """A boolean mask is converted by the product and again by its backward (two passes over the
+    activations, inside the kernel); the layers draw the mask in the input's dtype instead."""
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(5)
+        keep, p = T.dropout_mask((60, 70), 0.3, cpu)
+        torch.manual_seed(5)
+        typed, q = T.dropout_mask((60, 70), 0.3, cpu, dtype)
+        assert typed.dtype == dtype and q == p
+        assert torch.equal(typed, keep.to(dtype))  # the same mask, as 0.0 / 1.0
+    base, _ = load_model(tiny)
+    model = T.attach_lora(base, _cfg("train.lora.dropout=0.2").train, [0, 1, 2], {})
+    T.fuse_lora(model)
+    model.train()
+    groups = T.group_lora(model)
+    o = next(m for n, m in model.named_modules() if n.endswith("layers.1.self_attn.o_proj"))
+    masks = []
+    real = T.dropout_mask
+
+    def recorded(*args):
+        keep, p = real(*args)
+        masks.append(keep.dtype)
+        return keep, p
+
+    monkeypatch.setattr(T, "dropout_mask", recorded)
+    for layer in (groups[0].members[0], o):  # a group and a lone layer, in fp32 and under bf16 autocast
+        for amp, want in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+            masks.clear()
+            x = torch.randn(2, 5, 64, requires_grad=True)
+            with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+                out = layer(x)
+            out.float().sum().backward()
+            assert masks == [want] and x.grad is not None
+
+
+def test_cpu_optimizer_is_torch_s_fused_adamw_and_steps_as_the_plain_one(tiny, examples, tmp_path,
+                                                                         monkeypatch) -> None:
+    tc = _cfg("train.weight_decay=0.1").train
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(8, 64)) for _ in range(3)]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    start = [t.detach().clone() for t in a]
+    fused = T.make_optimizer(a, tc, torch.device("cpu"))
+    plain = torch.optim.AdamW(b, lr=tc.lr, weight_decay=tc.weight_decay)
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == tc.lr
+    for _ in range(3):
+        for ps, opt in ((a, fused), (b, plain)):
+            for i, q in enumerate(ps):
+                q.grad = torch.full_like(q, 0.1 * (i + 1)) + q.detach() ** 2
+            opt.step()
+    for x, y, x0 in zip(a, b, start):
+        assert torch.allclose(x, y, atol=1e-6) and (x - x0).abs().min() > 1e-3  # the same update, which moved
+    made = []
+    real = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", lambda *args: made.append(real(*args)) or made[-1])
+    T.train(_cfg("train.max_steps=1"), None, _plan(tmp_path / "plan.json"), str(tiny), tmp_path / "run",
+            examples=examples)
+    assert len(made) == 1 and made[0].defaults["fused"] is True  # a run steps with it
 
 
 def test_bf16_forward_on_a_cpu_takes_the_math_attention_kernel() -> None:

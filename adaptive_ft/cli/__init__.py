@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import click
 
-from adaptive_ft import __version__
+from adaptive_ft import __version__, spin_openmp_threads
 from adaptive_ft.cli import data_cmds, demo_cmds, loop_cmds, model_cmds, plan_cmds, report_cmds, ship_cmds, sim_cmds
 from adaptive_ft.errors import AdaptiveFTError
+
+spin_openmp_threads()  # before any command imports torch (libgomp reads it once, when torch loads it)
 
 
 class _Group(click.Group):

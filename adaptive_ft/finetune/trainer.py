@@ -9,14 +9,15 @@ Where the time goes, and what this loop does about it (a 135M model on 2 CPU cor
 - Batches are grouped by length and right-padded; with causal attention no real token ever attends to a pad,
   so no attention mask is built and SDPA takes its causal fast path.
 - peft's LoRA forward makes four passes over each adapted layer's activations besides its matmuls (dropout
-  mask, scaling, product, sum); :func:`fuse_lora` folds the scaling and the sum into the GEMM and draws a
-  boolean dropout mask, on a CPU from a faster generator than torch's (:func:`dropout_mask`).
+  mask, scaling, product, sum); :func:`fuse_lora` folds the scaling and the sum into the GEMM and draws the
+  dropout mask, on a CPU from a faster generator than torch's and in the input's dtype (:func:`dropout_mask`).
 - Sibling layers called on one input (q/k/v, gate/up) run as one :class:`LoraGroup` (:func:`group_lora`):
   one base GEMM, one dropout mask and one GEMM per LoRA factor for the set, instead of one per layer.
 - On a CPU that multiplies bf16 natively (``train.precision: auto``), the forward passes run under bf16
   autocast, so the matmuls that are most of a step take the bf16 units; weights and optimizer stay fp32.
   The frozen base's Linear weights are cast to bf16 once (:func:`keep_frozen_casts`), not on every forward,
   and attention takes the math kernel, whose bf16 backward is faster than the flash kernel's on a CPU.
+- On a CPU the optimizer is torch's fused AdamW (:func:`make_optimizer`), one pass per parameter, not ten ops.
 - DDP is a single all-reduce of the (small) flattened LoRA gradient per step.
 """
 
@@ -230,14 +231,19 @@ def attach_lora(base: Any, tc: TrainConfig, layers: list[int], rank_pattern: dic
 MASK_LEVELS = 65536  # a CPU dropout mask drops with probability p rounded to a multiple of 1 / MASK_LEVELS
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A boolean keep-mask dropping each entry with probability ``p``, and the probability it really used.
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device,
+                 dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor, float]:
+    """A keep-mask dropping each entry with probability ``p``, and the probability it really used.
 
     On a CPU torch draws Bernoulli masks one element at a time from its Mersenne Twister, slow enough to be
     a large share of a bf16 LoRA step; there the mask is 16-bit slices of numpy's PCG64 output, compared with
     ``p`` rounded to 1/65536 (returned, so the caller's ``1 / (1 - p)`` keeps the update unbiased). Its seed
     is drawn from torch's generator, so ``torch.manual_seed`` and a checkpoint's saved RNG state reproduce
-    every mask (resume equals an uninterrupted run). Elsewhere (a GPU) torch's own ``bernoulli_``.
+    every mask (resume equals an uninterrupted run). Elsewhere (a GPU) torch's own ``bernoulli_``, boolean.
+
+    ``dtype`` float32 or bfloat16 (on a CPU): the same mask as 0.0 / 1.0 in that dtype, written as the float's
+    bit pattern in the comparison's own pass. A boolean mask multiplied into a float input is converted by
+    the product and again by its backward, two passes over the activations a call that this saves.
     """
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p
@@ -245,7 +251,15 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tupl
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     n = math.prod(shape)
     bits = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n].reshape(tuple(shape))
-    return torch.from_numpy(bits >= cut), cut / MASK_LEVELS
+    keep = bits >= cut
+    if dtype in _MASK_ONES:
+        ones, word = _MASK_ONES[dtype]
+        return torch.from_numpy(np.multiply(keep, ones, dtype=word)).view(dtype), cut / MASK_LEVELS
+    return torch.from_numpy(keep), cut / MASK_LEVELS
+
+
+# the bit pattern of 1.0 and its unsigned word, per mask dtype dropout_mask writes directly
+_MASK_ONES = {torch.float32: (0x3F800000, np.uint32), torch.bfloat16: (0x3F80, np.uint16)}
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +275,7 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
     """peft's LoRA Linear forward, ``base(x) + scaling * B(A(dropout(x)))``, in fewer passes over the activations.
 
     The low-rank update is added by the GEMM itself (``addmm`` with ``alpha = scaling``) instead of a product
-    and a sum over the layer's whole output; dropout is a boolean mask, and its ``1 / (1 - p)`` rides in that
+    and a sum over the layer's whole output; dropout is a 0/1 mask (:func:`dropout_mask`), and its ``1 / (1 - p)`` rides in that
     alpha too (the update is linear in its input). Same function, same expectation under dropout; any other
     case (several or merged adapters, DoRA-like variants, extra arguments) takes peft's own forward.
     """
@@ -276,7 +290,7 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
     alpha = layer.scaling[name]
     h = x
     if layer.training and p > 0:
-        keep, p = dropout_mask(x.shape, p, x.device)
+        keep, p = dropout_mask(x.shape, p, x.device, x.dtype)
         h = x * keep
         alpha = alpha / (1.0 - p)
     low = a(h)
@@ -382,7 +396,7 @@ class LoraGroup:
         scale = 1.0
         h = x
         if self.members[0].training and p > 0:
-            keep, p = dropout_mask(x.shape, p, x.device)
+            keep, p = dropout_mask(x.shape, p, x.device, x.dtype)
             h = x * keep
             scale = 1.0 / (1.0 - p)
         a = torch.cat([m.lora_A[name].weight for m in self.members])
@@ -457,6 +471,17 @@ def keep_frozen_casts(model: Any, dtype: torch.dtype) -> int:
             module.forward = types.MethodType(_cast_linear_forward, module)
             n += 1
     return n
+
+
+def make_optimizer(params: list[torch.Tensor], tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the adapter's parameters; on a CPU torch's fused kernel (one pass per parameter).
+
+    Without it, AdamW on a CPU runs its for-loop form: about ten small ops per parameter, and all-layer
+    LoRA has a few hundred parameters, each op a thread-pool dispatch. The fused kernel computes the same
+    update in one pass. A GPU keeps torch's default (its foreach form).
+    """
+    extra = {"fused": True} if device.type == "cpu" else {}
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **extra)
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -986,7 +1011,7 @@ def _train(cfg: Config, store_path: str | Path | None, plan_path: str | Path, mo
     peft_model.to(dist.device).train()
     group_lora(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc, dist.device)
     batches = Batches(data.weights, data.lengths, tc.batch_size, cfg.seed, dist)
     steps = total_steps(tc, batches.per_epoch())
     state, metrics = LoopState(), []
