@@ -275,8 +275,8 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
     """peft's LoRA Linear forward, ``base(x) + scaling * B(A(dropout(x)))``, in fewer passes over the activations.
 
     The low-rank update is added by the GEMM itself (``addmm`` with ``alpha = scaling``) instead of a product
-    and a sum over the layer's whole output; dropout is a 0/1 mask (:func:`dropout_mask`), and its ``1 / (1 - p)`` rides in that
-    alpha too (the update is linear in its input). Same function, same expectation under dropout; any other
+    and a sum over the layer's whole output; dropout is a 0/1 mask (:func:`dropout_mask`), and its
+    ``1 / (1 - p)`` rides in that alpha too (the update is linear in its input). Same function, same expectation under dropout; any other
     case (several or merged adapters, DoRA-like variants, extra arguments) takes peft's own forward.
     """
     name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
