@@ -697,3 +697,78 @@ def test_jsonl_lines_come_from_ids_the_file_gives_once_and_the_wide_pass_is_not_
     wide.clear()
     ingest([write_jsonl(tmp_path / "noids.jsonl", [rec(i, event_id=None) for i in range(20)])], tmp_path / "n.duckdb")
     assert wide[0] == "row_number() OVER ()"
+
+
+def _plans_of_by_id_pass(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The plan DuckDB makes for each by-id direct pass (``EXPLAIN (FORMAT JSON)`` of the very statement,
+    with its parameters, run just before it)."""
+    import adaptive_ft.store.db as db_mod
+
+    plans: list[dict] = []
+
+    class Watch:
+        def __init__(self, con):
+            self._con = con
+
+        def execute(self, sql, *args):
+            if sql.lstrip().startswith("INSERT INTO events") and "JOIN _uni" in sql:
+                plans.append(json.loads(self._con.execute("EXPLAIN (FORMAT JSON) " + sql, *args).fetchall()[0][1])[0])
+            return self._con.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+    init = db_mod.Store.__init__
+
+    def watched(self, con, path, read_only):
+        init(self, con, path, read_only)
+        self.con = Watch(con)
+
+    monkeypatch.setattr(db_mod.Store, "__init__", watched)
+    return plans
+
+
+def _scans(node: dict) -> list[str]:
+    """The table and table-function scans under a plan node."""
+    info = node.get("extra_info", {})
+    own = [str(info.get("Table") or info.get("Function"))] if "SCAN" in node.get("name", "") or "READ" in node.get(
+        "name", "") else []
+    return own + [s for c in node.get("children", []) for s in _scans(c)]
+
+
+def _hash_joins(node: dict) -> list[dict]:
+    own = [node] if node.get("name", "").strip() == "HASH_JOIN" else []
+    return own + [j for c in node.get("children", []) for j in _hash_joins(c)]
+
+
+def test_the_by_id_join_builds_its_hash_table_from_the_ids_not_from_the_files_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """DuckDB estimates a JSON scan at a few dozen rows; left to itself it builds the by-id join's hash
+    table from the file's wide records (a 5M-line file: past the memory limit, spilled) instead of the
+    narrow id table. The pass keeps the id table as the build side, and the store is what it was."""
+    plans = _plans_of_by_id_pass(monkeypatch)
+    log = write_jsonl(tmp_path / "log.jsonl", [rec(i) for i in range(400)])
+    db = tmp_path / "s.duckdb"
+    assert ingest([log], db).files[0].rows_ok == 400
+    (join,) = _hash_joins(plans[0])
+    probe, build = join["children"]
+    assert [s for s in _scans(build)] == ['"temp".main._uni'] and "READ_JSON" in _scans(probe)
+    events, *_ = _contents(db, order="line")
+    assert [e[-1] for e in events] == list(range(1, 401)) and all(e[0] == f"e{e[-1] - 1}" for e in events)
+    with Store.open(db, read_only=True) as s:  # the optimizer is as it was after the pass
+        assert s.sql("SELECT current_setting('disabled_optimizers')").item() == ""
+
+
+def test_read_lines_returns_each_numbered_line_without_its_break(tmp_path: Path):
+    """The lines the direct path re-reads are fetched by offset: first, middle and last lines, CRLF, blank
+    lines and a last line without a newline come back as the file has them."""
+    from adaptive_ft.store.sources import line_index, read_lines
+
+    for data in (b"a\nbb\r\nccc", b"first\n\n\r\nfourth\r\n", b"x", b"\n\nz\n"):
+        path = tmp_path / "f.jsonl"
+        path.write_bytes(data)
+        _, n, newlines = line_index(path)
+        want = [line.removesuffix(b"\r") for line in data.split(b"\n")][:n]
+        assert read_lines(path, newlines, list(range(1, n + 1))) == want
+        assert read_lines(path, newlines, [n, 1]) == [want[-1], want[0]]
+    assert read_lines(path, newlines, []) == []

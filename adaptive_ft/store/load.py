@@ -11,12 +11,14 @@ loop over records anywhere on this path (only over the few lines re-read by offs
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from adaptive_ft.config import EVENT_TYPES, IngestConfig
@@ -224,7 +226,7 @@ def _load(st: Store, src: Source, cfg: IngestConfig, rep: FileReport, hook: Stag
 
 
 def _drop_temps(con: duckdb.DuckDBPyConnection) -> None:
-    for t in ("_stage", "_todo", "_pull", "_rawlines", "_rep", "_ids", "_uni", "_skip"):
+    for t in ("_stage", "_todo", "_pull", "_rawlines", "_rep", "_ids", "_uni", "_skip", "_suni"):
         con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
@@ -332,10 +334,11 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         # The id names the line exactly: the pre-pass saw that id on that line and on no other (a hash two
         # ids share is in _rep, so both are staged). No reliance on the order rows arrive in.
         unnumbered = _rows_sql(replace(r, line="NULL::BIGINT"), cfg)
-        (inserted,) = con.execute(
-            f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({unnumbered}) s
-                JOIN _uni u ON hash(s.given_id) = u.h WHERE clean{new}""", [batch]
-        ).fetchall()[0]
+        with _build_side_as_written(con, not new):
+            (inserted,) = con.execute(
+                f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({unnumbered}) s
+                    JOIN _uni u ON hash(s.given_id) = u.h WHERE clean{new}""", [batch]
+            ).fetchall()[0]
     else:
         if n_rep:
             new += " AND hash(s.event_id) NOT IN (SELECT h FROM _rep)"
@@ -360,11 +363,7 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
     stage(1)
     rest, repeats = inserted < total, distinct < inserted
     if rest:
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _todo AS SELECT line FROM range(1, {int(total)} + 1) t(line)
-                WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.batch_id = {int(batch)} AND e.line = t.line)"""
-        )
-        (n_todo,) = con.execute("SELECT count(*) FROM _todo").fetchall()[0]
+        n_todo = _todo_lines(con, batch, int(total))
     if rest and src.format == "jsonl" and n_todo * _REREAD_SHARE <= total:
         # The pre-pass numbered as many records as the file has lines: no line was skipped, so the lines
         # the pass did not take are exactly _todo. Few of them: fetch them by offset and read them line by line.
@@ -413,25 +412,68 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         "DELETE FROM events WHERE batch_id = ? AND event_id IN (SELECT event_id FROM _pull)", [batch]
     ).fetchall()[0]
     rep.rows_ok = int(inserted) - int(pulled)
-    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest))
+    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest), stored=None if not empty else False)
     # Examples come from the records kept only. By id (the pass stays parallel): a line whose id the file
     # gives once is told by that id, so the records to pass over are those of the few staged lines not kept,
     # and of ids given twice; every line without an id of its own was staged: its kept record comes from there.
     if by_id:
+        # (_suni: the staged lines whose id the file gives once, found by joining the few staged lines to _uni,
+        # not by looking every staged line up in all of it)
         con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _skip AS SELECT u.h FROM _uni u JOIN _stage s ON s.line = u.line
-                WHERE NOT ({_KEPT}) UNION ALL SELECT h FROM _rep"""
+            f"""CREATE OR REPLACE TEMP TABLE _suni AS SELECT u.line, u.h, {_KEPT} AS kept
+                FROM _uni u JOIN _stage s ON s.line = u.line"""
         )
+        con.execute("CREATE OR REPLACE TEMP TABLE _skip AS SELECT h FROM _suni WHERE NOT kept "
+                    "UNION ALL SELECT h FROM _rep")
         rows = (f"SELECT example_id, domain, prompt, reference FROM ({_examples_sql(r, with_hash=True)}) x "
                 f"WHERE h IS NOT NULL AND h NOT IN (SELECT h FROM _skip) "
                 f"UNION ALL SELECT example_id, domain, prompt, reference FROM _stage "
-                f"WHERE {_KEPT} AND line NOT IN (SELECT line FROM _uni)")
+                f"WHERE {_KEPT} AND line NOT IN (SELECT line FROM _suni)")
     else:
         rows = (f"SELECT * FROM ({_examples_sql(r, with_line=True)}) x "
                 f"WHERE NOT EXISTS (SELECT 1 FROM _stage s WHERE s.line = x.line AND NOT ({_KEPT}))")
     _upsert_examples(con, rows, batch)
     _upsert_users(con, batch)
     return True
+
+
+@contextmanager
+def _build_side_as_written(con: duckdb.DuckDBPyConnection, on: bool = True) -> Iterator[None]:
+    """Within the block, a hash join builds its right side, as the query is written.
+
+    DuckDB estimates a JSON scan at a few dozen rows, so it would build the by-id join's hash table from the
+    file's wide records (every field of every line: past the memory limit, then spilled) and probe it with
+    the id table, which is the small, narrow side. With the optimizer that swaps the sides off, the id table
+    is built and the file streams through it.
+    """
+    if not on:
+        yield
+        return
+    (before,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0]
+    con.execute("SET disabled_optimizers = " + q(",".join(filter(None, [before, "build_side_probe_side"]))))
+    try:
+        yield
+    finally:
+        con.execute(f"SET disabled_optimizers = {q(before)}")
+
+
+def _todo_lines(con: duckdb.DuckDBPyConnection, batch: int, total: int) -> int:
+    """``_todo``: the lines 1..total the direct pass wrote no event for; returns how many.
+
+    The batch's lines are fetched as one array and marked in a bitmap: an anti-join of every line number
+    against the written events costs several times more.
+    """
+    written = con.execute("SELECT line FROM events WHERE batch_id = ?", [batch]).fetchnumpy()["line"]
+    taken = np.zeros(total + 1, dtype=bool)
+    taken[written[written <= total]] = True
+    todo = np.flatnonzero(~taken[1:]) + 1
+    table = pa.table({"line": pa.array(todo, pa.int64())})
+    con.register("_todo_arrow", table)
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE _todo AS SELECT line FROM _todo_arrow")
+    finally:
+        con.unregister("_todo_arrow")
+    return len(todo)
 
 
 # The direct path reads the lines its pass did not take by offset when they are at most 1/20 of the file,
@@ -703,18 +745,22 @@ def _content(src: Source) -> tuple[str, ...]:
 
 
 def _settle(con: duckdb.DuckDBPyConnection, src: Source, batch: int, cfg: IngestConfig, rep: FileReport,
-            fill_raw: Callable[[], None]) -> None:
+            fill_raw: Callable[[], None], stored: bool | None = None) -> None:
     """Decide the staged rows: duplicates, conflicts, rejected rows and the events to write; then write them.
 
     An event id seen again (later in the file, or already in the store) is a duplicate when the record is
     the same, and rejected (``conflicting duplicate``) when it differs: the store keeps the first, and the
     rejected row names the line or batch it conflicts with and the first field that differs.
+    ``stored``: whether the store may hold a staged id (None: whether it holds any event). The direct path
+    passes False when the store was empty before its batch: the batch's own events whose id the stage holds
+    were moved back into the stage, so no staged id is stored.
     """
     differs = "CASE " + " ".join(f"WHEN a.{c} IS DISTINCT FROM b.{c} THEN '{c}'" for c in _content(src)) + " END"
     (n_valid, n_ids) = con.execute(
         "SELECT count(*), count(DISTINCT event_id) FROM _stage WHERE reason IS NULL AND NOT skipped"
     ).fetchall()[0]
-    (stored,) = con.execute("SELECT EXISTS (SELECT 1 FROM events)").fetchall()[0]
+    if stored is None:
+        (stored,) = con.execute("SELECT EXISTS (SELECT 1 FROM events)").fetchall()[0]
     parts = []
     if n_ids < n_valid:  # the same id twice in the file: the first line is kept
         parts.append(
