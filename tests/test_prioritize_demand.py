@@ -325,3 +325,47 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
             assert want.height < len(rows) and (want["hits"] >= 1).all() and want["neg_n"].sum() > 0
             assert want["neg_n"].max() > 2**16  # the long pair
             assert (want["conf"] != want["conf"].round(0)).any()  # the fractional weights reached the sums
+
+
+def test_scoring_holds_blas_to_one_thread_beyond_the_fits(monkeypatch):
+    """score_interactions runs its small factor products (the hold-out top-k, the neighbours) with BLAS at
+    one thread whatever the caller's setting: a multi-threaded BLAS on those products costs many times
+    the work when another job shares the cores. The thread count is read where those products run."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from adaptive_ft.prioritize import metrics, stage
+
+    seen: dict[str, set[int]] = {}
+
+    def spy(name, f):
+        def run(*a, **k):
+            seen.setdefault(name, set()).update(i["num_threads"] for i in threadpool_info()
+                                                if i["user_api"] == "blas")
+            return f(*a, **k)
+        return run
+
+    monkeypatch.setattr(metrics, "top_k_unseen", spy("top_k", metrics.top_k_unseen))
+    monkeypatch.setattr(dm, "item_neighbours", spy("neighbours", dm.item_neighbours))
+    inter, _ = planted_log(seed=0)
+    with threadpool_limits(2, "blas"):
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {2}
+        stage.score_interactions(inter, Config())
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {2}  # restored
+    assert seen == {"top_k": {1}, "neighbours": {1}}
+
+
+def test_matrices_hold_exactly_their_pairs_in_writable_arrays():
+    """Interactions.matrix() over all pairs, or the pairs where a mask is set, holds exactly their conf at
+    (uix, iix), in arrays implicit's solvers can take (writable), also when polars lends its columns
+    read-only."""
+    inter = dm.check_interactions(planted_log(seed=0)[0])
+    inter.pairs = inter.pairs.with_columns(pl.col("iix").cast(pl.Int32), pl.col("conf").cast(pl.Float32)).rechunk()
+    assert not inter.pairs["conf"].to_numpy().flags.writeable  # lent: the case that needs a copy
+    for mask in (None, np.arange(inter.pairs.height) % 3 == 0):
+        m = inter.matrix(mask)
+        assert m.data.flags.writeable and m.indices.flags.writeable and m.data.dtype == np.float32
+        p = inter.pairs if mask is None else inter.pairs.filter(pl.Series(mask))
+        want = np.zeros(inter.shape, dtype=np.float32)
+        want[p["uix"].to_numpy(), p["iix"].to_numpy()] = p["conf"].to_numpy()
+        np.testing.assert_array_equal(m.toarray(), want)
+        assert m.nnz == p.height

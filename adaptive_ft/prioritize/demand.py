@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,13 +69,16 @@ class Interactions:
         """users x examples confidence matrix (float32 CSR), optionally only the pairs where ``mask``.
 
         ``pairs`` is sorted by (uix, iix) (see :func:`check_interactions`), so the CSR arrays are the
-        columns themselves: no COO conversion or index sort over millions of entries.
+        columns themselves: no COO conversion or index sort over millions of entries, and a column
+        already of the CSR's type is copied once at most (by ``mask``, or where it is read-only).
         """
         uix = self.pairs["uix"].to_numpy()
-        iix = self.pairs["iix"].to_numpy().astype(np.int32)
-        conf = self.pairs["conf"].to_numpy().astype(np.float32)
+        iix = self.pairs["iix"].to_numpy().astype(np.int32, copy=False)
+        conf = self.pairs["conf"].to_numpy().astype(np.float32, copy=False)
         if mask is not None:
             uix, iix, conf = uix[mask], iix[mask], conf[mask]
+        else:  # implicit's solvers take writable buffers: copy only what polars lends read-only
+            iix, conf = (a if a.flags.writeable else a.copy() for a in (iix, conf))
         indptr = np.zeros(self.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(uix, minlength=self.shape[0]), out=indptr[1:])
         m = sp.csr_matrix((conf, iix, indptr), shape=self.shape)
@@ -199,15 +203,45 @@ def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
+def _weight_sums(events: pl.DataFrame, ends: np.ndarray) -> np.ndarray:
+    """Each run's weight sum as float32: exact in millionths (int64; |weight| < 1e6, so up to ~9e6 events
+    a pair at the largest), or for weights that are not whole millionths a float sum rounded to 6 decimals
+    like the SQL's."""
+    w = _column(events, "w")
+    if w.dtype.kind == "i":
+        micro = _run_sums(w.view(np.uint64), ends).view(np.int64)
+        return np.divide(micro, 1e6, out=np.empty(len(ends), dtype=np.float32))
+    return np.round(np.add.reduceat(w, np.concatenate(([0], ends[:-1] + 1))), 6).astype(np.float32)
+
+
+def _signal_counts(events: pl.DataFrame, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each run's (hits, neg_n, pos_n) as int32 from the packed ``flags``: the three low 16-bit words of
+    one sum when no run has 2**16 events (no word can carry into the next), else one count at a time."""
+    flags = _column(events, "flags")
+    if int(np.diff(ends).max(initial=ends[0] + 1)) < 2**_FLAG_BITS:  # the longest run
+        words = _run_sums(flags, ends).view(np.uint16).reshape(len(ends), 4)
+        if sys.byteorder == "big":
+            words = words[:, ::-1]
+        hits, neg_n, pos_n = (words[:, b].astype(np.int32) for b in range(3))
+    else:
+        hits, neg_n, pos_n = (_run_sums((flags >> np.uint64(b * _FLAG_BITS)) & np.uint64(1), ends).astype(np.int32)
+                              for b in range(3))
+    np.maximum(hits, 1, out=hits)
+    return hits, neg_n, pos_n
+
+
 def aggregate_pairs(events: pl.DataFrame) -> pl.DataFrame:
     """One row per (uix, iix) run of ``events`` (the output of :func:`pair_events_sql`, sorted by pair and
     latest event first): the columns of :func:`pairs_sql`, with the same types and values (tests compare
     them).
 
-    ``conf`` is the run's weight sum, exact in millionths (or, for weights that are not whole millionths,
-    a float sum rounded to 6 decimals like the SQL's); ``t0`` the run's last row, its first event, in
-    epoch seconds. Written to allocate little: on a 10M-event log every fresh array is tens of MB, and
-    page faults on fresh memory cost as much as the arithmetic.
+    ``conf`` is the run's weight sum (:func:`_weight_sums`); ``hits``, ``neg_n``, ``pos_n`` its signal
+    counts (:func:`_signal_counts`); ``t0`` the run's last row, its first event, in epoch seconds. The
+    weight sums and the signal counts are computed in two threads while this one gathers the rest: each
+    is a few whole-array numpy passes, which release the GIL, so on a machine with two cores or more they
+    run side by side (each writes only its own arrays, so the result does not depend on the scheduling).
+    Written to allocate little: on a 10M-event log every fresh array is tens of MB, and page faults on
+    fresh memory cost as much as the arithmetic.
     """
     n = events.height
     if n == 0:
@@ -220,28 +254,14 @@ def aggregate_pairs(events: pl.DataFrame) -> pl.DataFrame:
     last[:-1] |= iix[1:] != iix[:-1]
     ends = np.flatnonzero(last)
     del last
-    w = _column(events, "w")
-    if w.dtype.kind == "i":  # exact in int64 (|weight| < 1e6, so up to ~9e6 events a pair at the largest)
-        micro = _run_sums(w.view(np.uint64), ends).view(np.int64)
-        conf = np.divide(micro, 1e6, out=np.empty(len(ends), dtype=np.float32))
-        del micro
-    else:
-        conf = np.round(np.add.reduceat(w, np.concatenate(([0], ends[:-1] + 1))), 6).astype(np.float32)
-    del w
-    flags = _column(events, "flags")
-    if int(np.diff(ends).max(initial=ends[0] + 1)) < 2**_FLAG_BITS:  # the longest run
-        words = _run_sums(flags, ends).view(np.uint16).reshape(len(ends), 4)
-        if sys.byteorder == "big":
-            words = words[:, ::-1]
-        hits, neg_n, pos_n = (words[:, b].astype(np.int32) for b in range(3))
-    else:  # a pair with 2**16 events or more: one count at a time
-        hits, neg_n, pos_n = (_run_sums((flags >> np.uint64(b * _FLAG_BITS)) & np.uint64(1), ends).astype(np.int32)
-                              for b in range(3))
-    del flags
-    np.maximum(hits, 1, out=hits)
-    t0 = np.divide(events["t"].to_numpy()[ends], 1e6)
-    return pl.DataFrame({"uix": uix[ends].astype(np.int32, copy=False), "iix": iix[ends].astype(np.int32, copy=False),
-                         "conf": conf, "t0": t0, "hits": hits, "neg_n": neg_n, "pos_n": pos_n})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        conf = pool.submit(_weight_sums, events, ends)
+        counts = pool.submit(_signal_counts, events, ends)
+        t0 = np.divide(events["t"].to_numpy()[ends], 1e6)
+        uix, iix = uix[ends].astype(np.int32, copy=False), iix[ends].astype(np.int32, copy=False)
+        hits, neg_n, pos_n = counts.result()
+        return pl.DataFrame({"uix": uix, "iix": iix, "conf": conf.result(), "t0": t0,
+                             "hits": hits, "neg_n": neg_n, "pos_n": pos_n})
 
 
 # Counted per (user, event segment) first, so the users table is joined to ~users rows, not to every event;

@@ -20,6 +20,8 @@ user already touched before the cut-off (as ``implicit``'s ``filter_already_like
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -94,6 +96,8 @@ def summarize(per_user: dict[str, np.ndarray], recs: np.ndarray, n_items: int, m
 # cache and reuse the memory the previous block freed. Blocks of 2048 users x 20k items (164 MB) were
 # fresh allocations each time, and their page faults made the whole top-k ~3x slower.
 BLOCK_ENTRIES = 1 << 20
+# Threads sharing the blocks of :func:`top_k_unseen` (the cores of the 2-core machines this is tuned on).
+TOP_K_THREADS = 2
 
 
 def top_k_unseen(user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matrix, k: int,
@@ -104,7 +108,9 @@ def top_k_unseen(user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matr
     :data:`BLOCK_ENTRIES` scores); ties go to the lower id, and the result does not depend on the block.
     Vectorized end to end (implicit's batched ``recommend`` slices the filter matrix one user at a time,
     which made it the slowest step of prioritize at scale; its C++ ``topk`` with a filter matrix took
-    3.5 s for 10k users x 20k items).
+    3.5 s for 10k users x 20k items). The blocks are shared by :data:`TOP_K_THREADS` threads, each
+    writing its own rows of the answer: a block's work is whole-array numpy (product, partition,
+    lexsort) that releases the GIL, so on two cores two blocks run at once.
     """
     n, n_items = user_vecs.shape[0], item_vecs.shape[0]
     k_eff = min(k, n_items)
@@ -112,15 +118,26 @@ def top_k_unseen(user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matr
     seen = seen.tocsr()
     if block is None:
         block = max(1, BLOCK_ENTRIES // max(n_items, 1))
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        scores = user_vecs[start:stop] @ item_vecs.T  # (B, I)
-        sub = seen[start:stop]
-        rows = np.repeat(np.arange(stop - start), np.diff(sub.indptr))
-        scores[rows, sub.indices] = -np.inf
-        ids, top = _top_k(scores, k_eff)
-        ids[~np.isfinite(top)] = -1  # fewer than k unseen items
-        out[start:stop, :k_eff] = ids
+
+    def score(starts: range) -> None:
+        for start in starts:
+            stop = min(start + block, n)
+            scores = user_vecs[start:stop] @ item_vecs.T  # (B, I)
+            sub = seen[start:stop]
+            rows = np.repeat(np.arange(stop - start), np.diff(sub.indptr))
+            scores[rows, sub.indices] = -np.inf
+            ids, top = _top_k(scores, k_eff)
+            ids[~np.isfinite(top)] = -1  # fewer than k unseen items
+            out[start:stop, :k_eff] = ids
+
+    starts = range(0, n, block)
+    threads = min(TOP_K_THREADS, len(starts))
+    if threads <= 1:
+        score(starts)
+    else:  # thread j takes every threads-th block from the j-th: neighbouring blocks cost alike
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for done in [pool.submit(score, starts[j::threads]) for j in range(threads)]:
+                done.result()
     return out
 
 

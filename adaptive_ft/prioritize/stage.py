@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from threadpoolctl import threadpool_limits
 
 from adaptive_ft.artifacts.plan import DomainScore, LayerPlan, Plan
 from adaptive_ft.config import Config, config_to_dict
@@ -104,9 +105,21 @@ def score_interactions(inter: dm.Interactions, cfg: Config, progress: bool = Fal
     ``labelled`` (the example ids with a reference answer; None: all) limits the sampling weights to what
     training can use: an example without a reference keeps its priority but gets no weight, and a domain
     with none at all gets no share (noted), its share going to the other domains.
+
+    BLAS is held to one thread throughout (the fits already are, see
+    :func:`~adaptive_ft.prioritize.demand.fit_factors`): every product here has the few latent factors as
+    its inner dimension, so each is small and memory-bound, and a multi-threaded BLAS only adds its
+    threads' start-up and spinning -- many times the work itself when another job shares the cores
+    (the hold-out top-k's blocks of scores most of all).
     """
+    with threadpool_limits(1, "blas"):
+        return _score_interactions(inter, cfg, progress, {} if timings is None else timings, labelled)
+
+
+def _score_interactions(inter: dm.Interactions, cfg: Config, progress: bool, timings: dict[str, float],
+                        labelled: set[str] | None) -> InteractionScores:
+    """:func:`score_interactions`' work, BLAS already limited."""
     pc = cfg.prioritize
-    timings = {} if timings is None else timings
     inter = dm.check_interactions(inter)
     uix, iix = inter.pairs["uix"].to_numpy(), inter.pairs["iix"].to_numpy()
     neg = inter.pairs["neg"].to_numpy()  # 0/1 per pair, as stored (no float copy: only the fallbacks use it)
