@@ -290,7 +290,8 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
     """load_interactions' pairs (events joined and sorted in DuckDB, runs reduced in numpy) have exactly the
     columns, types and values of the reference GROUP BY (pairs_sql): several events per pair in shuffled
     order, ratings and reviews on both sides of the thresholds and without a value, an event type with no
-    weight, pairs with no impression (hits at least 1)."""
+    weight, a type no configuration knows, pairs with no impression (hits at least 1), a rated type that
+    is also a negative signal by type."""
     from adaptive_ft.config import EVENT_TYPES
     from adaptive_ft.store import Store
 
@@ -306,6 +307,9 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
     cfg.event_weights.pop("abandon", None)  # a type with no weight
     thirds = PrioritizeConfig(event_weights={**cfg.event_weights, "click": 1 / 3})  # not whole millionths
     assert dm._micro_weights(cfg) is not None and dm._micro_weights(thirds) is None
+    # a rated type that is also a signal by type (a low rating counts once, not twice), and no positive type
+    rated = PrioritizeConfig(event_weights=cfg.event_weights, negative_events=["thumbs_down", "rating"],
+                             positive_events=[])
     with Store.open(tmp_path / "s.duckdb") as s:
         s.con.executemany("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, value, batch_id) "
                           "VALUES (?, ?::TIMESTAMP, ?, ?, ?, ?, ?, 1)", rows)
@@ -314,7 +318,10 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
                       "SELECT 'h' || i, TIMESTAMP '2026-02-01' + i * INTERVAL 1 SECOND, 'u7', 'x3', 'd', "
                       "CASE i % 3 WHEN 0 THEN 'thumbs_down' WHEN 1 THEN 'resolve' ELSE 'impression' END, NULL, 1 "
                       "FROM range(200000) t(i)")
-        for c in (cfg, thirds):
+        # a type no configuration knows (ingest refuses them; the pairs must not lose the event either way)
+        s.con.execute("INSERT INTO events (event_id, ts, user_id, example_id, domain, event, value, batch_id) "
+                      "VALUES ('odd', TIMESTAMP '2026-03-01', 'u99', 'x99', 'd', 'bogus', 1.0, 1)")
+        for c in (cfg, thirds, rated):
             inter = dm.load_interactions(s, c)
             s.con.register(dm._USER_IX, inter.users.select("user_id", "uix").to_arrow())
             s.con.register(dm._ITEM_IX, inter.items.select("example_id", "iix").to_arrow())
@@ -324,6 +331,7 @@ def test_pairs_aggregated_in_numpy_equal_the_sql_group_by(tmp_path):
             assert got.equals(want)
             assert want.height < len(rows) and (want["hits"] >= 1).all() and want["neg_n"].sum() > 0
             assert want["neg_n"].max() > 2**16  # the long pair
+            assert want.filter(pl.col("uix") == inter.users["user_id"].index_of("u99")).height == 1  # 'bogus'
             assert (want["conf"] != want["conf"].round(0)).any()  # the fractional weights reached the sums
 
 

@@ -86,22 +86,29 @@ class Interactions:
         return m
 
 
+# Event types whose value is a rating: a low one is a negative signal, a high one a positive signal.
+RATED_EVENTS = ("rating", "review")
+
+
 def _negative_sql(cfg: PrioritizeConfig) -> str:
     """SQL predicate for 'this event is a negative signal' (events listed in the config, or a low rating)."""
     events = ", ".join(f"'{e}'" for e in cfg.negative_events)
-    return (f"(e.event IN ({events}) OR (e.event IN ('rating', 'review') AND e.value IS NOT NULL "
+    rated = ", ".join(f"'{e}'" for e in RATED_EVENTS)
+    return (f"(e.event IN ({events}) OR (e.event IN ({rated}) AND e.value IS NOT NULL "
             f"AND e.value <= {float(cfg.low_rating)}))")
 
 
 def _positive_sql(cfg: PrioritizeConfig) -> str:
     """SQL predicate for 'this event says the answer worked' (configured events, or a high rating)."""
     events = ", ".join(f"'{e}'" for e in cfg.positive_events) or "NULL"
-    return (f"(e.event IN ({events}) OR (e.event IN ('rating', 'review') AND e.value IS NOT NULL "
+    rated = ", ".join(f"'{e}'" for e in RATED_EVENTS)
+    return (f"(e.event IN ({events}) OR (e.event IN ({rated}) AND e.value IS NOT NULL "
             f"AND e.value >= {float(cfg.high_rating)}))")
 
 
-# The two index tables :func:`load_interactions` registers on the connection for :func:`pairs_sql` to join.
-_USER_IX, _ITEM_IX = "_aft_user_ix", "_aft_item_ix"
+# The index tables :func:`load_interactions` registers on the connection for :func:`pairs_sql` and
+# :func:`pair_events_sql` to join (the event-type table only for the latter).
+_USER_IX, _ITEM_IX, _EVENT_IX = "_aft_user_ix", "_aft_item_ix", "_aft_event_ix"
 
 
 def _float_weights(cfg: PrioritizeConfig) -> dict[str, str]:
@@ -160,30 +167,49 @@ def _micro_weights(cfg: PrioritizeConfig) -> dict[str, int] | None:
     return micro
 
 
-def pair_events_sql(cfg: PrioritizeConfig) -> str:
-    """Every event as (uix, iix, t, w, flags), sorted by (uix, iix, t descending): the input of
+def event_types(cfg: PrioritizeConfig) -> pl.DataFrame:
+    """One row per event type for :func:`pair_events_sql` to join: its weight (``w``: millionths as
+    int64 when :func:`_micro_weights` allows, else float), whether it is an impression, a negative or a
+    positive signal by type, and whether its value is a rating (:data:`RATED_EVENTS`)."""
+    micro = _micro_weights(cfg)
+    weights = ([micro[e] for e in EVENT_TYPES] if micro is not None
+               else [float(cfg.event_weights.get(e, 0.0)) for e in EVENT_TYPES])
+    return pl.DataFrame({
+        "event": list(EVENT_TYPES), "w": pl.Series(weights, dtype=pl.Int64 if micro is not None else pl.Float64),
+        "impression": [e == "impression" for e in EVENT_TYPES],
+        "negative": [e in cfg.negative_events for e in EVENT_TYPES],
+        "positive": [e in cfg.positive_events for e in EVENT_TYPES],
+        "rated": [e in RATED_EVENTS for e in EVENT_TYPES]})
+
+
+def pair_events_sql(cfg: PrioritizeConfig, n_items: int) -> str:
+    """Every event as (k, t, w, flags), sorted by the pair key ``k = uix * n_items + iix``: the input of
     :func:`aggregate_pairs`.
 
-    ``t`` is the event time in epoch microseconds; ``w`` its type's configured weight, in millionths as a
-    BIGINT when :func:`_micro_weights` allows (a DOUBLE otherwise); ``flags`` packs three 0/1 counts,
-    impression at bit 0, negative signal at bit ``_FLAG_BITS``, positive signal at ``2 * _FLAG_BITS``
-    (the same predicates as :func:`pairs_sql`). DuckDB joins and sorts, both on all cores, and a pair's
-    events come out as one run that ends with its first event, so every per-pair sum is a difference of
-    prefix sums in numpy. On 10M events into 8.3M pairs (2 cores) this avoids the ``GROUP BY`` of
-    :func:`pairs_sql`, whose hash table of 8.3M groups and re-sort of its output dominated reading the
-    store.
+    ``t`` is the event time in epoch microseconds; ``w`` its type's configured weight (:func:`event_types`);
+    ``flags`` packs three 0/1 counts, impression at bit 0, negative signal at bit ``_FLAG_BITS``,
+    positive signal at ``2 * _FLAG_BITS``: the predicates of :func:`pairs_sql`, the by-type part read
+    from the joined event-type table (a hash join on a dozen rows is cheaper than string ``CASE`` and
+    ``IN`` tests on every event), the rating part from the value. DuckDB joins and sorts, both on all
+    cores, and a pair's events come out as one run, so every per-pair sum is a difference of prefix sums
+    in numpy and its first event a minimum over the run. The one integer sort key (not uix, iix and
+    time) keeps the sort cheap; with float weights the run is also sorted by weight, so that its float
+    sum is taken in the same order every time. On 10M events into 8.3M pairs (2 cores) this avoids the
+    ``GROUP BY`` of :func:`pairs_sql`, whose hash table of 8.3M groups and re-sort of its output
+    dominated reading the store.
     """
-    micro = _micro_weights(cfg)
-    if micro is not None:
-        weight = f"({_weight_sql({e: str(m) for e, m in micro.items() if m}, '0')})::BIGINT"
-    else:
-        weight = f"({_weight_sql(_float_weights(cfg), '0.0')})::DOUBLE"
+    def signal(by_type: str, compare: str) -> str:
+        return f"coalesce(x.{by_type} OR (x.rated AND e.value {compare}), false)::UBIGINT"
+
+    order = "k" if _micro_weights(cfg) is not None else "k, w"
     return f"""
-    SELECT u.uix, i.iix, epoch_us(e.ts) AS t, {weight} AS w,
-           (e.event = 'impression')::UBIGINT + (({_negative_sql(cfg)})::UBIGINT << {_FLAG_BITS})
-           + (({_positive_sql(cfg)})::UBIGINT << {2 * _FLAG_BITS}) AS flags
+    SELECT u.uix::BIGINT * {int(n_items)} + i.iix AS k, epoch_us(e.ts) AS t, coalesce(x.w, 0) AS w,
+           coalesce(x.impression, false)::UBIGINT
+           + ({signal("negative", f"<= {float(cfg.low_rating)}")} << {_FLAG_BITS})
+           + ({signal("positive", f">= {float(cfg.high_rating)}")} << {2 * _FLAG_BITS}) AS flags
     FROM events e JOIN {_USER_IX} u ON e.user_id = u.user_id JOIN {_ITEM_IX} i ON e.example_id = i.example_id
-    ORDER BY u.uix, i.iix, t DESC
+         LEFT JOIN {_EVENT_IX} x ON e.event = x.event
+    ORDER BY {order}
     """
 
 
@@ -230,37 +256,47 @@ def _signal_counts(events: pl.DataFrame, ends: np.ndarray) -> tuple[np.ndarray, 
     return hits, neg_n, pos_n
 
 
-def aggregate_pairs(events: pl.DataFrame) -> pl.DataFrame:
-    """One row per (uix, iix) run of ``events`` (the output of :func:`pair_events_sql`, sorted by pair and
-    latest event first): the columns of :func:`pairs_sql`, with the same types and values (tests compare
-    them).
+def _first_events(events: pl.DataFrame, last: np.ndarray, n_runs: int) -> np.ndarray:
+    """Each run's earliest event time in epoch seconds (``last`` marks each run's last row): a minimum
+    over the run, whatever order its events came in."""
+    run = np.cumsum(last)
+    run -= last  # the run of each row
+    first = np.full(n_runs, np.iinfo(np.int64).max)
+    np.minimum.at(first, run, events["t"].to_numpy())
+    return np.divide(first, 1e6)
+
+
+def aggregate_pairs(events: pl.DataFrame, n_items: int) -> pl.DataFrame:
+    """One row per run of pair key ``k`` in ``events`` (the output of :func:`pair_events_sql`, sorted by
+    ``k = uix * n_items + iix``): the columns of :func:`pairs_sql`, with the same types and values (tests
+    compare them).
 
     ``conf`` is the run's weight sum (:func:`_weight_sums`); ``hits``, ``neg_n``, ``pos_n`` its signal
-    counts (:func:`_signal_counts`); ``t0`` the run's last row, its first event, in epoch seconds. The
-    weight sums and the signal counts are computed in two threads while this one gathers the rest: each
-    is a few whole-array numpy passes, which release the GIL, so on a machine with two cores or more they
-    run side by side (each writes only its own arrays, so the result does not depend on the scheduling).
-    Written to allocate little: on a 10M-event log every fresh array is tens of MB, and page faults on
-    fresh memory cost as much as the arithmetic.
+    counts (:func:`_signal_counts`); ``t0`` its first event (:func:`_first_events`), in epoch seconds.
+    These are computed in three threads while this one splits the keys: each is a few whole-array numpy
+    passes, which release the GIL, so on a machine with two cores or more they run side by side (each
+    writes only its own arrays, so the result does not depend on the scheduling). Written to allocate
+    little: on a 10M-event log every fresh array is tens of MB, and page faults on fresh memory cost as
+    much as the arithmetic.
     """
     n = events.height
     if n == 0:
         return pl.DataFrame(schema={"uix": pl.Int32, "iix": pl.Int32, "conf": pl.Float32, "t0": pl.Float64,
                                     "hits": pl.Int32, "neg_n": pl.Int32, "pos_n": pl.Int32})
-    uix, iix = events["uix"].to_numpy(), events["iix"].to_numpy()
+    k = events["k"].to_numpy()
     last = np.empty(n, dtype=bool)
     last[-1] = True
-    np.not_equal(uix[1:], uix[:-1], out=last[:-1])
-    last[:-1] |= iix[1:] != iix[:-1]
+    np.not_equal(k[1:], k[:-1], out=last[:-1])
     ends = np.flatnonzero(last)
-    del last
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         conf = pool.submit(_weight_sums, events, ends)
         counts = pool.submit(_signal_counts, events, ends)
-        t0 = np.divide(events["t"].to_numpy()[ends], 1e6)
-        uix, iix = uix[ends].astype(np.int32, copy=False), iix[ends].astype(np.int32, copy=False)
+        t0 = pool.submit(_first_events, events, last, len(ends))
+        key = k[ends]
+        uix = key // n_items
+        iix = (key - uix * n_items).astype(np.int32)
         hits, neg_n, pos_n = counts.result()
-        return pl.DataFrame({"uix": uix, "iix": iix, "conf": conf.result(), "t0": t0,
+        return pl.DataFrame({"uix": uix.astype(np.int32), "iix": iix, "conf": conf.result(), "t0": t0.result(),
                              "hits": hits, "neg_n": neg_n, "pos_n": pos_n})
 
 
@@ -292,7 +328,8 @@ def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> In
     """Aggregate the store's events (``store`` is an open :class:`adaptive_ft.store.Store`).
 
     The users and items index tables are read first (numbered in id order) and lent to DuckDB for the
-    pair aggregation to join, so the events are scanned for ids once per table, not again inside it.
+    pair aggregation to join, so the events are scanned for ids once per table, not again inside it;
+    so is the event-type table (:func:`event_types`).
     The pairs are :func:`pair_events_sql` reduced by :func:`aggregate_pairs`: the values of
     :func:`pairs_sql`, computed more cheaply.
     """
@@ -303,11 +340,12 @@ def load_interactions(store, cfg: PrioritizeConfig, source: str = "store") -> In
     items = store.sql(ITEMS_SQL).with_row_index("iix").with_columns(pl.col("iix").cast(pl.Int32))
     store.con.register(_USER_IX, users.select("user_id", "uix").to_arrow())
     store.con.register(_ITEM_IX, items.select("example_id", "iix").to_arrow())
+    store.con.register(_EVENT_IX, event_types(cfg).to_arrow())
     try:
-        pairs = aggregate_pairs(store.sql(pair_events_sql(cfg)))
+        pairs = aggregate_pairs(store.sql(pair_events_sql(cfg, items.height)), items.height)
     finally:
-        store.con.unregister(_USER_IX)
-        store.con.unregister(_ITEM_IX)
+        for name in (_USER_IX, _ITEM_IX, _EVENT_IX):
+            store.con.unregister(name)
     pairs = pairs.with_columns(neg=(pl.col("neg_n") > 0).cast(pl.Int8), pos=(pl.col("pos_n") > 0).cast(pl.Int8))
     return check_interactions(Interactions(users, items, pairs, source))
 
