@@ -199,11 +199,10 @@ def _outcomes(pairs: pl.DataFrame, neg: np.ndarray, hits: np.ndarray, pc
         if counts:  # few passes, in place where possible: this runs over millions of pairs
             n_neg = pairs["neg_n"].to_numpy()
             judged = n_neg + pairs["pos_n"].to_numpy()
-            some = judged > 0
-            failed = np.zeros(len(hits))
-            np.divide(n_neg, judged, out=failed, where=some)
+            known = hits * (judged > 0)
+            np.maximum(judged, 1, out=judged)  # a pair without a verdict has n- = 0: it fails 0 / 1
+            failed = np.divide(n_neg, judged)
             failed *= hits
-            known = np.where(some, hits, 0.0)
         else:
             failed, known = neg * hits, np.maximum(neg, pairs["pos"].to_numpy()) * hits
     else:
