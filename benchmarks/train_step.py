@@ -4,6 +4,7 @@ Two measurements on SmolLM2-135M-Instruct and Banking77 batches of 16 (the same 
 layers, and length-grouped batches as ``adaptive-ft train``), both through the trainer's own ``train_step``:
 
   --profile MODE   torch.profiler over a few steps of one mode: the ops' share of the step, largest first
+                   (``--shapes``: one row per op and input shapes, e.g. to tell the base GEMMs from LoRA's)
   --ab MODES       interleaved A/B: every mode runs the same batches, in alternating order each round (so a
                    change in the shared machine's load falls on all of them); prints each mode's real
                    tokens/s and its paired median step speed-up over the first mode, with the IQR
@@ -132,11 +133,12 @@ def profile(mode: str, tc, args) -> None:
     enc, batches = batches_for(tok, tc, args.examples, args.batch_size)
     for i in range(args.warmup):
         step(ctx, params, switches, enc, batches[i])
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for i in range(args.warmup, args.warmup + args.steps_per_round):
             step(ctx, params, switches, enc, batches[i])
     print(f"{mode}: {args.steps_per_round} steps after {args.warmup} warm-up steps")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                                                   max_shapes_column_width=80))
 
 
 def ab(modes: list[str], tc, args) -> None:
@@ -179,6 +181,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--examples", type=int, default=2000, help="Banking77 examples drawn for the batches")
     p.add_argument("--rows", type=int, default=35, help="profile: ops shown")
+    p.add_argument("--shapes", action="store_true", help="profile: one row per op and input shapes")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
