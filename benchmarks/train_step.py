@@ -1,10 +1,12 @@
 """Where an all-layer LoRA training step goes, and what each of the trainer's CPU speed paths buys.
 
-Two measurements on SmolLM2-135M-Instruct and Banking77 batches of 16 (the same model, LoRA r 8 on all 30
-layers, and length-grouped batches as ``adaptive-ft train``), both through the trainer's own ``train_step``:
+Three measurements on SmolLM2-135M-Instruct and Banking77 batches of 16 (the same model, LoRA r 8 on all 30
+layers, and length-grouped batches as ``adaptive-ft train``), all through the trainer's own ``train_step``:
 
   --profile MODE   torch.profiler over a few steps of one mode: the ops' share of the step, largest first
                    (``--shapes``: one row per op and input shapes, e.g. to tell the base GEMMs from LoRA's)
+  --omp-ab MODES   the same steps in alternating processes, OpenMP's threads sleeping between ops
+                   (OMP_WAIT_POLICY=PASSIVE) or spinning as the ``adaptive-ft`` command sets them
   --ab MODES       interleaved A/B: every mode runs the same batches, in alternating order each round (so a
                    change in the shared machine's load falls on all of them); prints each mode's real
                    tokens/s and its paired median step speed-up over the first mode, with the IQR
@@ -23,6 +25,7 @@ bf16), plus ``+``-joined switches that turn one speed path off, to measure what 
     .venv/bin/python benchmarks/train_step.py --profile bf16
     .venv/bin/python benchmarks/train_step.py --ab bf16,bf16+torchmask,bf16+nogroup,fp32,fp32+torchmask
     .venv/bin/python benchmarks/train_step.py --ab bf16,bf16+flash --rounds 4 --steps-per-round 3
+    .venv/bin/python benchmarks/train_step.py --omp-ab bf16,fp32 --rounds 2 --steps-per-round 5
 
 Run it alone (the heavy-job lock): the A/B is a ratio within one run, but a busy machine widens its IQR.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,12 +173,38 @@ def ab(modes: list[str], tc, args) -> None:
               f"{np.percentile(ratio, 75):.3f})   mean loss {np.mean(losses[m]):.4f}", flush=True)
 
 
+def omp_ab(modes: str, args) -> None:
+    """``--ab modes`` in fresh processes, alternately with OpenMP's threads sleeping between ops
+    (OMP_WAIT_POLICY=PASSIVE) and with the CLI's setting (``spin_openmp_threads``): libgomp reads its wait
+    policy once, when torch loads, so each setting needs its own process. Prints each process's tokens/s."""
+    import subprocess
+
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    settings = {"OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "the CLI's": {}}
+    cmd = [sys.executable, __file__, "--ab", modes, "--rounds", "1", "--steps-per-round", str(args.steps_per_round),
+           "--batch-size", str(args.batch_size), "--examples", str(args.examples), "--threads", str(args.threads)]
+    rates: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
+    for r in range(args.rounds):
+        for name in (list(settings) if r % 2 == 0 else list(settings)[::-1]):
+            out = subprocess.run(cmd, env={**base, **settings[name]}, capture_output=True, text=True, check=True)
+            for line in out.stdout.splitlines():
+                if "real tokens/s" in line:
+                    mode, rate = line.split()[0], float(line.split()[1])
+                    rates[name].setdefault(mode, []).append(rate)
+                    print(f"round {r + 1}  {name:24s} {mode:16s} {rate:6.0f} real tokens/s", flush=True)
+    for mode in modes.split(","):
+        passive, cli = (np.median(rates[name][mode]) for name in settings)
+        print(f"{mode}: median {passive:.0f} (PASSIVE) vs {cli:.0f} (the CLI's) real tokens/s: {cli / passive:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--profile", metavar="MODE", help="profile this mode's steps")
     what.add_argument("--ab", metavar="MODES", help="comma-separated modes, the first the reference")
+    what.add_argument("--omp-ab", metavar="MODES", help="--ab MODES in alternating processes, OpenMP threads "
+                                                          "sleeping (PASSIVE) or spinning as the CLI sets them")
     p.add_argument("--rounds", type=int, default=4, help="A/B rounds after the warm-up round")
     p.add_argument("--steps-per-round", type=int, default=3, help="steps per mode per round (profile: steps profiled)")
     p.add_argument("--warmup", type=int, default=2, help="profile: steps before profiling")
@@ -188,6 +218,8 @@ def main() -> None:
     tc = load_config(None, ["train.lora.r=8", "train.lora.alpha=16", "train.max_seq_len=96"]).train
     if args.profile:
         profile(args.profile, tc, args)
+    elif args.omp_ab:
+        omp_ab(args.omp_ab, args)
     else:
         ab(args.ab.split(","), tc, args)
 
