@@ -747,14 +747,19 @@ def test_the_by_id_join_builds_its_hash_table_from_the_ids_not_from_the_files_re
     table from the file's wide records (a 5M-line file: past the memory limit, spilled) instead of the
     narrow id table. The pass keeps the id table as the build side, and the store is what it was."""
     plans = _plans_of_by_id_pass(monkeypatch)
-    log = write_jsonl(tmp_path / "log.jsonl", [rec(i) for i in range(400)])
     db = tmp_path / "s.duckdb"
-    assert ingest([log], db).files[0].rows_ok == 400
-    (join,) = _hash_joins(plans[0])
-    probe, build = join["children"]
-    assert [s for s in _scans(build)] == ['"temp".main._uni'] and "READ_JSON" in _scans(probe)
-    events, *_ = _contents(db, order="line")
-    assert [e[-1] for e in events] == list(range(1, 401)) and all(e[0] == f"e{e[-1] - 1}" for e in events)
+    first = write_jsonl(tmp_path / "first.jsonl", [rec(i) for i in range(400)])
+    overlap = write_jsonl(tmp_path / "overlap.jsonl", [rec(i) for i in range(300, 700)])  # into a non-empty store
+    assert [ingest([p], db).files[0].rows_ok for p in (first, overlap)] == [400, 300]
+    assert len(plans) == 2
+    for plan in plans:
+        by_id = [j for j in _hash_joins(plan) if j.get("extra_info", {}).get("Join Type") == "INNER"]
+        (join,) = by_id
+        probe, build = join["children"]
+        assert _scans(build) == ['"temp".main._uni'] and "READ_JSON" in _scans(probe)
+    events, *_ = _contents(db, order="batch_id, line")
+    assert [e[0] for e in events] == [f"e{i}" for i in range(700)]
+    assert [e[-1] for e in events] == list(range(1, 401)) + list(range(101, 401))
     with Store.open(db, read_only=True) as s:  # the optimizer is as it was after the pass
         assert s.sql("SELECT current_setting('disabled_optimizers')").item() == ""
 

@@ -334,7 +334,7 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         # The id names the line exactly: the pre-pass saw that id on that line and on no other (a hash two
         # ids share is in _rep, so both are staged). No reliance on the order rows arrive in.
         unnumbered = _rows_sql(replace(r, line="NULL::BIGINT"), cfg)
-        with _build_side_as_written(con, not new):
+        with _build_side_as_written(con):
             (inserted,) = con.execute(
                 f"""INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, u.line FROM ({unnumbered}) s
                     JOIN _uni u ON hash(s.given_id) = u.h WHERE clean{new}""", [batch]
@@ -438,17 +438,15 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
 
 
 @contextmanager
-def _build_side_as_written(con: duckdb.DuckDBPyConnection, on: bool = True) -> Iterator[None]:
+def _build_side_as_written(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """Within the block, a hash join builds its right side, as the query is written.
 
     DuckDB estimates a JSON scan at a few dozen rows, so it would build the by-id join's hash table from the
     file's wide records (every field of every line: past the memory limit, then spilled) and probe it with
     the id table, which is the small, narrow side. With the optimizer that swaps the sides off, the id table
-    is built and the file streams through it.
+    is built and the file streams through it. (The check against a non-empty store's events is a mark join,
+    built from ``events`` with the optimizer on or off.)
     """
-    if not on:
-        yield
-        return
     (before,) = con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0]
     con.execute("SET disabled_optimizers = " + q(",".join(filter(None, [before, "build_side_probe_side"]))))
     try:
