@@ -78,7 +78,7 @@ class Interactions:
         if mask is not None:
             uix, iix, conf = uix[mask], iix[mask], conf[mask]
         else:  # implicit's solvers take writable buffers: copy only what polars lends read-only
-            iix, conf = (a if a.flags.writeable else a.copy() for a in (iix, conf))
+            iix, conf = _writable(iix), _writable(conf)
         indptr = np.zeros(self.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(uix, minlength=self.shape[0]), out=indptr[1:])
         m = sp.csr_matrix((conf, iix, indptr), shape=self.shape)
@@ -223,10 +223,14 @@ def _run_sums(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return sums
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it may be written to, else a copy (polars lends some columns' memory read-only)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _column(frame: pl.DataFrame, name: str) -> np.ndarray:
     """A column as a numpy array this code may overwrite (a copy only where polars lends its memory)."""
-    a = frame[name].to_numpy()
-    return a if a.flags.writeable else a.copy()
+    return _writable(frame[name].to_numpy())
 
 
 def _weight_sums(events: pl.DataFrame, ends: np.ndarray) -> np.ndarray:

@@ -346,10 +346,7 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
             f"INSERT INTO events SELECT {_EVENT_COLUMNS}, ?, line FROM ({_rows_sql(r, cfg)}) s WHERE clean{new}",
             [batch],
         ).fetchall()[0]
-    if src.format == "parquet":
-        (total,) = con.execute(f"SELECT count(*) FROM read_parquet({q(str(src.path))})").fetchall()[0]
-    else:
-        total = digest.result()[1]
+    total = n_lines  # the pre-pass counted the file's records (JSONL: checked equal to its lines above)
     # Distinct hashes prove distinct ids; a repeated hash left (records without an id that hash to the same
     # one, or rarely a collision) is looked at below. When every row written carries an id of its own that the
     # pre-pass saw once (joined by id, or a file where every record gives one), no id can be written twice:
@@ -412,7 +409,7 @@ def _load_direct(con: duckdb.DuckDBPyConnection, src: Source, r: Reader, cfg: In
         "DELETE FROM events WHERE batch_id = ? AND event_id IN (SELECT event_id FROM _pull)", [batch]
     ).fetchall()[0]
     rep.rows_ok = int(inserted) - int(pulled)
-    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest), stored=None if not empty else False)
+    _settle(con, src, batch, cfg, rep, lambda: _fill_raw_direct(con, src, digest), stored=False if empty else None)
     # Examples come from the records kept only. By id (the pass stays parallel): a line whose id the file
     # gives once is told by that id, so the records to pass over are those of the few staged lines not kept,
     # and of ids given twice; every line without an id of its own was staged: its kept record comes from there.
